@@ -66,3 +66,18 @@ def decoder_flops_per_token(kind: str, latent_dim: int, hidden_dim: int = DEFAUL
     if kind == "medium":
         return 2 * (latent_dim * 1568 + 14 * 14 * 64 * 32 * 9 + 28 * 28 * 32 * 64 * 9 + 28 * 28 * 32 * 9)
     raise ValueError(f"unknown decoder kind {kind!r}; expected one of {DECODER_KINDS}")
+
+
+POISON_ENV = "SMOE_FAST_POISON_OUTPUTS"
+
+
+def alloc_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Allocate a kernel's output. Uninitialised, or NaN-filled when ``SMOE_FAST_POISON_OUTPUTS=1``
+    (the test suite sets it) so that an element a kernel forgets to write fails the comparison."""
+    import os
+
+    dtype = dtype or like.dtype
+    if os.environ.get(POISON_ENV, "0") == "1":
+        fill = float("nan") if dtype.is_floating_point else -(2 ** 31 - 1)
+        return torch.full(shape, fill, dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
