@@ -138,21 +138,32 @@ class SMoEVAE(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, sample: bool = True) -> SMoEOutput:
         """x [B, 1, 28, 28] in [0, 1] -> :class:`SMoEOutput`. ``sample=False`` uses z = mu."""
-        x = self._check_images(x)
-        mu, logvar = self.encoder(x)
+        mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        recon, logits, gates, expert_idx = self.decode(z, labels)
+        return SMoEOutput(recon, mu, logvar, logits, gates, expert_idx)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 1, 28, 28] -> (mu, logvar), each [B, L]."""
+        return self.encoder(self._check_images(x))
+
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None):
+        """Route z [B, L] and run the experts -> (recon, logits, gates, expert_idx).
+
+        Training mode uses the model's gating (soft, hard or topk); eval mode routes hard.
+        """
         logits = self.gating_network(z)
         gates = torch.softmax(logits, dim=-1)
-        backend = self.resolved_backend(x.device).value
+        backend = self.resolved_backend(z.device).value
         experts = self.experts
         if self.routing == "label":
-            expert_idx = self._check_labels(labels, x.shape[0], "routing='label'")
+            expert_idx = self._check_labels(labels, z.shape[0], "routing='label'")
         else:
             expert_idx = logits.argmax(-1)
         gating = self.gating if self.training else "hard"
-        if gating == "soft":
+        if gating == "soft" and self.routing == "unsupervised":
             recon = experts.soft(z, gates, backend=backend)
-        elif gating == "topk":
+        elif gating == "topk" and self.routing == "unsupervised":
             topk_gates, topk_idx = gates.topk(self.top_k, dim=-1)
             recon = experts.topk(z, topk_idx, topk_gates / topk_gates.sum(-1, keepdim=True), backend=backend,
                                  check_indices=False)
@@ -162,7 +173,7 @@ class SMoEVAE(nn.Module):
             recon = experts.topk(z, expert_idx[:, None], torch.ones_like(z[:, :1]), backend=backend, check_indices=False)
         else:
             recon = experts.hard(z, expert_idx, backend=backend, check_indices=False)
-        return SMoEOutput(recon, mu, logvar, logits, gates, expert_idx)
+        return recon, logits, gates, expert_idx
 
     def _check_images(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -1,0 +1,335 @@
+"""Training and evaluation of the SMoE-VAE, seeded and resumable (shared/PAPER.md defaults).
+
+Each epoch appends one JSON line to ``out_dir/metrics.jsonl`` and atomically rewrites
+``out_dir/checkpoint.pt`` (model, optimiser, RNG states, history), so ``resume=True`` continues to
+the same result as an uninterrupted run with the same seed. A non-finite loss stops training with
+:class:`NonFiniteLossError` and leaves the last good checkpoint in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .analysis import active_experts, expert_usage
+from .loss import smoe_loss
+from .model import SMoEVAE
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run. Defaults are the paper's (Adam 1e-3, batch 128, 20 epochs)."""
+
+    num_experts: int = 10
+    latent_dim: int = 32
+    encoder: str = "medium"
+    decoder: str = "lite"
+    routing: str = "unsupervised"
+    gating: str | None = None
+    top_k: int = 2
+    hidden_dim: int = 256
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 0.01
+    balance_weight: float = 200.0
+    entropy_weight: float = 400.0
+    ce_weight: float = 200.0
+    reduction: str = "paper"
+    seed: int = 0
+    backend: str = "auto"
+    device: str = "cpu"
+    eval_batch_size: int = 500
+    revive_dead_experts: bool = False   # expert-collapse option, see revive_dead_experts()
+    revive_min_wins: int = 10
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return dict(num_experts=self.num_experts, latent_dim=self.latent_dim, encoder=self.encoder,
+                    decoder=self.decoder, routing=self.routing, gating=self.gating, top_k=self.top_k,
+                    hidden_dim=self.hidden_dim, backend=self.backend)
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "num_experts", "latent_dim", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message says where and what to try."""
+
+
+class Evaluation(NamedTuple):
+    """One pass over a data set with hard routing (the paper's test protocol)."""
+
+    sse_per_image: float        # mean over images of the per-image sum of squared errors (784 pixels)
+    image_sse: torch.Tensor     # [N] per-image SSE
+    kl_per_image: float
+    expert_idx: torch.Tensor    # [N] int64, hard (argmax) expert
+    gates: torch.Tensor         # [N, E] gate probabilities
+    z: torch.Tensor             # [N, L] the latent used (sampled, or mu with sample=False)
+    mu: torch.Tensor            # [N, L]
+    labels: torch.Tensor        # [N]
+    active_experts: int         # experts winning >= 10 images (the authors' rule)
+    usage: np.ndarray           # [E] fraction of images won
+
+
+class TrainResult(NamedTuple):
+    model: SMoEVAE
+    history: list[dict[str, Any]]
+    out_dir: Path | None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} requested but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+@torch.no_grad()
+def evaluate(model: SMoEVAE, data, batch_size: int = 500, seed: int = 0, sample: bool = True) -> Evaluation:
+    """Hard-routed pass over ``data`` (an ImageDataset), the paper's test protocol.
+
+    z is sampled with a generator seeded by ``seed`` (or z = mu with ``sample=False``), so the result
+    is reproducible and the global RNG stream of a training run is left untouched.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("sse", "kl", "idx", "gates", "z", "mu")}
+    try:
+        for start in range(0, data.images.shape[0], batch_size):
+            x = data.images[start:start + batch_size].to(device)
+            labels = data.labels[start:start + batch_size].to(device) if model.routing == "label" else None
+            mu, logvar = model.encode(x)
+            z = mu + torch.randn(mu.shape, generator=generator, device=device, dtype=mu.dtype) * torch.exp(0.5 * logvar) \
+                if sample else mu
+            recon, _, gates, expert_idx = model.decode(z, labels)
+            parts["sse"].append(((recon - x) ** 2).flatten(1).sum(1).cpu())
+            parts["kl"].append((-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)).cpu())
+            parts["idx"].append(expert_idx.cpu())
+            parts["gates"].append(gates.cpu())
+            parts["z"].append(z.cpu())
+            parts["mu"].append(mu.cpu())
+    finally:
+        model.train(was_training)
+    cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+    n = max(int(cat["sse"].numel()), 1)
+    idx = cat["idx"].long()
+    return Evaluation(float(cat["sse"].sum()) / n, cat["sse"], float(cat["kl"].sum()) / n, idx, cat["gates"],
+                      cat["z"], cat["mu"], data.labels.clone(), active_experts(idx, model.num_experts),
+                      expert_usage(idx, model.num_experts))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device: str | None = None) -> tuple[SMoEVAE, dict]:
+    """Load a smoe_fast training checkpoint -> (model, checkpoint dict). Uses ``weights_only=True``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (expected a file written by smoe-fast train, "
+                                f"or its output directory)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"could not read {str(path)!r} as a smoe_fast checkpoint: {exc}") from exc
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{str(path)!r} is not a smoe_fast training checkpoint (no 'config'/'model' entries); "
+                         "for the authors' checkpoints use SMoEVAE.load_authors_checkpoint")
+    config = TrainConfig(**ckpt["config"])
+    if backend is not None:
+        config.backend = backend
+    model = SMoEVAE(**config.model_kwargs())
+    model.load_state_dict(ckpt["model"])
+    return model.to(resolve_device(device or "cpu")), ckpt
+
+
+# ---------------------------------------------------------------------------- expert collapse
+@torch.no_grad()
+def revive_dead_experts(model: SMoEVAE, optimizer: torch.optim.Optimizer, wins: torch.Tensor, min_wins: int,
+                        generator: torch.Generator) -> list[int]:
+    """Re-initialise every expert that won fewer than ``min_wins`` training samples this epoch.
+
+    Each dead expert becomes a perturbed copy of the busiest expert (weights, Adam moments and its
+    gate row); both gate rows then share the donor's traffic (bias - log 2), so the two compete and
+    split it. Returns the revived expert indices.
+    """
+    dead = [e for e in range(model.num_experts) if int(wins[e]) < min_wins]
+    if not dead or len(dead) == model.num_experts:
+        return []
+    donor = int(wins.argmax())
+    gate = model.gating_network.fc3
+    params = list(model.experts.weights().values()) + [gate.weight, gate.bias]
+    for e in dead:
+        for p in params:
+            scale = 0.01 * float(p[donor].std()) if p[donor].numel() > 1 else 0.0
+            p[e] = p[donor] + scale * torch.randn(p[donor].shape, generator=generator, dtype=p.dtype).to(p.device)
+            state = optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][e] = state[key][donor]
+    gate.bias[dead + [donor]] -= math.log(len(dead) + 1)
+    return dead
+
+
+# ---------------------------------------------------------------------------- training
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["shuffle"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike | None = None, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train an SMoE-VAE on ``train_data`` and evaluate on ``test_data`` after every epoch.
+
+    >>> train_set, test_set = smoe_fast.data.load_data("synthetic", num_train=2000, num_test=500)
+    >>> result = train(TrainConfig(num_experts=5, epochs=2), train_set, test_set, out_dir="runs/demo")
+    >>> result.history[-1]["test_sse"]
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    out = Path(out_dir) if out_dir is not None else None
+    torch.manual_seed(config.seed)
+    model = SMoEVAE(**config.model_kwargs()).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume:
+        if out is None or not (out / CHECKPOINT_NAME).exists():
+            raise FileNotFoundError(f"resume=True but there is no checkpoint in {str(out)!r} to resume from")
+        ckpt = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+        changed = {k for k, v in ckpt["config"].items() if k != "epochs" and v != dataclasses.asdict(config).get(k)}
+        if changed:
+            raise ValueError(f"cannot resume: the checkpoint in {str(out)!r} was trained with a different configuration "
+                             f"(differs in {sorted(changed)}); use the same options or a new output directory")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], shuffle, device)
+        history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
+        atomic_write_text("".join(json.dumps(h) + "\n" for h in history), out / METRICS_NAME)
+    elif out is not None:
+        if (out / CHECKPOINT_NAME).exists():
+            raise FileExistsError(f"{str(out)!r} already holds a run; pass resume=True (--resume) to continue it, "
+                                  "or choose another output directory")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", out / "config.json")
+        atomic_write_text("", out / METRICS_NAME)
+
+    images, labels = train_data.images, train_data.labels
+    num_images = images.shape[0]
+    if num_images == 0:
+        raise ValueError("the training set is empty")
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(num_images, generator=shuffle)
+        sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "balance": 0.0, "entropy": 0.0, "ce": 0.0}
+        wins = torch.zeros(config.num_experts, dtype=torch.int64)
+        batches = range(0, num_images, config.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress, unit="batch")
+        for step, start in enumerate(bar):
+            idx = order[start:start + config.batch_size]
+            x, y = images[idx].to(device), labels[idx].to(device)
+            out_b = model(x, labels=y if config.routing == "label" else None)
+            terms = smoe_loss(out_b, x, routing=config.routing, labels=y, beta=config.beta,
+                              balance_weight=config.balance_weight, entropy_weight=config.entropy_weight,
+                              ce_weight=config.ce_weight, reduction=config.reduction)
+            if not torch.isfinite(terms.total):
+                raise NonFiniteLossError(
+                    f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}: {terms.as_dict()}; "
+                    f"training stopped and the last good checkpoint (epoch {epoch}) was kept. "
+                    "Try a lower learning rate (--lr) or check the data for NaN/Inf.")
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizer.step()
+            terms = dataclasses.replace(terms, **{k: v.detach() for k, v in vars(terms).items() if v is not None})
+            n = x.shape[0]
+            sums["loss"] += float(terms.total) * (n if config.reduction == "per_sample" else 1)
+            sums["recon"] += float(terms.recon)
+            sums["kl"] += float(terms.kl)
+            sums["balance"] += float(terms.balance) * n
+            sums["entropy"] += float(terms.entropy) * n
+            sums["ce"] += float(terms.ce) if terms.ce is not None else 0.0
+            wins += torch.bincount(out_b.expert_idx.cpu(), minlength=config.num_experts)
+            bar.set_postfix(loss=f"{float(terms.total) / (1 if config.reduction == 'per_sample' else n):.2f}")
+        revived = (revive_dead_experts(model, optimizer, wins, config.revive_min_wins, shuffle)
+                   if config.revive_dead_experts else [])
+        test = evaluate(model, test_data, config.eval_batch_size, seed=config.seed)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": sums["loss"] / num_images,
+            "train_sse": sums["recon"] / num_images,
+            "train_kl": sums["kl"] / num_images,
+            "train_balance": sums["balance"] / num_images,
+            "train_entropy": sums["entropy"] / num_images,
+            **({"train_ce": sums["ce"] / num_images} if config.routing == "supervised" else {}),
+            "test_sse": test.sse_per_image,
+            "test_kl": test.kl_per_image,
+            "active_experts": test.active_experts,
+            "train_active_experts": int((wins >= config.revive_min_wins).sum()),
+            "usage": [round(float(u), 6) for u in test.usage],
+            "revived": revived,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        history.append(record)
+        if out is not None:
+            atomic_save({"config": dataclasses.asdict(config), "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "rng": _rng_state(shuffle, device),
+                         "history": history, "epoch": epoch + 1}, out / CHECKPOINT_NAME)
+            with open(out / METRICS_NAME, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.2f}  "
+                       f"test SSE/image {record['test_sse']:.2f}  active experts {record['active_experts']}"
+                       f"/{config.num_experts}  ({record['seconds']:.1f}s)")
+    return TrainResult(model, history, out)
