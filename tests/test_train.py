@@ -1,0 +1,129 @@
+"""Training: the loss goes down, resume reproduces an uninterrupted run, failures stop cleanly."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import smoe_fast.train as train_module
+from smoe_fast.data import ImageDataset
+from smoe_fast.train import NonFiniteLossError, TrainConfig, evaluate, load_checkpoint, train
+
+
+def _blobs(n, seed):
+    """Tiny learnable images: one of three bright squares on a white background."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    images = torch.ones(n, 1, 28, 28)
+    for c in range(3):
+        images[labels == c, :, 4 + 7 * c:11 + 7 * c, 8:20] = 0.0
+    images = (images + 0.05 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    return ImageDataset(images, labels, None, ("a", "b", "c"))
+
+
+TRAIN, TEST = _blobs(192, 0), _blobs(64, 1)
+CONFIG = TrainConfig(num_experts=3, encoder="lite", epochs=3, batch_size=32, backend="reference", eval_batch_size=32)
+
+
+def _without_timing(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_training_lowers_the_loss(tmp_path):
+    result = train(CONFIG, TRAIN, TEST, out_dir=tmp_path / "run", progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.history[-1]["test_sse"] < result.history[0]["test_sse"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert {"train_sse", "train_kl", "train_balance", "train_entropy", "test_sse", "active_experts", "usage"} <= set(
+        json.loads(lines[-1]))
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
+    full = train(CONFIG, TRAIN, TEST, out_dir=tmp_path / "full", progress=False)
+    train(dataclasses.replace(CONFIG, epochs=1), TRAIN, TEST, out_dir=tmp_path / "split", progress=False)
+    resumed = train(CONFIG, TRAIN, TEST, out_dir=tmp_path / "split", resume=True, progress=False)
+    assert _without_timing(resumed.history) == _without_timing(full.history)
+    for name, p in full.model.state_dict().items():
+        assert torch.equal(p, resumed.model.state_dict()[name]), name
+
+
+def test_same_seed_same_run_and_evaluation_is_seeded():
+    a = train(dataclasses.replace(CONFIG, epochs=1), TRAIN, TEST, progress=False)
+    b = train(dataclasses.replace(CONFIG, epochs=1), TRAIN, TEST, progress=False)
+    assert _without_timing(a.history) == _without_timing(b.history)
+    e1, e2 = evaluate(a.model, TEST, seed=3), evaluate(a.model, TEST, seed=3)
+    assert e1.sse_per_image == e2.sse_per_image and torch.equal(e1.expert_idx, e2.expert_idx)
+    assert evaluate(a.model, TEST, sample=False).z.equal(evaluate(a.model, TEST, sample=False).mu)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(dataclasses.replace(CONFIG, epochs=1), TRAIN, TEST, out_dir=run, progress=False)
+    good = (run / "checkpoint.pt").read_bytes()
+    real_loss = train_module.smoe_loss
+
+    def exploding_loss(*args, **kwargs):
+        terms = real_loss(*args, **kwargs)
+        return dataclasses.replace(terms, total=terms.total * float("nan"))
+
+    monkeypatch.setattr(train_module, "smoe_loss", exploding_loss)
+    with pytest.raises(NonFiniteLossError, match="non-finite at epoch 2, step 1.*last good checkpoint \\(epoch 1\\)"):
+        train(dataclasses.replace(CONFIG, epochs=2), TRAIN, TEST, out_dir=run, resume=True, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == good
+    model, ckpt = load_checkpoint(run)
+    assert ckpt["epoch"] == 1 and model.num_experts == 3
+
+
+def test_existing_run_is_not_overwritten_and_changed_config_cannot_resume(tmp_path):
+    run = tmp_path / "run"
+    train(dataclasses.replace(CONFIG, epochs=1), TRAIN, TEST, out_dir=run, progress=False)
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a run; pass resume=True"):
+        train(CONFIG, TRAIN, TEST, out_dir=run, progress=False)
+    with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
+        train(dataclasses.replace(CONFIG, lr=0.1), TRAIN, TEST, out_dir=run, resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(CONFIG, TRAIN, TEST, out_dir=tmp_path / "empty", resume=True, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_checkpoint_loads_with_weights_only_and_errors_are_clear(tmp_path):
+    result = train(dataclasses.replace(CONFIG, epochs=1), TRAIN, TEST, out_dir=tmp_path / "run", progress=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    model, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), result.model.state_dict().values()))
+    assert ckpt["config"]["num_experts"] == 3
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"encoder.fc_mu.weight": torch.zeros(1)}, tmp_path / "authors.pth")
+    with pytest.raises(ValueError, match="load_authors_checkpoint"):
+        load_checkpoint(tmp_path / "authors.pth")
+
+
+def test_supervised_label_and_topk_runs_train():
+    for overrides in ({"routing": "supervised"}, {"routing": "label"}, {"gating": "topk", "top_k": 2},
+                      {"revive_dead_experts": True, "revive_min_wins": 1000}):
+        history = train(dataclasses.replace(CONFIG, epochs=1, **overrides), TRAIN, TEST, progress=False).history
+        assert torch.isfinite(torch.tensor(history[-1]["train_loss"])), overrides
+    assert "train_ce" in train(dataclasses.replace(CONFIG, epochs=1, routing="supervised"), TRAIN, TEST,
+                               progress=False).history[-1]
+
+
+def test_revive_dead_experts_copies_the_busiest_expert():
+    from smoe_fast.model import SMoEVAE
+    from smoe_fast.train import revive_dead_experts
+
+    model = SMoEVAE(num_experts=3, backend="reference")
+    opt = torch.optim.Adam(model.parameters())
+    revived = revive_dead_experts(model, opt, torch.tensor([50, 0, 3]), min_wins=10, generator=torch.Generator().manual_seed(0))
+    assert revived == [1, 2]
+    w = model.experts.weights()["fc.weight"].detach()
+    assert torch.allclose(w[1], w[0], atol=0.05 * float(w[0].abs().max())) and not torch.equal(w[1], w[0])
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", -1), ("lr", 0.0)])
+def test_bad_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        train(dataclasses.replace(CONFIG, **{field: value}), TRAIN, TEST, progress=False)
