@@ -1,1 +1,17 @@
-"""Triton kernels for smoe_fast (import name ``smoe_fast.kernels``). Importing this imports triton."""
+"""Triton kernels for smoe_fast (import name ``smoe_fast.kernels``; importing it imports triton).
+
+The triton backend: the same four functions, with the same signatures, as smoe_fast/reference.py.
+
+| module          | op                | what runs                                                        |
+|-----------------|-------------------|------------------------------------------------------------------|
+| grouping.py     | group_by_expert   | counting sort of [B] / [B,K] assignments by expert               |
+| experts_hard.py | experts_hard      | top-1 inference: one fused decoder kernel per call               |
+| experts_soft.py | experts_soft      | soft-gated training: fused forward, recomputing backward         |
+| experts_topk.py | experts_topk      | top-k training over the grouped [B,K] assignments                |
+"""
+from .experts_hard import experts_hard
+from .experts_soft import experts_soft
+from .experts_topk import experts_topk
+from .grouping import group_by_expert
+
+__all__ = ["group_by_expert", "experts_hard", "experts_soft", "experts_topk"]

@@ -96,16 +96,39 @@ def _problem(backend: Backend, device: torch.device | str | None) -> str | None:
     raise AssertionError(backend)
 
 
+_MODULES: dict[str, ModuleType] = {}
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
+def _resolve(name: str, device: str) -> str:
+    key = (name, device)
+    if key not in _RESOLVED:
+        backend = parse_backend(name)
+        if backend is Backend.AUTO:
+            order = (Backend.TRITON, Backend.CPP) if torch.device(device).type == "cuda" else (Backend.CPP,)
+            backend = next((b for b in order if _problem(b, device) is None), Backend.REFERENCE)
+        elif (problem := _problem(backend, device)) is not None:
+            raise BackendUnavailableError(f"backend {backend.value!r} is unavailable on {device}: {problem}")
+        _MODULES.setdefault(backend.value, _import_backend(backend))
+        _RESOLVED[key] = backend.value
+    return _RESOLVED[key]
+
+
+# Probing imports modules and may build the extension: torch.compile must run _resolve eagerly and
+# treat its answer as a constant, so a compiled forward has no graph break here. This is the mark
+# torch.compiler.assume_constant_result sets; calling that would import torch._dynamo (and with it
+# triton) when smoe_fast is imported.
+_resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def resolve_backend(name: str | Backend, device: torch.device | str) -> Backend:
     """The concrete backend to run on ``device``: raises for an explicit backend that cannot run."""
-    backend = parse_backend(name)
-    if backend is Backend.AUTO:
-        order = (Backend.TRITON, Backend.CPP) if torch.device(device).type == "cuda" else (Backend.CPP,)
-        return next((b for b in order if _problem(b, device) is None), Backend.REFERENCE)
-    problem = _problem(backend, device)
-    if problem is not None:
-        raise BackendUnavailableError(f"backend {backend.value!r} is unavailable on {torch.device(device)}: {problem}")
-    return backend
+    return Backend(_resolve(getattr(name, "value", name), str(torch.device(device))))
+
+
+def resolved_module(name: str | Backend, device: torch.device | str) -> ModuleType:
+    """The module implementing the dispatch functions of the backend ``name`` resolves to on ``device``."""
+    return _MODULES[_resolve(getattr(name, "value", name), str(device))]
 
 
 def check_backend_exists(name: str | Backend) -> Backend:
@@ -118,11 +141,9 @@ def check_backend_exists(name: str | Backend) -> Backend:
     return backend
 
 
-def backend_module(backend: Backend) -> ModuleType:
-    """The module implementing the four dispatch functions for a concrete backend."""
+def _import_backend(backend: Backend) -> ModuleType:
     if backend is Backend.REFERENCE:
-        from . import reference
-        return reference
+        return importlib.import_module("smoe_fast.reference")
     if backend is Backend.TRITON:
         return importlib.import_module("smoe_fast.kernels")
     if backend is Backend.CPP:

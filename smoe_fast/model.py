@@ -154,7 +154,7 @@ class SMoEVAE(nn.Module):
         """
         logits = self.gating_network(z)
         gates = torch.softmax(logits, dim=-1)
-        backend = self.resolved_backend(z.device).value
+        backend = self.backend  # resolved (and cached) by the ops on z's device
         experts = self.experts
         if self.routing == "label":
             expert_idx = self._check_labels(labels, z.shape[0], "routing='label'")

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from .backends import Backend, backend_module, resolve_backend
+from .backends import Backend, resolved_module
 from .contract import DECODER_KINDS, Routing, decoder_param_shapes
 
 __all__ = ["Routing", "group_by_expert", "experts_hard", "experts_soft", "experts_topk", "check_weights"]
 
 
 def _impl(backend: str | Backend, device: torch.device):
-    return backend_module(resolve_backend(backend, device))
+    return resolved_module(backend, device)
 
 
 def _check_expert_idx(expert_idx: torch.Tensor, num_experts: int, ndim: int, name: str, check_indices: bool) -> None:
@@ -104,7 +104,8 @@ def experts_hard(z: torch.Tensor, expert_idx: torch.Tensor, weights: dict[str, t
     """Hard-gated (top-1) experts: ``x_hat[b] = D_{expert_idx[b]}(z[b])``.
 
     z [B, L] float, expert_idx [B] int64, weights stacked per layer ``{"fc.weight": [E,392,L], ...}``
-    -> x_hat [B, 1, 28, 28]. Differentiable on the reference backend; the kernels are for inference.
+    -> x_hat [B, 1, 28, 28]. An inference op on the compiled backends (no backward); to train with
+    hard routing use ``experts_topk(z, expert_idx[:, None], ones)``, as SMoEVAE does.
 
     >>> y = experts_hard(z, logits.argmax(-1), model.experts.weights(), kind="lite")
     """

@@ -1,0 +1,132 @@
+"""Triton top-k experts (kernels/experts_topk.py) against the reference: forward and every gradient.
+
+Runs the kernels in the Triton interpreter on CPU (tests/conftest.py); shapes are small because the
+interpreter is slow (lite costs about a second per 16-row expert tile).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close, random_weights, routing_case
+from smoe_fast import reference
+
+triton = pytest.importorskip("triton")
+from smoe_fast.kernels.experts_topk import experts_topk  # noqa: E402
+
+LATENT = 32
+
+
+def _topk(batch: int, num_experts: int, top_k: int, routing: str, seed: int):
+    """(topk_idx [B,K], renormalised topk gates [B,K]) for a named routing."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, num_experts, generator=g)
+    if routing in ("one_expert", "even_only"):
+        # top-1 cases straight from the shared routing catalogue
+        assert top_k == 1
+        idx = routing_case(routing, batch, num_experts, seed)[:, None]
+        return idx, torch.rand(batch, 1, generator=g) + 0.5
+    if routing == "skewed":
+        logits = logits + torch.linspace(6.0, -6.0, num_experts)
+    values, idx = logits.softmax(-1).topk(top_k, dim=-1)
+    gates = values / values.sum(-1, keepdim=True)
+    if routing == "zeros":
+        gates = gates * (torch.rand(batch, top_k, generator=g) > 0.5)
+    return idx, gates
+
+
+def _inputs(kind, batch, num_experts, top_k, routing, strided, seed=0):
+    weights = random_weights(kind, num_experts, LATENT, seed=seed + 1, requires_grad=True)
+    idx, gates_value = _topk(batch, num_experts, top_k, routing, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    if strided:
+        z_leaf = torch.randn(batch, 2 * LATENT, generator=g).requires_grad_(True)
+        gates_leaf = torch.stack([gates_value, gates_value], -1).reshape(batch, 2 * top_k).requires_grad_(True)
+        z, gates = z_leaf[:, ::2], gates_leaf[:, ::2]
+        assert z.stride(1) == 2 and gates.stride(1) == 2
+    else:
+        z_leaf = z = torch.randn(batch, LATENT, generator=g).requires_grad_(True)
+        gates_leaf = gates = gates_value.clone().requires_grad_(True)
+    return z, idx, gates, weights, [z_leaf, gates_leaf, *weights.values()]
+
+
+CASES = [
+    # (kind, B, E, K, routing, strided z/gates)
+    pytest.param("mlp", 5, 1, 1, "uniform", False, id="mlp-B5-E1-K1"),               # k = E = 1
+    pytest.param("mlp", 64, 17, 2, "skewed", False, id="mlp-B64-E17-K2-skewed"),      # prime E, multi-tile and empty experts
+    pytest.param("mlp", 5, 3, 3, "uniform", True, id="mlp-B5-E3-K3-strided"),         # k = E: every expert, strided views
+    pytest.param("mlp", 1, 8, 2, "zeros", True, id="mlp-B1-E8-K2-zero-gates"),        # one token, exact zero gates, strided
+    pytest.param("mlp", 33, 8, 1, "one_expert", False, id="mlp-B33-E8-K1-one-expert"),  # all rows on one expert, 3 tiles
+    pytest.param("mlp", 5, 8, 8, "zeros", False, id="mlp-B5-E8-K8-zero-gates"),       # k = E = 8, exact zero gates
+    pytest.param("lite", 5, 3, 2, "uniform", False, id="lite-B5-E3-K2"),              # several experts, partial tiles
+    pytest.param("lite", 5, 17, 1, "even_only", True, id="lite-B5-E17-K1-even-only"),  # E > B, odd experts empty, strided
+    pytest.param("lite", 17, 8, 1, "one_expert", False, id="lite-B17-E8-K1-one-expert"),  # one expert, tile boundary
+]
+
+
+@pytest.mark.parametrize("kind, batch, num_experts, top_k, routing, strided", CASES)
+def test_forward_and_gradients_match_reference(kind, batch, num_experts, top_k, routing, strided):
+    z, idx, gates, weights, leaves = _inputs(kind, batch, num_experts, top_k, routing, strided)
+    expected = reference.experts_topk(z, idx, gates, weights, kind)
+    actual = experts_topk(z, idx, gates, weights, kind)
+    assert_close(actual, expected, name="x_hat")
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7))
+    want = torch.autograd.grad(expected, leaves, grad_out)
+    got = torch.autograd.grad(actual, leaves, grad_out)
+    for name, g_actual, g_expected in zip(["z", "topk_gates", *weights], got, want):
+        assert_close(g_actual, g_expected, name=f"d {name}")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lite"])
+def test_empty_batch(kind):
+    # B = 0: an empty result and zero gradients
+    z, idx, gates, weights, leaves = _inputs(kind, 0, 3, 2, "uniform", False)
+    out = experts_topk(z, idx, gates, weights, kind)
+    assert out.shape == (0, 1, 28, 28)
+    grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+    for name, g, leaf in zip(["z", "topk_gates", *weights], grads, leaves):
+        assert g is None or (g.shape == leaf.shape and not g.any()), name
+
+
+@pytest.mark.parametrize("kind, batch, num_experts, top_k", [
+    pytest.param("mlp", 40, 2, 2, id="mlp-B40-E2-K2"),  # several tiles per expert, segment-summed
+    pytest.param("lite", 17, 1, 1, id="lite-B17-E1-K1"),  # two tiles of one expert, segment-summed
+])
+def test_weight_gradients_are_deterministic(kind, batch, num_experts, top_k):
+    z, idx, gates, weights, leaves = _inputs(kind, batch, num_experts, top_k, "uniform", False)
+    grad_out = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    first = torch.autograd.grad(experts_topk(z, idx, gates, weights, kind), leaves, grad_out)
+    second = torch.autograd.grad(experts_topk(z, idx, gates, weights, kind), leaves, grad_out)
+    for name, a, b in zip(["z", "topk_gates", *weights], first, second):
+        assert torch.equal(a, b), f"d {name} differs between two identical backward runs"
+
+
+def test_opcheck():
+    # schema, fake tensor, autograd registration and AOT dispatch of the custom op
+    from smoe_fast.kernels.decoder_blocks import kernel_weights
+    from smoe_fast.kernels.experts_topk import tile_offsets
+    z, idx, gates, weights, _ = _inputs("mlp", 3, 2, 2, "uniform", False)
+    routing = reference.group_by_expert(idx, 2)
+    ws = [w.detach().requires_grad_(True) for w in kernel_weights(weights, "mlp")]
+    args = (z, gates, routing.sorted_token_idx, routing.expert_offsets, tile_offsets(routing.expert_counts), ws, "mlp")
+    torch.library.opcheck(torch.ops.smoe_fast.triton_experts_topk.default, args)
+
+
+def test_medium_is_not_fused():
+    # the triton backend fuses lite and mlp only; medium says so and names the way out
+    z, idx, gates, weights, _ = _inputs("medium", 2, 2, 1, "uniform", False)
+    with pytest.raises(NotImplementedError, match="medium.*backend='reference'"):
+        experts_topk(z, idx, gates, weights, "medium")
+
+
+def test_torch_compile_traces_forward_and_backward():
+    # fullgraph: grouping, tile offsets and the custom op trace without a host synchronisation
+    z, idx, gates, weights, leaves = _inputs("mlp", 3, 2, 2, "uniform", False)
+
+    def loss(z, gates):
+        return (experts_topk(z, idx, gates, weights, "mlp") - 0.5).pow(2).mean()
+
+    want = torch.autograd.grad(loss(z, gates), leaves)
+    got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(z, gates), leaves)
+    for name, g_actual, g_expected in zip(["z", "topk_gates", *weights], got, want):
+        assert_close(g_actual, g_expected, name=f"d {name}")
