@@ -151,8 +151,23 @@ def _import_backend(backend: Backend) -> ModuleType:
     raise ValueError(f"backend {backend.value!r} is not concrete; resolve it first with resolve_backend()")
 
 
-def describe_backends(device: torch.device | str) -> dict[str, str]:
-    """{backend: 'available' or the reason it is not} on ``device``, plus what 'auto' picks."""
-    report = {b.value: (_problem(b, device) or "available") for b in (Backend.REFERENCE, Backend.TRITON, Backend.CPP)}
-    report["auto"] = f"chooses {resolve_backend(Backend.AUTO, device).value}"
+def describe_backends(device: torch.device | str, build: bool = True) -> dict[str, str]:
+    """{backend: 'available' or the reason it is not} on ``device``, plus what 'auto' picks.
+
+    ``build=False`` never compiles: an extension not built yet is reported as such (``smoe-fast info``).
+    """
+    report = {}
+    for backend in (Backend.REFERENCE, Backend.TRITON, Backend.CPP):
+        if backend is Backend.CPP and not build:
+            extension = importlib.import_module("smoe_fast.extension")
+            state = extension.status()
+            if state.get("loaded") != "yes" and not state.get("built", "").startswith("yes"):
+                report[backend.value] = f"not built yet (builds on first use; toolchain: {state.get('buildable')})"
+                continue
+        report[backend.value] = _problem(backend, device) or "available"
+    order = [Backend.TRITON, Backend.CPP] if torch.device(device).type == "cuda" else [Backend.CPP]
+    chosen = next((b.value for b in order if report[b.value] == "available"), None)
+    if chosen is None and not build and report[Backend.CPP.value].startswith("not built"):
+        chosen = "cpp once built (reference until then if the build fails)"
+    report["auto"] = f"chooses {chosen or Backend.REFERENCE.value}"
     return report

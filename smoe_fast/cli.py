@@ -197,7 +197,7 @@ def _run_info(args) -> int:
             print(f"  {key:<17}{value}")
     for device in devices[:2]:
         print(f"backends on {device}:")
-        for name, state in describe_backends(device).items():
+        for name, state in describe_backends(device, build=False).items():
             print(f"  {name:<17}{state}")
     return 0
 
