@@ -1,0 +1,501 @@
+"""``smoe-fast profile``: how the expert stage scales with the number of experts, per backend.
+
+Sweeps E (and optionally B) at fixed tokens for each backend and stage, times the device (CUDA
+events, or synchronise + perf_counter on CPU; warm-up first, median of repeats, inputs rotated), and
+prints a table with the time per token, tokens/s, achieved GB/s for the bytes the stage must move,
+TFLOP/s and the speed-up over the reference backend. ``--csv`` and ``--plot`` write the same numbers
+as a CSV file and a log-log PNG of time per token against E with the memory-bandwidth floor
+(bytes per token / copy bandwidth measured on the device; on known GPUs also the data-sheet figure).
+
+Stages (all through :mod:`smoe_fast.ops`):
+
+| stage | what is timed                                            | useful FLOPs           |
+|-------|----------------------------------------------------------|------------------------|
+| hard  | ``experts_hard`` forward, no grad (inference)            | B * F                  |
+| soft  | ``experts_soft`` forward + backward (z, gates, weights)  | 3 * B * E * F          |
+| topk  | ``experts_topk`` forward + backward, k = ``--top-k``     | 3 * B * k * F          |
+
+F is one expert on one token (:func:`smoe_fast.contract.decoder_flops_per_token`).
+
+>>> smoe-fast profile --device cpu --csv profile.csv --plot profile.png
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import ops
+from .backends import BackendUnavailableError, resolve_backend
+from .contract import IMAGE_PIXELS, decoder_flops_per_token, decoder_param_shapes
+
+STAGES = ("hard", "soft", "topk")
+BACKENDS = ("reference", "triton", "cpp")
+DEFAULT_EXPERTS = {"cpu": (1, 8, 64, 256), "cuda": (1, 8, 64, 256, 1024)}
+# Tokens per stage: hard at the DESIGN.md target size; the training stages at sizes whose reference
+# run stays within seconds (soft work grows with B*E).
+DEFAULT_BATCH = {"cpu": {"hard": 1024, "soft": 1024, "topk": 1024},
+                 "cuda": {"hard": 65536, "soft": 1024, "topk": 8192}}
+# Soft gating runs every expert on every token: points with B*E above this are skipped, with the reason.
+DEFAULT_MAX_SOFT_PAIRS = {"cpu": 1 << 16, "cuda": 1 << 18}
+# Data-sheet HBM bandwidth in GB/s, matched against torch.cuda.get_device_name().
+KNOWN_BANDWIDTH_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100-PCIE-40GB", 1555.0),
+                        ("A100", 2039.0), ("L40S", 864.0), ("A10G", 600.0), ("L4", 300.0), ("T4", 320.0))
+
+
+# ----------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_device(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds of ``fn()`` on the device: CUDA events on GPU, synchronise + perf_counter elsewhere.
+
+    >>> seconds = time_device(lambda: x @ y, torch.device("cuda"))
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(max(1, repeats)):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def measure_copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 3) -> float:
+    """Achieved device-memory copy bandwidth in GB/s (bytes read + bytes written per second)."""
+    n = megabytes * (1 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    seconds = time_device(lambda: dst.copy_(src), device, warmup=1, repeats=repeats)
+    del src, dst
+    return 2 * n / seconds / 1e9
+
+
+def known_bandwidth(device: torch.device) -> tuple[str, float] | None:
+    """(device name, data-sheet GB/s) for GPUs in :data:`KNOWN_BANDWIDTH_GBPS`, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, gbps in KNOWN_BANDWIDTH_GBPS:
+        if key.lower() in name.lower():
+            return name, gbps
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'s' if threads > 1 else ''})"
+
+
+# ----------------------------------------------------------------------------- the work model
+def expert_bytes(kind: str, latent_dim: int, hidden_dim: int, element_size: int = 4) -> int:
+    """Bytes of one expert's parameters."""
+    return element_size * sum(math.prod(s) for s in decoder_param_shapes(kind, latent_dim, hidden_dim).values())
+
+
+def stage_bytes(stage: str, batch: int, num_experts: int, experts_touched: int, kind: str, latent_dim: int = 32,
+                hidden_dim: int = 256, top_k: int = 2, element_size: int = 4) -> int:
+    """Bytes the stage must move at least: inputs z + routing + weights of the experts touched + output.
+
+    Training stages (soft, topk) count every tensor twice: once forward, once as its gradient.
+    """
+    s = element_size
+    z, out = batch * latent_dim * s, batch * IMAGE_PIXELS * s
+    w = experts_touched * expert_bytes(kind, latent_dim, hidden_dim, s)
+    if stage == "hard":
+        return z + batch * 8 + w + out
+    if stage == "soft":
+        return 2 * (z + batch * num_experts * s + w + out)
+    if stage == "topk":
+        return 2 * (z + batch * top_k * s + w + out) + batch * top_k * 8
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
+def stage_flops(stage: str, batch: int, num_experts: int, kind: str, latent_dim: int = 32, hidden_dim: int = 256,
+                top_k: int = 2) -> int:
+    """Useful FLOPs of the stage (the backward pass counted as twice the forward)."""
+    per_token = decoder_flops_per_token(kind, latent_dim, hidden_dim)
+    if stage == "hard":
+        return batch * per_token
+    if stage == "soft":
+        return 3 * batch * num_experts * per_token
+    if stage == "topk":
+        return 3 * batch * top_k * per_token
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
+def random_routing(batch: int, num_experts: int, routing: str, generator: torch.Generator, top_k: int = 1) -> torch.Tensor:
+    """Expert indices [B] (top_k=1) or distinct [B, K]: 'uniform', or 'skewed' (expert e with weight 2^-e/4)."""
+    if routing not in ("uniform", "skewed"):
+        raise ValueError(f"unknown routing {routing!r}; expected 'uniform' or 'skewed'")
+    weights = torch.exp2(-torch.arange(num_experts) / 4.0) if routing == "skewed" else torch.ones(num_experts)
+    if top_k == 1:
+        return torch.multinomial(weights, batch, replacement=True, generator=generator)
+    # Distinct experts per token: the top k of random scores scaled by the expert weights.
+    return (torch.rand(batch, num_experts, generator=generator) * weights).topk(top_k, dim=-1).indices
+
+
+def build_stage(stage: str, backend: str, batch: int, num_experts: int, kind: str, device: torch.device,
+                latent_dim: int = 32, hidden_dim: int = 256, top_k: int = 2, routing: str = "uniform",
+                input_sets: int = 3, seed: int = 0) -> tuple[Callable[[], object], int]:
+    """A zero-argument callable running one stage call (cycling through ``input_sets`` pre-generated
+    inputs) and the number of distinct experts the routing touches (averaged over the sets)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    from .experts import StackedExperts
+
+    weights = {n: w.detach().to(device).requires_grad_(stage != "hard")
+               for n, w in StackedExperts(num_experts, latent_dim, kind, hidden_dim).weights().items()}
+    params = list(weights.values())
+    sets, touched = [], []
+    for _ in range(input_sets):
+        z = torch.randn(batch, latent_dim, generator=g).to(device)
+        grad_out = torch.rand(batch, 1, 28, 28, generator=g).to(device)
+        if stage == "hard":
+            idx = random_routing(batch, num_experts, routing, g).to(device)
+            sets.append((z, idx))
+        elif stage == "soft":
+            logits = torch.randn(batch, num_experts, generator=g)
+            if routing == "skewed":
+                logits = logits - torch.arange(num_experts) / 4.0
+            idx = logits.argmax(-1)
+            sets.append((z.requires_grad_(), logits.softmax(-1).to(device).requires_grad_(), grad_out))
+        else:
+            idx = random_routing(batch, num_experts, routing, g, top_k=top_k)
+            gates = torch.rand(batch, top_k, generator=g) + 0.1
+            gates = (gates / gates.sum(-1, keepdim=True)).to(device).requires_grad_()
+            sets.append((z.requires_grad_(), idx.to(device), gates, grad_out))
+        touched.append(num_experts if stage == "soft" else int(torch.unique(idx).numel()))
+    counter = [0]
+
+    def call():
+        inputs = sets[counter[0] % len(sets)]
+        counter[0] += 1
+        if stage == "hard":
+            z, idx = inputs
+            with torch.no_grad():
+                return ops.experts_hard(z, idx, weights, kind=kind, backend=backend, check_indices=False)
+        if stage == "soft":
+            z, gates, grad_out = inputs
+            y = ops.experts_soft(z, gates, weights, kind=kind, backend=backend)
+            return torch.autograd.grad(y, [z, gates, *params], grad_out)
+        z, idx, gates, grad_out = inputs
+        y = ops.experts_topk(z, idx, gates, weights, kind=kind, backend=backend, check_indices=False)
+        return torch.autograd.grad(y, [z, gates, *params], grad_out)
+
+    return call, round(statistics.mean(touched))
+
+
+# ----------------------------------------------------------------------------- the sweep
+@dataclass
+class Row:
+    device: str
+    kind: str
+    stage: str
+    backend: str
+    num_experts: int
+    batch: int
+    status: str                      # "ok" or "skipped: <reason>"
+    seconds: float | None = None     # median per call
+    ns_per_token: float | None = None
+    tokens_per_s: float | None = None
+    bytes_moved: int | None = None
+    gb_per_s: float | None = None
+    tflop_per_s: float | None = None
+    floor_ns_per_token: float | None = None   # bytes per token / measured copy bandwidth
+    speedup_vs_reference: float | None = None
+
+
+def _csv_list(text: str, cast=str) -> list:
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+
+# Appended to the help of arguments whose default depends on the device: formats to nothing, and stops
+# argparse.ArgumentDefaultsHelpFormatter from adding "(default: None)" after the real explanation.
+_NO_DEFAULT_SUFFIX = "%(default).0s"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``smoe-fast profile``."""
+    parser.description = ("Time the expert stage against the number of experts for each backend; print a table and "
+                          "optionally write a CSV and a log-log plot with the memory-bandwidth floor.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="device to profile (default: cuda if available, else cpu)" + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--backends", type=lambda s: _csv_list(s), default=None,
+                        help="comma-separated backends from reference,triton,cpp (default: all; unavailable ones are "
+                             "listed as skipped with the reason)" + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="hard",
+                        help="hard: inference forward; soft/topk: training forward + backward; all: the three")
+    parser.add_argument("--decoder", choices=("lite", "medium", "mlp"), default="lite", help="expert decoder kind")
+    parser.add_argument("--experts", type=lambda s: _csv_list(s, int), default=None,
+                        help="comma-separated numbers of experts (default cpu: 1,8,64,256; cuda: 1,8,64,256,1024)"
+                        + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--batch", type=lambda s: _csv_list(s, int), default=None,
+                        help="comma-separated token counts B (default cpu: 1024; cuda: 65536 hard, 1024 soft, "
+                             "8192 topk)" + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token for --stage topk")
+    parser.add_argument("--routing", choices=("uniform", "skewed"), default="uniform",
+                        help="uniform random experts, or skewed (expert e favoured by 2^(-e/4))")
+    parser.add_argument("--latent-dim", type=int, default=32)
+    parser.add_argument("--hidden-dim", type=int, default=256, help="hidden size of the mlp decoder")
+    parser.add_argument("--max-soft-pairs", type=int, default=None,
+                        help="skip soft points with B*E above this (default cpu: 65536; cuda: 262144)"
+                        + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per point; the median is reported "
+                        "(default cpu: 3; cuda: 10)" + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice); the table title reports it"
+                        + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--tf32", action="store_true",
+                        help="allow TF32 in matmuls and convolutions (default: IEEE fp32 on every backend, so the "
+                             "comparison is like with like)")
+    parser.add_argument("--copy-mb", type=int, default=256,
+                        help="size of the copy that measures the bandwidth floor (0: no floor)")
+    parser.add_argument("--csv", type=Path, default=None, help="write the rows to this CSV file" + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="write a log-log PNG of time per token against E" + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+TABLE_COLUMNS = (("stage", 5, "s"), ("backend", 9, "s"), ("E", 5, "d"), ("B", 6, "d"), ("ms", 9, ".3f"),
+                 ("ns/token", 10, ".1f"), ("Mtok/s", 8, ".2f"), ("GB/s", 8, ".1f"), ("%floor", 6, ".0f"),
+                 ("TFLOP/s", 8, ".3f"), ("x ref", 7, ".2f"))
+
+
+def format_header() -> str:
+    return "  ".join(f"{name:>{width}}" for name, width, _ in TABLE_COLUMNS)
+
+
+def format_row(row: Row) -> str:
+    if row.status != "ok":
+        head = [f"{row.stage:>5}", f"{row.backend:>9}", f"{row.num_experts:>5d}", f"{row.batch:>6d}"]
+        return "  ".join(head) + "  " + row.status
+    pct = None if row.floor_ns_per_token is None else 100 * row.floor_ns_per_token / row.ns_per_token
+    values = (row.stage, row.backend, row.num_experts, row.batch, row.seconds * 1e3, row.ns_per_token,
+              row.tokens_per_s / 1e6, row.gb_per_s, pct, row.tflop_per_s, row.speedup_vs_reference)
+    return "  ".join(f"{_fmt(v, spec):>{width}}" for v, (_, width, spec) in zip(values, TABLE_COLUMNS))
+
+
+def _available_backends(names: list[str], device: torch.device) -> dict[str, str | None]:
+    """{backend: None if it runs here, else the reason it does not}."""
+    status = {}
+    for name in names:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r} in --backends; expected some of {', '.join(BACKENDS)}")
+        try:
+            resolve_backend(name, device)
+            status[name] = None
+        except BackendUnavailableError as exc:
+            status[name] = str(exc)
+        if name == "triton" and device.type == "cpu" and status[name] is None:
+            status[name] = "the Triton interpreter on CPU measures Python, not kernels; profile triton with --device cuda"
+    return status
+
+
+def sweep(args: argparse.Namespace, device: torch.device, copy_gbps: float | None, progress: bool) -> list[Row]:
+    """Run every (stage, backend, E, B) point; rows print as they finish."""
+    from tqdm.auto import tqdm
+
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    experts = args.experts or list(DEFAULT_EXPERTS[device.type])
+    max_soft = args.max_soft_pairs or DEFAULT_MAX_SOFT_PAIRS[device.type]
+    repeats = args.repeats or (10 if device.type == "cuda" else 3)
+    backends = _available_backends(args.backends or list(BACKENDS), device)
+    name = device_name(device)
+    points = [(stage, backend, E, B) for stage in stages for B in (args.batch or [DEFAULT_BATCH[device.type][stage]])
+              for E in experts for backend in backends]
+    rows, reference_seconds = [], {}
+    for backend, reason in backends.items():
+        if reason is not None:
+            print(f"skipped backend {backend}: {reason}")
+    print(format_header())
+    bar = tqdm(total=len(points), desc="profile", unit="point", file=sys.stderr, disable=not progress, leave=False)
+    for stage, backend, E, B in points:
+        bar.set_postfix_str(f"{stage} {backend} E={E} B={B}")
+        row = Row(name, args.decoder, stage, backend, E, B, "ok")
+        if backends[backend] is not None:
+            row.status = f"skipped: {backends[backend]}"
+        elif stage == "soft" and B * E > max_soft:
+            row.status = (f"skipped: soft gating runs all E experts on all B tokens; "
+                          f"B*E={B * E} > --max-soft-pairs {max_soft}")
+        elif stage == "topk" and not 1 <= args.top_k <= E:
+            row.status = f"skipped: top-k needs 1 <= k={args.top_k} <= E"
+        else:
+            _measure(row, args, device, repeats, copy_gbps)
+            if backend == "reference":
+                reference_seconds[(stage, E, B)] = row.seconds
+            if (stage, E, B) in reference_seconds:
+                row.speedup_vs_reference = reference_seconds[(stage, E, B)] / row.seconds
+        rows.append(row)
+        if backends[backend] is None:
+            bar.write(format_row(row), file=sys.stdout)
+        bar.update()
+    bar.close()
+    return rows
+
+
+def _measure(row: Row, args, device: torch.device, repeats: int, copy_gbps: float | None) -> None:
+    stage, E, B = row.stage, row.num_experts, row.batch
+    try:
+        call, touched = build_stage(stage, row.backend, B, E, args.decoder, device, args.latent_dim, args.hidden_dim,
+                                    args.top_k, args.routing)
+        seconds = time_device(call, device, warmup=args.warmup, repeats=repeats)
+    except torch.cuda.OutOfMemoryError as exc:
+        row.status = f"skipped: out of device memory ({str(exc).splitlines()[0]})"
+        torch.cuda.empty_cache()
+        return
+    moved = stage_bytes(stage, B, E, touched, args.decoder, args.latent_dim, args.hidden_dim, args.top_k)
+    row.seconds, row.bytes_moved = seconds, moved
+    row.ns_per_token = seconds / B * 1e9
+    row.tokens_per_s = B / seconds
+    row.gb_per_s = moved / seconds / 1e9
+    row.tflop_per_s = stage_flops(stage, B, E, args.decoder, args.latent_dim, args.hidden_dim, args.top_k) / seconds / 1e12
+    if copy_gbps:
+        row.floor_ns_per_token = moved / B / copy_gbps
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+    tmp.replace(path)
+
+
+def write_plot(rows: list[Row], path: Path, device: torch.device, copy_gbps: float | None, args) -> str | None:
+    """Log-log time per token against E; returns a note when no data-sheet floor could be drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.status == "ok"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    series = sorted({(r.stage, r.batch, r.backend) for r in ok}, key=lambda s: (s[0], s[1], BACKENDS.index(s[2])))
+    multi = len({(s[0], s[1]) for s in series}) > 1
+    markers = {"reference": "o", "triton": "s", "cpp": "^"}
+    for stage, batch, backend in series:
+        pts = sorted((r.num_experts, r.ns_per_token) for r in ok if (r.stage, r.batch, r.backend) == (stage, batch, backend))
+        label = f"{backend} ({stage}, B={batch})" if multi else backend
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(backend, "o"), label=label)
+    note = None
+    spec = known_bandwidth(device)
+    for stage, batch in sorted({(s[0], s[1]) for s in series}):
+        pts = sorted({(r.num_experts, r.bytes_moved / r.batch) for r in ok if (r.stage, r.batch) == (stage, batch)})
+        suffix = f" ({stage}, B={batch})" if multi else ""
+        if copy_gbps:
+            ax.plot([p[0] for p in pts], [p[1] / copy_gbps for p in pts], "k--", linewidth=1,
+                    label=f"bandwidth floor, measured copy {copy_gbps:.0f} GB/s{suffix}")
+        if spec:
+            ax.plot([p[0] for p in pts], [p[1] / spec[1] for p in pts], "k:", linewidth=1,
+                    label=f"bandwidth floor, data sheet {spec[1]:.0f} GB/s{suffix}")
+    if device.type == "cuda" and spec is None:
+        note = f"no data-sheet bandwidth known for {device_name(device)}; only the measured floor is drawn"
+    ax.set_xscale("log", base=2)
+    experts = sorted({r.num_experts for r in ok})
+    if experts:
+        ax.set_xticks(experts, [str(e) for e in experts])
+    ax.set_yscale("log")
+    ax.set_xlabel("number of experts E")
+    ax.set_ylabel("time per token (ns, device time, median)")
+    stages = ", ".join(sorted({r.stage for r in ok})) or args.stage
+    batches = ", ".join(str(b) for b in sorted({r.batch for r in ok}))
+    ax.set_title(f"smoe_fast expert stage ({stages}; {args.decoder} decoder; B={batches}; {args.routing} routing)\n"
+                 f"on {device_name(device)}, torch {torch.__version__}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ok:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no backend could run", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return note
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``smoe-fast profile``; returns the exit status (0 when at least one point was measured)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda was requested but torch sees no CUDA GPU; use --device cpu", file=sys.stderr)
+        return 2
+    for name in ("experts", "batch"):
+        values = getattr(args, name)
+        if values is not None and (not values or min(values) < 1):
+            print(f"error: --{name} needs positive integers, got {values}", file=sys.stderr)
+            return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads needs a positive integer, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    print(f"device: {device_name(device)}; decoder {args.decoder}; routing {args.routing}; "
+          f"{'TF32' if args.tf32 else 'IEEE fp32'}; torch {torch.__version__}")
+    copy_gbps = measure_copy_bandwidth(device, args.copy_mb) if args.copy_mb > 0 else None
+    spec = known_bandwidth(device)
+    print("bandwidth: " + (f"measured copy {copy_gbps:.1f} GB/s" if copy_gbps else "not measured (--copy-mb 0)")
+          + (f"; data sheet {spec[1]:.0f} GB/s ({spec[0]})" if spec else ""))
+    try:
+        rows = sweep(args, device, copy_gbps, progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        note = write_plot(rows, args.plot, device, copy_gbps, args)
+        print(f"wrote {args.plot}" + (f" ({note})" if note else ""))
+    measured = sum(r.status == "ok" for r in rows)
+    if measured == 0:
+        print("error: no point could be measured (every backend was skipped; see the reasons above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="smoe-fast profile")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
