@@ -132,7 +132,9 @@ def linear_separability(features, targets, max_samples: int = SEPARABILITY_MAX_S
     """The paper's linear probe: held-out accuracy in [0, 1] of a logistic regression features -> targets.
 
     features [N, L] float (the paper: sampled z of test images), targets [N] int (expert argmax or class).
-    Protocol (PAPER.md): the first ``max_samples`` (10,000) samples; ``train_test_split`` with
+    Protocol (PAPER.md): ``max_samples`` (10,000) samples (all of them if N <= 10,000, else a random subset
+    drawn by ``np.random.default_rng(random_state)``, kept in order: test sets ordered by class, such as
+    QuickDraw's, must not lose their last classes); ``train_test_split`` with
     ``test_size=0.2``, ``stratify=targets``, ``random_state=42``; ``LogisticRegression(max_iter=1000,
     random_state=42)`` fit on the 80 %, accuracy on the 20 %. Features are not standardised (as published).
 
@@ -147,7 +149,7 @@ def linear_separability(features, targets, max_samples: int = SEPARABILITY_MAX_S
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
 
-    x, y = _prepare_probe(features, targets, max_samples)
+    x, y = _prepare_probe(features, targets, max_samples, random_state)
     classes = np.unique(y)
     if classes.size == 1:
         return 1.0
@@ -161,12 +163,20 @@ def linear_separability(features, targets, max_samples: int = SEPARABILITY_MAX_S
     return float(probe.score(x_test, y_test))
 
 
-def _prepare_probe(features, targets, max_samples: int) -> tuple[np.ndarray, np.ndarray]:
+def _probe_rows(n: int, max_samples: int, random_state: int) -> np.ndarray:
+    """Rows the probe uses: all n, or a seeded random subset of max_samples in ascending order."""
+    if n <= max_samples:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(random_state).permutation(n)[:max_samples])
+
+
+def _prepare_probe(features, targets, max_samples: int, random_state: int) -> tuple[np.ndarray, np.ndarray]:
     x = _as_numpy(features).astype(np.float64, copy=False)
     y = _as_numpy(targets).reshape(-1)
     if x.ndim != 2 or x.shape[0] != y.size:
         raise ValueError(f"features must be [N, D] with N = len(targets) = {y.size}, got shape {tuple(x.shape)}")
-    x, y = x[:max_samples], y[:max_samples]
+    rows = _probe_rows(y.size, max_samples, random_state)
+    x, y = x[rows], y[rows]
     values, counts = np.unique(y, return_counts=True)
     keep = np.isin(y, values[counts >= 2])
     x, y = x[keep], y[keep]
@@ -212,16 +222,18 @@ def compare_experts_with_labels(features, expert_idx, labels, **probe_kwargs) ->
     >>> compare_experts_with_labels(ev.z, ev.expert_idx, ev.labels)   # paper: 0.934 vs 0.851
     """
     max_samples = probe_kwargs.get("max_samples", SEPARABILITY_MAX_SAMPLES)
+    random_state = probe_kwargs.get("random_state", SEPARABILITY_RANDOM_STATE)
     out = {"separability_experts": linear_separability(features, expert_idx, **probe_kwargs),
            "separability_labels": linear_separability(features, labels, **probe_kwargs),
-           "chance_experts": _majority_share(expert_idx, max_samples),
-           "chance_labels": _majority_share(labels, max_samples)}
+           "chance_experts": _majority_share(expert_idx, max_samples, random_state),
+           "chance_labels": _majority_share(labels, max_samples, random_state)}
     out.update(clustering_agreement(expert_idx, labels))
     return out
 
 
-def _majority_share(targets, max_samples: int) -> float:
-    y = _as_numpy(targets).reshape(-1)[:max_samples]
+def _majority_share(targets, max_samples: int, random_state: int) -> float:
+    y = _as_numpy(targets).reshape(-1)
+    y = y[_probe_rows(y.size, max_samples, random_state)]
     return float(np.unique(y, return_counts=True)[1].max() / y.size) if y.size else math.nan
 
 
@@ -298,7 +310,7 @@ def _balanced_probe(x: np.ndarray, y: np.ndarray, max_samples: int = SEPARABILIT
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import train_test_split
 
-    x, y = _prepare_probe(x, y, max_samples)
+    x, y = _prepare_probe(x, y, max_samples, random_state)
     if np.unique(y).size < 2:
         return math.nan
     try:
