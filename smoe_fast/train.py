@@ -248,7 +248,8 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
         if out is None or not (out / CHECKPOINT_NAME).exists():
             raise FileNotFoundError(f"resume=True but there is no checkpoint in {str(out)!r} to resume from")
         ckpt = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-        changed = {k for k, v in ckpt["config"].items() if k != "epochs" and v != dataclasses.asdict(config).get(k)}
+        free = ("epochs", "backend", "device", "eval_batch_size")  # may change between sessions of one run
+        changed = {k for k, v in ckpt["config"].items() if k not in free and v != dataclasses.asdict(config).get(k)}
         if changed:
             raise ValueError(f"cannot resume: the checkpoint in {str(out)!r} was trained with a different configuration "
                              f"(differs in {sorted(changed)}); use the same options or a new output directory")
