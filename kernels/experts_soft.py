@@ -188,5 +188,9 @@ def experts_soft(z: torch.Tensor, gates: torch.Tensor, weights: dict[str, torch.
 
     >>> y = experts_soft(z, logits.softmax(-1), model.experts.weights(), kind="lite")
     """
+    if kind == "medium":
+        # too big to fuse per row block: layer by layer over grouped rows (kernels/experts_medium.py)
+        from .experts_medium import experts_medium_soft
+        return experts_medium_soft(z, gates, weights)
     ws = kernel_weights(weights, kind)
     return _experts_soft_op(z, gates, ws, kind).view(z.shape[0], *IMAGE_SHAPE)

@@ -232,6 +232,10 @@ def experts_topk(z: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Tens
     """
     from .grouping import group_by_expert
 
+    if kind == "medium":
+        # too big to fuse per row block: layer by layer over grouped rows (kernels/experts_medium.py)
+        from .experts_medium import experts_medium
+        return experts_medium(z, topk_idx, topk_gates, weights)
     ws = kernel_weights(weights, kind)
     routing = group_by_expert(topk_idx, ws[0].shape[0])
     y = _experts_topk_op(z, topk_gates, routing.sorted_token_idx, routing.expert_offsets,

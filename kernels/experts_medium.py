@@ -1,0 +1,140 @@
+"""The "medium" decoder for training (soft and top-k gating), layer by layer over rows grouped by expert.
+
+medium expert (shared/PAPER.md): fc L->1568, view 32x7x7, up x2, conv3x3 32->64, ELU, up x2, conv3x3
+64->32, ELU, conv3x3 32->1, sigmoid. Too big to fuse per row block in on-chip memory, so each layer is
+one launch of a generic grouped kernel (kernels/grouped_layers.py) over the R = B*K (token, slot) rows
+sorted by expert; soft gating is top-k with K = E and every gate.
+
+Forward: h0 = fc(z[token]) [R, 1568] (z gathered in the kernel), a1 [R, 64*14*14], a2 [R, 32*28*28],
+y [R, 784], all fp32 in sorted-row order and kept for backward (about 106 KB per row). Torch then
+permutes y to (token, slot) order and sums the K gated slots; autograd does d gates from there.
+
+Backward: for conv3, conv2, conv1 and fc in turn, dgrad (act' applied on load from the stored output)
+and wgrad (per-tile partials + a per-expert segment sum); dz per row is permuted back and summed over
+K by torch. No atomics anywhere: two backward runs give bitwise-equal gradients.
+"""
+from __future__ import annotations
+
+import torch
+
+from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE
+
+from .grouped_layers import (ACT_ELU, ACT_NONE, ACT_SIGMOID, TILE_ROWS, Grouping, grouped_conv_dgrad,
+                             grouped_conv_fwd, grouped_conv_wgrad)
+
+MEDIUM_WEIGHTS = ("fc.weight", "fc.bias", "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
+                  "conv3.weight", "conv3.bias")
+_FC_OUT = 32 * 7 * 7
+_A1_SIZE = 64 * 14 * 14
+_A2_SIZE = 32 * 28 * 28
+
+
+def experts_medium_fwd(z: torch.Tensor, sorted_token_idx: torch.Tensor, expert_offsets: torch.Tensor,
+                       tile_offs: torch.Tensor, ws: list[torch.Tensor], top_k: int) -> list[torch.Tensor]:
+    """Launcher: [y [R, 784], h0 [R, 1568], a1 [R, 12544], a2 [R, 25088]] fp32 in sorted-row order."""
+    grouping = Grouping(sorted_token_idx.shape[0], expert_offsets, tile_offs)
+    w_fc, b_fc, w1, b1, w2, b2, w3, b3 = ws
+    h0 = grouped_conv_fwd(z, w_fc, b_fc, grouping, ACT_NONE, 1, (1, 1), row_index=sorted_token_idx,
+                          index_div=top_k)
+    a1 = grouped_conv_fwd(h0, w1, b1, grouping, ACT_ELU, 2, (7, 7))
+    a2 = grouped_conv_fwd(a1, w2, b2, grouping, ACT_ELU, 2, (14, 14))
+    y = grouped_conv_fwd(a2, w3, b3, grouping, ACT_SIGMOID, 1, (28, 28))
+    return [y, h0, a1, a2]
+
+
+def experts_medium_bwd(grad_y: torch.Tensor, z: torch.Tensor, sorted_token_idx: torch.Tensor,
+                       token_sorted_pos: torch.Tensor, expert_offsets: torch.Tensor, tile_offs: torch.Tensor,
+                       ws: list[torch.Tensor], y: torch.Tensor, h0: torch.Tensor, a1: torch.Tensor,
+                       a2: torch.Tensor, top_k: int) -> list[torch.Tensor]:
+    """Launcher: dL/dy [R, 784] -> [dz [B, L], d(each weight) in MEDIUM_WEIGHTS order], deterministic."""
+    grouping = Grouping(sorted_token_idx.shape[0], expert_offsets, tile_offs)
+    w_fc, b_fc, w1, b1, w2, b2, w3, b3 = ws
+    grad_y = grad_y.contiguous()
+    da2 = grouped_conv_dgrad(grad_y, y, w3, grouping, ACT_SIGMOID, 1, (28, 28))
+    dw3, db3 = grouped_conv_wgrad(grad_y, y, a2, w3, grouping, ACT_SIGMOID, 1, (28, 28))
+    da1 = grouped_conv_dgrad(da2, a2, w2, grouping, ACT_ELU, 2, (14, 14))
+    dw2, db2 = grouped_conv_wgrad(da2, a2, a1, w2, grouping, ACT_ELU, 2, (14, 14))
+    dh0 = grouped_conv_dgrad(da1, a1, w1, grouping, ACT_ELU, 2, (7, 7))
+    dw1, db1 = grouped_conv_wgrad(da1, a1, h0, w1, grouping, ACT_ELU, 2, (7, 7))
+    dz_rows = grouped_conv_dgrad(dh0, None, w_fc, grouping, ACT_NONE, 1, (1, 1))
+    dw_fc, db_fc = grouped_conv_wgrad(dh0, None, z, w_fc, grouping, ACT_NONE, 1, (1, 1),
+                                      row_index=sorted_token_idx, index_div=top_k)
+    # sorted rows -> (token, slot) order, then the K slots of a token summed in a fixed order
+    dz = dz_rows[token_sorted_pos.long()].view(z.shape[0], top_k, z.shape[1]).sum(1).to(z.dtype)
+    biases = [db_fc.to(b_fc.dtype), db1.to(b1.dtype), db2.to(b2.dtype), db3.to(b3.dtype)]
+    return [dz, dw_fc, biases[0], dw1, biases[1], dw2, biases[2], dw3, biases[3]]
+
+
+@torch.library.custom_op("smoe_fast::triton_experts_medium", mutates_args=())
+def _experts_medium_op(z: torch.Tensor, sorted_token_idx: torch.Tensor, token_sorted_pos: torch.Tensor,
+                       expert_offsets: torch.Tensor, tile_offs: torch.Tensor, ws: list[torch.Tensor],
+                       top_k: int) -> list[torch.Tensor]:
+    return experts_medium_fwd(z, sorted_token_idx, expert_offsets, tile_offs, ws, top_k)
+
+
+@_experts_medium_op.register_fake
+def _(z, sorted_token_idx, token_sorted_pos, expert_offsets, tile_offs, ws, top_k):
+    rows = sorted_token_idx.shape[0]
+    return [z.new_empty((rows, size), dtype=torch.float32) for size in (PIXELS, _FC_OUT, _A1_SIZE, _A2_SIZE)]
+
+
+@torch.library.custom_op("smoe_fast::triton_experts_medium_bwd", mutates_args=())
+def _experts_medium_bwd_op(grad_y: torch.Tensor, z: torch.Tensor, sorted_token_idx: torch.Tensor,
+                           token_sorted_pos: torch.Tensor, expert_offsets: torch.Tensor, tile_offs: torch.Tensor,
+                           ws: list[torch.Tensor], y: torch.Tensor, h0: torch.Tensor, a1: torch.Tensor,
+                           a2: torch.Tensor, top_k: int) -> list[torch.Tensor]:
+    return experts_medium_bwd(grad_y, z, sorted_token_idx, token_sorted_pos, expert_offsets, tile_offs, ws,
+                              y, h0, a1, a2, top_k)
+
+
+@_experts_medium_bwd_op.register_fake
+def _(grad_y, z, sorted_token_idx, token_sorted_pos, expert_offsets, tile_offs, ws, y, h0, a1, a2, top_k):
+    return [torch.empty_like(z)] + [torch.empty_like(w) for w in ws]
+
+
+def _setup_context(ctx, inputs, output):
+    z, sorted_token_idx, token_sorted_pos, expert_offsets, tile_offs, ws, top_k = inputs
+    y, h0, a1, a2 = output
+    ctx.mark_non_differentiable(h0, a1, a2)
+    ctx.save_for_backward(z, sorted_token_idx, token_sorted_pos, expert_offsets, tile_offs, y, h0, a1, a2, *ws)
+    ctx.top_k = top_k
+
+
+def _backward(ctx, grads):
+    z, sorted_token_idx, token_sorted_pos, expert_offsets, tile_offs, y, h0, a1, a2, *ws = ctx.saved_tensors
+    grad_y = grads[0] if grads[0] is not None else torch.zeros_like(y)
+    out = _experts_medium_bwd_op(grad_y, z, sorted_token_idx, token_sorted_pos, expert_offsets, tile_offs, ws,
+                                 y, h0, a1, a2, ctx.top_k)
+    return out[0], None, None, None, None, list(out[1:]), None
+
+
+torch.library.register_autograd("smoe_fast::triton_experts_medium", _backward, setup_context=_setup_context)
+
+
+def experts_medium(z: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Tensor,
+                   weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """medium-decoder experts: ``x_hat[b] = sum_k topk_gates[b, k] * D_{topk_idx[b, k]}(z[b])``.
+
+    z [B, L], topk_idx [B, K] int64 (any strides), topk_gates [B, K], weights stacked per layer
+    (MEDIUM_WEIGHTS) -> x_hat [B, 1, 28, 28]; differentiable in z, topk_gates and every weight. Soft
+    gating is ``topk_idx = arange(E).expand(B, E)`` with all gates.
+
+    >>> g, i = logits.softmax(-1).topk(2); y = experts_medium(z, i, g / g.sum(-1, keepdim=True), w)
+    """
+    from .grouping import group_by_expert_tiles
+
+    batch, top_k = topk_idx.shape
+    ws = [weights[name].contiguous() for name in MEDIUM_WEIGHTS]
+    routing, tile_offs = group_by_expert_tiles(topk_idx, ws[0].shape[0], TILE_ROWS)
+    y_rows = _experts_medium_op(z, routing.sorted_token_idx, routing.token_sorted_pos, routing.expert_offsets,
+                                tile_offs, ws, top_k)[0]
+    y_slots = y_rows[routing.token_sorted_pos.long()].view(batch, top_k, PIXELS)
+    out = (y_slots * topk_gates.unsqueeze(-1)).sum(1)
+    return out.to(torch.promote_types(z.dtype, topk_gates.dtype)).view(batch, *IMAGE_SHAPE)
+
+
+def experts_medium_soft(z: torch.Tensor, gates: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Soft gating: ``x_hat = sum_e gates[:, e] * D_e(z)`` with the medium decoder; gates [B, E]."""
+    num_experts = weights["fc.weight"].shape[0]
+    topk_idx = torch.arange(num_experts, device=z.device).expand(z.shape[0], num_experts)
+    return experts_medium(z, topk_idx, gates, weights)

@@ -1,0 +1,393 @@
+"""Generic grouped layers over rows sorted by expert: one conv/linear layer of every expert in one launch.
+
+Rows are (token, slot) assignments sorted by expert (kernels/grouping.py). Expert e owns sorted rows
+``expert_offsets[e]:expert_offsets[e+1]``, cut into tiles of TILE_ROWS rows; ``tile_offsets`` [E+1]
+(exclusive scan of cdiv(count_e, TILE_ROWS), made on the device by ``group_by_expert_tiles``) numbers
+them, and a program finds its tile's expert by binary search (``_tile_expert``). Grids are bounded by
+``tile_bound(R, E) = cdiv(R, TILE_ROWS) + min(E, R)`` tiles whatever the routing; programs past the
+last real tile return at once, so empty experts cost nothing and there is no host synchronisation.
+
+One layer, per expert e (weights stacked with a leading E):
+
+    y[r] = act(conv_KSxKS(up_UP(x[r]), W_e, pad=KS//2) + b_e)      x [C_IN, H, W], y [C_OUT, UP*H, UP*W]
+
+KS=1, H=W=1, UP=1 is a linear layer (W_e [C_OUT, C_IN]); ``HAS_IDX`` reads input row
+``idx[r] // IDX_DIV`` instead of row r (the first layer reads z[token] straight from z). ACT: 0 none,
+1 ELU (alpha 1), 2 sigmoid. Convolutions are implicit GEMMs that gather their inputs by address:
+
+| kernel                        | M                        | N     | reduction              |
+|-------------------------------|--------------------------|-------|------------------------|
+| _grouped_conv_fwd_kernel      | tile rows x out pixels   | C_OUT | C_IN*KS*KS             |
+| _grouped_conv_dgrad_kernel    | tile rows x in pixels    | C_IN  | C_OUT*KS*KS*UP*UP      |
+| _grouped_conv_wgrad_kernel    | C_OUT                    | C_IN*KS*KS | tile rows x out pixels |
+
+dgrad folds the nearest-neighbour upsampling's adjoint (a sum over the UP*UP copies) into its
+reduction. Backward kernels take the layer's stored output y and apply act' on load (ELU: y > 0 ? 1 :
+y + 1; sigmoid: y (1 - y)), so the pre-activation gradient is never stored. wgrad writes one partial
+[C_OUT, C_IN*KS*KS] (and bias [C_OUT]) per tile; ``_grouped_segment_sum_kernel`` adds each expert's
+tiles in order: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from smoe_fast.contract import alloc_output
+
+from .decoder_blocks import _tile_expert, dot_precision
+
+TILE_ROWS = 16        # sorted rows of one expert per tile
+_BLOCK_K = 64         # reduction step of fwd / dgrad
+_WGRAD_BLOCK_R = 128  # (row, pixel) reduction step of wgrad
+_SUM_BLOCK = 1024     # partial columns per segment-sum program
+
+ACT_NONE, ACT_ELU, ACT_SIGMOID = 0, 1, 2
+
+
+@triton.jit
+def _tile_rows(p_eoff, p_toff, i_t, E, LOG_E: tl.constexpr, TILE_ROWS: tl.constexpr):
+    """(expert [int64], first sorted row [int64], rows in tile) of tile i_t."""
+    e = _tile_expert(p_toff, i_t, E, LOG_E).to(tl.int64)
+    r0 = tl.load(p_eoff + e).to(tl.int64) + (i_t - tl.load(p_toff + e)).to(tl.int64) * TILE_ROWS
+    n_rows = tl.minimum(tl.load(p_eoff + e + 1).to(tl.int64) - r0, TILE_ROWS)
+    return e, r0, n_rows
+
+
+@triton.jit
+def _act_grad(b_dy, p_y, o_y, m_y, ACT: tl.constexpr):
+    """d(pre-activation) from d(output) and the stored output y."""
+    if ACT == 1:
+        b_y = tl.load(p_y + o_y, mask=m_y, other=0.)
+        b_dy = tl.where(b_y > 0, b_dy, b_dy * (b_y + 1.))
+    elif ACT == 2:
+        b_y = tl.load(p_y + o_y, mask=m_y, other=0.)
+        b_dy = b_dy * b_y * (1. - b_y)
+    return b_dy
+
+
+@triton.jit
+def _input_rows(p_idx, o_r, m_r, IDX_DIV, HAS_IDX: tl.constexpr):
+    """Input row of each sorted row: idx[r] // IDX_DIV (gathered first layer) or r itself."""
+    if HAS_IDX:
+        return tl.load(p_idx + o_r, mask=m_r, other=0).to(tl.int64) // IDX_DIV
+    return o_r
+
+
+@triton.jit
+def _grouped_conv_fwd_kernel(
+    p_x, stride_xr, stride_xc, p_idx, IDX_DIV, p_w, p_b, p_y, p_eoff, p_toff,
+    E, C_IN, C_OUT, H_IN, W_IN,
+    HAS_IDX: tl.constexpr, KS: tl.constexpr, UP: tl.constexpr, ACT: tl.constexpr, LOG_E: tl.constexpr,
+    TILE_ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1).to(tl.int64)
+    i_n = tl.program_id(2).to(tl.int64)
+    if i_t >= tl.load(p_toff + E):
+        return
+    e, r0, n_rows = _tile_rows(p_eoff, p_toff, i_t, E, LOG_E, TILE_ROWS)
+    H_OUT = H_IN * UP
+    W_OUT = W_IN * UP
+    P_OUT = H_OUT * W_OUT
+    if i_m * BM >= n_rows * P_OUT:
+        return
+    # [BM] flattened (row, output pixel) of this tile
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < n_rows * P_OUT
+    o_r = r0 + o_m // P_OUT
+    o_p = o_m % P_OUT
+    o_oy = o_p // W_OUT
+    o_ox = o_p % W_OUT
+    o_xr = _input_rows(p_idx, o_r, m_m, IDX_DIV, HAS_IDX)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < C_OUT
+    K_TOTAL = C_IN * KS * KS
+    p_we = p_w + e * C_OUT * K_TOTAL
+    b_acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K_TOTAL, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K_TOTAL
+        o_ci = o_k // (KS * KS)
+        o_ky = (o_k % (KS * KS)) // KS
+        o_kx = o_k % KS
+        # [BM, BK] position on the upsampled input grid; padding reads zeros
+        o_iy = o_oy[:, None] + o_ky[None, :] - KS // 2
+        o_ix = o_ox[:, None] + o_kx[None, :] - KS // 2
+        m_x = (m_m[:, None] & m_k[None, :] & (o_iy >= 0) & (o_iy < H_OUT) & (o_ix >= 0) & (o_ix < W_OUT))
+        o_sy = tl.where(o_iy > 0, o_iy, 0) // UP
+        o_sx = tl.where(o_ix > 0, o_ix, 0) // UP
+        b_x = tl.load(p_x + o_xr[:, None] * stride_xr + o_ci[None, :] * stride_xc + o_sy * W_IN + o_sx,
+                      mask=m_x, other=0.).to(tl.float32)
+        b_w = tl.load(p_we + o_n[None, :] * K_TOTAL + o_k[:, None], mask=m_k[:, None] & m_n[None, :],
+                      other=0.).to(tl.float32)
+        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=PREC)
+    b_acc += tl.load(p_b + e * C_OUT + o_n, mask=m_n, other=0.).to(tl.float32)[None, :]
+    if ACT == 1:
+        b_acc = tl.where(b_acc > 0, b_acc, tl.exp(b_acc) - 1.)
+    elif ACT == 2:
+        b_acc = 1. / (1. + tl.exp(-b_acc))
+    tl.store(p_y + o_r[:, None] * (C_OUT * P_OUT) + o_n[None, :] * P_OUT + o_p[:, None], b_acc,
+             mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _grouped_conv_dgrad_kernel(
+    p_dy, p_y, p_w, p_dx, p_eoff, p_toff,
+    E, C_IN, C_OUT, H_IN, W_IN,
+    KS: tl.constexpr, UP: tl.constexpr, ACT: tl.constexpr, LOG_E: tl.constexpr,
+    TILE_ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1).to(tl.int64)
+    i_n = tl.program_id(2).to(tl.int64)
+    if i_t >= tl.load(p_toff + E):
+        return
+    e, r0, n_rows = _tile_rows(p_eoff, p_toff, i_t, E, LOG_E, TILE_ROWS)
+    H_OUT = H_IN * UP
+    W_OUT = W_IN * UP
+    P_OUT = H_OUT * W_OUT
+    P_IN = H_IN * W_IN
+    if i_m * BM >= n_rows * P_IN:
+        return
+    # [BM] flattened (row, input pixel) of this tile
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < n_rows * P_IN
+    o_r = r0 + o_m // P_IN
+    o_p = o_m % P_IN
+    o_sy = o_p // W_IN
+    o_sx = o_p % W_IN
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < C_IN
+    TAPS = KS * KS
+    SUBS = UP * UP
+    K_TOTAL = C_OUT * TAPS * SUBS
+    p_we = p_w + e * C_OUT * C_IN * TAPS
+    b_acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K_TOTAL, BK):
+        # reduction index = (output channel, tap, upsampled copy)
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K_TOTAL
+        o_co = o_k // (TAPS * SUBS)
+        o_tap = (o_k % (TAPS * SUBS)) // SUBS
+        o_sub = o_k % SUBS
+        o_oy = o_sy[:, None] * UP + (o_sub // UP)[None, :] - (o_tap // KS)[None, :] + KS // 2
+        o_ox = o_sx[:, None] * UP + (o_sub % UP)[None, :] - (o_tap % KS)[None, :] + KS // 2
+        m_g = (m_m[:, None] & m_k[None, :] & (o_oy >= 0) & (o_oy < H_OUT) & (o_ox >= 0) & (o_ox < W_OUT))
+        o_g = o_r[:, None] * (C_OUT * P_OUT) + o_co[None, :] * P_OUT + o_oy * W_OUT + o_ox
+        b_g = tl.load(p_dy + o_g, mask=m_g, other=0.).to(tl.float32)
+        b_g = _act_grad(b_g, p_y, o_g, m_g, ACT)
+        b_w = tl.load(p_we + o_co[:, None] * (C_IN * TAPS) + o_n[None, :] * TAPS + o_tap[:, None],
+                      mask=m_k[:, None] & m_n[None, :], other=0.).to(tl.float32)
+        b_acc = tl.dot(b_g, b_w, b_acc, input_precision=PREC)
+    tl.store(p_dx + o_r[:, None] * (C_IN * P_IN) + o_n[None, :] * P_IN + o_p[:, None], b_acc,
+             mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _grouped_conv_wgrad_kernel(
+    p_dy, p_y, p_x, stride_xr, stride_xc, p_idx, IDX_DIV, p_wpart, p_bpart, p_eoff, p_toff,
+    E, C_IN, C_OUT, H_IN, W_IN,
+    HAS_IDX: tl.constexpr, KS: tl.constexpr, UP: tl.constexpr, ACT: tl.constexpr, LOG_E: tl.constexpr,
+    TILE_ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    # partial dW of one tile: [C_OUT, C_IN*KS*KS] = sum over (row, out pixel) of g^T x_col
+    i_t = tl.program_id(0).to(tl.int64)
+    i_co = tl.program_id(1).to(tl.int64)
+    i_k = tl.program_id(2).to(tl.int64)
+    if i_t >= tl.load(p_toff + E):
+        return
+    e, r0, n_rows = _tile_rows(p_eoff, p_toff, i_t, E, LOG_E, TILE_ROWS)
+    H_OUT = H_IN * UP
+    W_OUT = W_IN * UP
+    P_OUT = H_OUT * W_OUT
+    K_TOTAL = C_IN * KS * KS
+    o_co = i_co * BM + tl.arange(0, BM)
+    m_co = o_co < C_OUT
+    o_k = i_k * BN + tl.arange(0, BN)
+    m_k = o_k < K_TOTAL
+    o_ci = o_k // (KS * KS)
+    o_ky = (o_k % (KS * KS)) // KS
+    o_kx = o_k % KS
+    b_acc = tl.zeros((BM, BN), dtype=tl.float32)
+    b_bias = tl.zeros((BM,), dtype=tl.float32)
+    for m0 in range(0, n_rows * P_OUT, BK):
+        o_m = m0 + tl.arange(0, BK)
+        m_m = o_m < n_rows * P_OUT
+        o_r = r0 + o_m // P_OUT
+        o_p = o_m % P_OUT
+        # [BM, BK] g^T
+        o_g = o_r[None, :] * (C_OUT * P_OUT) + o_co[:, None] * P_OUT + o_p[None, :]
+        m_g = m_co[:, None] & m_m[None, :]
+        b_g = tl.load(p_dy + o_g, mask=m_g, other=0.).to(tl.float32)
+        b_g = _act_grad(b_g, p_y, o_g, m_g, ACT)
+        # [BK, BN] input columns
+        o_xr = _input_rows(p_idx, o_r, m_m, IDX_DIV, HAS_IDX)
+        o_iy = (o_p // W_OUT)[:, None] + o_ky[None, :] - KS // 2
+        o_ix = (o_p % W_OUT)[:, None] + o_kx[None, :] - KS // 2
+        m_x = (m_m[:, None] & m_k[None, :] & (o_iy >= 0) & (o_iy < H_OUT) & (o_ix >= 0) & (o_ix < W_OUT))
+        o_sy = tl.where(o_iy > 0, o_iy, 0) // UP
+        o_sx = tl.where(o_ix > 0, o_ix, 0) // UP
+        b_x = tl.load(p_x + o_xr[:, None] * stride_xr + o_ci[None, :] * stride_xc + o_sy * W_IN + o_sx,
+                      mask=m_x, other=0.).to(tl.float32)
+        b_acc = tl.dot(b_g, b_x, b_acc, input_precision=PREC)
+        b_bias += tl.sum(b_g, 1)
+    tl.store(p_wpart + i_t * (C_OUT * K_TOTAL) + o_co[:, None] * K_TOTAL + o_k[None, :], b_acc,
+             mask=m_co[:, None] & m_k[None, :])
+    if i_k == 0:
+        tl.store(p_bpart + i_t * C_OUT + o_co, b_bias, mask=m_co)
+
+
+@triton.jit
+def _grouped_segment_sum_kernel(p_part, p_toff, p_out, W_TOTAL, BLOCK: tl.constexpr):
+    """out[e, cols] = sum of partial rows tile_offsets[e] .. tile_offsets[e+1], in order (zero if none)."""
+    i_e = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    o_c = i_c * BLOCK + tl.arange(0, BLOCK)
+    m_c = o_c < W_TOTAL
+    b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t in range(tl.load(p_toff + i_e), tl.load(p_toff + i_e + 1)):
+        b_acc += tl.load(p_part + tl.cast(t, tl.int64) * W_TOTAL + o_c, mask=m_c, other=0.)
+    tl.store(p_out + i_e * W_TOTAL + o_c, b_acc, mask=m_c)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------
+
+class Grouping:
+    """Sorted rows of a grouped layer: R rows, expert_offsets and tile_offsets [E+1] int32 on device."""
+
+    def __init__(self, num_rows: int, expert_offsets: torch.Tensor, tile_offsets: torch.Tensor):
+        self.num_rows = num_rows
+        self.num_experts = expert_offsets.shape[0] - 1
+        self.expert_offsets = expert_offsets
+        self.tile_offsets = tile_offsets
+
+    @property
+    def tile_bound(self) -> int:
+        """Upper bound on the tiles of any routing of num_rows rows over num_experts, known on the host."""
+        return triton.cdiv(self.num_rows, TILE_ROWS) + min(self.num_experts, self.num_rows)
+
+    @property
+    def log_e(self) -> int:
+        return max(1, (self.num_experts - 1).bit_length())
+
+
+def _block(size: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def _input_args(x: torch.Tensor, num_in: int, row_index: torch.Tensor | None, index_div: int) -> tuple:
+    """x is [rows, C*H*W] with contiguous C, H, W, or [rows, C] (H = W = 1) with any strides."""
+    x3 = x.view(x.shape[0], num_in, -1)
+    idx = row_index if row_index is not None else x
+    return x, x3.stride(0), x3.stride(1), idx, index_div
+
+
+def grouped_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grouping: Grouping, act: int,
+                     up: int, in_hw: tuple[int, int], row_index: torch.Tensor | None = None,
+                     index_div: int = 1) -> torch.Tensor:
+    """y [R, C_OUT, up*H, up*W] fp32 = act(conv(up(x[r]), W_e) + b_e), weight [E, C_OUT, C_IN, KS, KS] or
+    [E, C_OUT, C_IN] (KS = 1, a linear layer). With ``row_index``, row r reads x[row_index[r] // index_div]."""
+    num_out, num_in = weight.shape[1], weight.shape[2]
+    ks = weight.shape[3] if weight.dim() == 5 else 1
+    height, width = in_hw
+    pixels_out = height * width * up * up
+    y = alloc_output((grouping.num_rows, num_out * pixels_out), like=x, dtype=torch.float32)
+    if grouping.num_rows == 0:
+        return y
+    block_m = _block(TILE_ROWS * pixels_out, 128)
+    block_n = _block(num_out, 64)
+    grid = (grouping.tile_bound, triton.cdiv(TILE_ROWS * pixels_out, block_m), triton.cdiv(num_out, block_n))
+    _grouped_conv_fwd_kernel[grid](
+        *_input_args(x, num_in, row_index, index_div), weight, bias, y, grouping.expert_offsets, grouping.tile_offsets,
+        grouping.num_experts, num_in, num_out, height, width,
+        HAS_IDX=row_index is not None,
+        KS=ks,
+        UP=up,
+        ACT=act,
+        LOG_E=grouping.log_e,
+        TILE_ROWS=TILE_ROWS,
+        BM=block_m,
+        BN=block_n,
+        BK=_BLOCK_K,
+        PREC=dot_precision(),
+    )
+    return y
+
+
+def grouped_conv_dgrad(grad_y: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, grouping: Grouping,
+                       act: int, up: int, in_hw: tuple[int, int]) -> torch.Tensor:
+    """dx [R, C_IN * H * W] fp32 from dL/dy [R, C_OUT * up*H * up*W] (contiguous) and the stored output y
+    (for act'; unused when act is ACT_NONE)."""
+    num_out, num_in = weight.shape[1], weight.shape[2]
+    ks = weight.shape[3] if weight.dim() == 5 else 1
+    height, width = in_hw
+    pixels_in = height * width
+    dx = alloc_output((grouping.num_rows, num_in * pixels_in), like=grad_y, dtype=torch.float32)
+    if grouping.num_rows == 0:
+        return dx
+    block_m = _block(TILE_ROWS * pixels_in, 128)
+    block_n = _block(num_in, 64)
+    grid = (grouping.tile_bound, triton.cdiv(TILE_ROWS * pixels_in, block_m), triton.cdiv(num_in, block_n))
+    _grouped_conv_dgrad_kernel[grid](
+        grad_y, grad_y if y is None else y, weight, dx, grouping.expert_offsets, grouping.tile_offsets,
+        grouping.num_experts, num_in, num_out, height, width,
+        KS=ks,
+        UP=up,
+        ACT=act,
+        LOG_E=grouping.log_e,
+        TILE_ROWS=TILE_ROWS,
+        BM=block_m,
+        BN=block_n,
+        BK=_BLOCK_K,
+        PREC=dot_precision(),
+    )
+    return dx
+
+
+def grouped_segment_sum(partials: torch.Tensor, grouping: Grouping) -> torch.Tensor:
+    """[tiles, W] fp32 per-tile partials -> [E, W] fp32 per-expert sums, in tile order (deterministic)."""
+    width = partials.shape[1]
+    out = alloc_output((grouping.num_experts, width), like=partials, dtype=torch.float32)
+    _grouped_segment_sum_kernel[(grouping.num_experts, triton.cdiv(width, _SUM_BLOCK))](
+        partials, grouping.tile_offsets, out, width,
+        BLOCK=_SUM_BLOCK,
+    )
+    return out
+
+
+def grouped_conv_wgrad(grad_y: torch.Tensor, y: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+                       grouping: Grouping, act: int, up: int, in_hw: tuple[int, int],
+                       row_index: torch.Tensor | None = None, index_div: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW shaped and typed like weight, db [E, C_OUT] fp32): per-tile partials, then a segment sum per
+    expert. x and row_index as in :func:`grouped_conv_fwd`."""
+    num_out, num_in = weight.shape[1], weight.shape[2]
+    ks = weight.shape[3] if weight.dim() == 5 else 1
+    height, width = in_hw
+    k_total = num_in * ks * ks
+    if grouping.num_rows == 0:
+        return torch.zeros_like(weight), weight.new_zeros((weight.shape[0], num_out), dtype=torch.float32)
+    w_partial = alloc_output((grouping.tile_bound, num_out * k_total), like=x, dtype=torch.float32)
+    b_partial = alloc_output((grouping.tile_bound, num_out), like=x, dtype=torch.float32)
+    block_m = _block(num_out, 64)
+    block_n = _block(k_total, 64)
+    grid = (grouping.tile_bound, triton.cdiv(num_out, block_m), triton.cdiv(k_total, block_n))
+    _grouped_conv_wgrad_kernel[grid](
+        grad_y, grad_y if y is None else y, *_input_args(x, num_in, row_index, index_div), w_partial, b_partial,
+        grouping.expert_offsets, grouping.tile_offsets,
+        grouping.num_experts, num_in, num_out, height, width,
+        HAS_IDX=row_index is not None,
+        KS=ks,
+        UP=up,
+        ACT=act,
+        LOG_E=grouping.log_e,
+        TILE_ROWS=TILE_ROWS,
+        BM=block_m,
+        BN=block_n,
+        BK=_WGRAD_BLOCK_R,
+        PREC=dot_precision(),
+    )
+    grad_w = grouped_segment_sum(w_partial, grouping).view(weight.shape).to(weight.dtype)
+    return grad_w, grouped_segment_sum(b_partial, grouping)
