@@ -1,0 +1,479 @@
+"""Hard-gated (top-1) experts for inference: one fused kernel per call, after the two grouping launches.
+
+``experts_hard(z, expert_idx, weights, kind)``: x_hat[b] = D_{expert_idx[b]}(z[b]), z [B, L] ->
+x_hat [B, 1, 28, 28], for the decoder kinds "lite", "medium" and "mlp" (shapes in DESIGN.md).
+
+Grid. Grouping also returns ``tile_offsets``, the exclusive scan of cdiv(expert_counts, BM): tile t
+holds up to BM sorted rows of one expert, and an empty expert owns no tile. There are at most
+``max_tiles = cdiv(B, BM) + min(E, B)`` tiles. The grid is persistent: ``min(max_tiles, 2 * SMs)``
+programs stride over tile ids, stop at ``tile_offsets[E]`` (read on the device: no host sync) and find
+a tile's expert by a binary search of tile_offsets (ceil(log2 E) scalar loads). No per-expert launch,
+no padded or permuted copy of z or x_hat: z rows are gathered through sorted_token_idx and each
+output row is written straight to its original token.
+
+Decoder, per tile (conv kinds):
+1. fc: [BM, L] x [L, C0*49] with ``tl.dot`` -> scratch h0 [BM, C0, 7, 7].
+2. per group of TS tokens: nearest x2 up-sampling followed by a 3x3 convolution (padding 1) is the
+   same as four 2x2 convolutions on the low-resolution map, one per output parity ("phase"), with
+   the 3x3 taps that land on one low-resolution pixel summed. Each phase is a GEMM with
+   K = C_in * 4 (32 for lite's conv1, exactly one tensor-core K step) instead of C_in * 9 on the
+   up-sampled map: 2.25x fewer multiply-adds and no up-sampled tensor. Rows are (token, pixel),
+   gathered from scratch; conv1 (+ELU) -> scratch h1 [TS, C1, 14, 14]; medium's conv2 (+ELU) ->
+   scratch h2 [TS, 32, 28, 28].
+3. the last convolution has one output channel, too narrow for ``tl.dot``: a row-wise weighted sum
+   over its K taps, then sigmoid, stored at ``x_hat[token]``.
+mlp: relu(z W1^T + b1) -> scratch h [BM, hidden] -> sigmoid(h W2^T + b2) -> x_hat[token].
+
+Scratch. Triton cannot gather from registers, so the stages exchange activations through a small
+per-program buffer in global memory, fp32, sized by the grid and not by B (it stays in L1/L2):
+lite BM*392 + TS*3136 floats per program (BM=16, TS=2: 12.5K floats, 50 KB), medium
+BM*1568 + TS*(12544 + 25088) floats (BM=16, TS=1: 62.7K floats, 250 KB), mlp BM*hidden floats.
+With 2 programs per SM on an H100 that is 13 MB (lite) and 66 MB (medium) in all.
+
+Launches: two for grouping (kernels/grouping.py, which also makes tile_offsets) and one decoder
+kernel, whatever E and the routing. Indices are range-checked by ``smoe_fast.ops`` before the launch
+(``check_indices=True``); with the check off, a token with an out-of-range expert gets no tile and its
+x_hat row is left unwritten, but nothing outside the tensors is read or written.
+
+Precision. fp32 inputs: ``tl.dot`` in IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is
+set (read at every call), then TF32. fp16/bf16 inputs (GPU autocast): operands are exact in TF32,
+products use TF32 tensor cores, accumulation, the phase-merged weights and the scratch are fp32,
+x_hat is in the input dtype. Block sizes and warps come from kernels/tuning.py.
+
+>>> from smoe_fast.kernels.experts_hard import experts_hard
+>>> x_hat = experts_hard(z, logits.argmax(-1), model.experts.weights(), kind="lite")   # [B, 1, 28, 28]
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from smoe_fast.contract import IMAGE_PIXELS, IMAGE_SHAPE, alloc_output
+
+from .grouping import device_guard, group_by_expert_fwd
+from .tuning import experts_hard_config, num_programs_resident
+
+__all__ = ["experts_hard", "experts_hard_fwd"]
+
+
+@triton.jit
+def _mm(a, b, INPUT_PRECISION: tl.constexpr):
+    """fp32 GEMM tile with fp32 accumulation; operands are converted first (fp16/bf16 are exact in TF32)."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _find_tile(tile, tile_offsets, expert_offsets, E, num_search_steps, BM: tl.constexpr):
+    """(expert, first sorted row, rows) of a tile id: tile_offsets[e] <= tile < tile_offsets[e+1]."""
+    lo = tile * 0
+    hi = lo + E
+    for _ in range(num_search_steps):
+        mid = (lo + hi) // 2
+        go_right = tl.load(tile_offsets + mid) <= tile
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    row_start = tl.load(expert_offsets + lo) + (tile - tl.load(tile_offsets + lo)) * BM
+    n_rows = tl.minimum(tl.load(expert_offsets + lo + 1) - row_start, BM)
+    return lo.to(tl.int64), row_start, n_rows
+
+
+@triton.jit
+def _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, w, b, e, L, N, p_dst,
+                            BM: tl.constexpr, BLOCK_L: tl.constexpr, BN: tl.constexpr,
+                            APPLY_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dst[m, :N] = act(z[tok[m]] @ w[e]^T + b[e]) for the BM rows of a tile; w [E, N, L]."""
+    o_m = tl.arange(0, BM)
+    o_l = tl.arange(0, BLOCK_L)
+    o_n = tl.arange(0, BN)
+    m_m = o_m < n_rows
+    b_tok = tl.load(p_tok + o_m, mask=m_m, other=0).to(tl.int64)
+    # [BM, BLOCK_L]
+    b_z = tl.load(z + b_tok[:, None] * stride_zb + o_l[None, :] * stride_zl, mask=m_m[:, None] & (o_l[None, :] < L),
+                  other=0.0)
+    for n0 in range(0, N, BN):
+        m_n = n0 + o_n < N
+        # [BLOCK_L, BN]
+        b_w = tl.load(w + e * N * L + (n0 + o_n[None, :]) * L + o_l[:, None], mask=m_n[None, :] & (o_l[:, None] < L),
+                      other=0.0)
+        b_h = _mm(b_z, b_w, INPUT_PRECISION) + tl.load(b + e * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        if APPLY_RELU:
+            b_h = tl.maximum(b_h, 0.0)
+        tl.store(p_dst + o_m[:, None] * N + n0 + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _merged_phase_weights(p_w, py, px, dy, dx):
+    """Sum of the 3x3 taps that land on low-res offset (dy, dx) for output parity (py, px).
+
+    Up-sampled row 2i+py+ky-1 reads low-res row i+py+dy-1: dy=0 takes ky=0 (py=0) or ky=0,1 (py=1),
+    dy=1 takes ky=1,2 (py=0) or ky=2 (py=1); so the first tap is dy*(1+py), a second one when dy != py.
+    ``p_w`` points at tap (0, 0) of each element; 4 loads instead of 9."""
+    o_ky = dy * (1 + py)
+    o_kx = dx * (1 + px)
+    m_y2 = dy != py
+    m_x2 = dx != px
+    p_tap = p_w + o_ky * 3 + o_kx
+    b_w = tl.load(p_tap).to(tl.float32)
+    b_w += tl.load(p_tap + 3, mask=m_y2, other=0.0).to(tl.float32)
+    b_w += tl.load(p_tap + 1, mask=m_x2, other=0.0).to(tl.float32)
+    b_w += tl.load(p_tap + 4, mask=m_y2 & m_x2, other=0.0).to(tl.float32)
+    return b_w
+
+
+@triton.jit
+def _gather_phase_rows(p_src, r0, n_out, py, px, ci, dy, dx, CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                       BR: tl.constexpr):
+    """A tile [BR, CIN*4] of a phase GEMM: row (t, i, j) x column (ci, dy, dx) reads
+    src[t, ci, i+py+dy-1, j+px+dx-1] (zero outside the map). Returns (tile, row mask, t, i, j)."""
+    o_r = r0 + tl.arange(0, BR)
+    m_r = o_r < n_out
+    o_t = o_r // (H * W)
+    o_i = (o_r % (H * W)) // W
+    o_j = o_r % W
+    o_dy = py + dy - 1
+    o_dx = px + dx - 1
+    m_a = (m_r[:, None] & (o_i[:, None] + o_dy[None, :] >= 0) & (o_i[:, None] + o_dy[None, :] < H)
+           & (o_j[:, None] + o_dx[None, :] >= 0) & (o_j[:, None] + o_dx[None, :] < W))
+    p_a = p_src + (o_t * (CIN * H * W) + o_i * W + o_j)[:, None] + (ci * (H * W) + o_dy * W + o_dx)[None, :]
+    return tl.load(p_a, mask=m_a, other=0.0), m_r, o_t, o_i, o_j
+
+
+@triton.jit
+def _upconv3x3_to_scratch(p_src, p_dst, w, b, e, n_tokens,
+                          CIN: tl.constexpr, COUT: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                          BR: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dst = ELU(conv3x3(up2(src)) + b): src [n, CIN, H, W] -> dst [n, COUT, 2H, 2W], four phase GEMMs."""
+    o_k = tl.arange(0, CIN * 4)
+    ci = o_k // 4
+    dy = (o_k // 2) % 2
+    dx = o_k % 2
+    o_n = tl.arange(0, COUT)
+    b_bias = tl.load(b + e * COUT + o_n).to(tl.float32)
+    n_out = n_tokens * H * W
+    for phase in tl.static_range(4):
+        py = phase // 2
+        px = phase % 2
+        # [CIN*4, COUT]
+        b_w = _merged_phase_weights(w + e * COUT * CIN * 9 + o_n[None, :] * (CIN * 9) + ci[:, None] * 9,
+                                    py, px, dy[:, None], dx[:, None])
+        for r0 in range(0, n_out, BR):
+            b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, n_out, py, px, ci, dy, dx, CIN, H, W, BR)
+            b_h = _mm(b_a, b_w, INPUT_PRECISION) + b_bias[None, :]
+            b_h = tl.where(b_h > 0, b_h, tl.exp(tl.minimum(b_h, 0.0)) - 1.0)
+            o_out = (o_t * (COUT * 4 * H * W) + (2 * o_i + py) * (2 * W) + 2 * o_j + px)[:, None] + o_n[None, :] * (4 * H * W)
+            tl.store(p_dst + o_out, b_h, mask=m_r[:, None])
+
+
+@triton.jit
+def _conv3x3_to_image(p_src, out, p_tok, w, b, e, n_tokens,
+                      CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, UP: tl.constexpr, BR: tl.constexpr):
+    """x_hat[tok] = sigmoid(conv3x3(up2(src) if UP else src) + b) with one output channel.
+
+    src [n, CIN, H, W]; the image is 28x28. One output channel is too narrow for tl.dot: each row
+    is a weighted sum of its gathered taps (phase-merged when UP, K = CIN*4; else 9 taps of CIN)."""
+    b_bias = tl.load(b + e).to(tl.float32)
+    p_w = w + e * CIN * 9
+    n_out = n_tokens * H * W
+    if UP:
+        o_k = tl.arange(0, CIN * 4)
+        ci = o_k // 4
+        dy = (o_k // 2) % 2
+        dx = o_k % 2
+        for phase in tl.static_range(4):
+            py = phase // 2
+            px = phase % 2
+            b_w = _merged_phase_weights(p_w + ci * 9, py, px, dy, dx)
+            for r0 in range(0, n_out, BR):
+                b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, n_out, py, px, ci, dy, dx, CIN, H, W, BR)
+                b_y = tl.sum(b_a * b_w[None, :], axis=1) + b_bias
+                b_tok = tl.load(p_tok + o_t, mask=m_r, other=0).to(tl.int64)
+                o_pix = (2 * o_i + py) * (2 * W) + 2 * o_j + px
+                tl.store(out + b_tok * (4 * H * W) + o_pix, 1.0 / (1.0 + tl.exp(-b_y)), mask=m_r)
+    else:
+        o_c = tl.arange(0, CIN)
+        o_r = tl.arange(0, BR)
+        for r0 in range(0, n_out, BR):
+            m_r = r0 + o_r < n_out
+            o_t = (r0 + o_r) // (H * W)
+            o_i = ((r0 + o_r) % (H * W)) // W
+            o_j = (r0 + o_r) % W
+            # [BR, CIN] at tap (1, 1); the other taps are fixed offsets from it
+            p_a = p_src + (o_t * (CIN * H * W) + o_i * W + o_j)[:, None] + o_c[None, :] * (H * W)
+            b_y = tl.zeros([BR], dtype=tl.float32)
+            for ky in tl.static_range(3):
+                for kx in tl.static_range(3):
+                    m_a = m_r & (o_i >= 1 - ky) & (o_i < H + 1 - ky) & (o_j >= 1 - kx) & (o_j < W + 1 - kx)
+                    b_a = tl.load(p_a + ((ky - 1) * W + kx - 1), mask=m_a[:, None], other=0.0)
+                    b_w = tl.load(p_w + o_c * 9 + ky * 3 + kx).to(tl.float32)
+                    b_y += tl.sum(b_a * b_w[None, :], axis=1)
+            b_y += b_bias
+            b_tok = tl.load(p_tok + o_t, mask=m_r, other=0).to(tl.int64)
+            tl.store(out + b_tok * (H * W) + o_i * W + o_j, 1.0 / (1.0 + tl.exp(-b_y)), mask=m_r)
+
+
+@triton.jit
+def _experts_hard_conv_fwd_kernel(
+    z,                   # [B, L] any strides
+    out,                 # [B, 784] contiguous, original token order
+    scratch,             # [programs, scratch_per_program] fp32
+    sorted_token_idx,    # [B] int32
+    expert_offsets,      # [E+1] int32
+    tile_offsets,        # [E+1] int32
+    fc_w, fc_b, conv1_w, conv1_b, conv2_w, conv2_b, conv3_w, conv3_b,
+    E, L, stride_zb, stride_zl, max_tiles, num_search_steps, scratch_per_program,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+    C2: tl.constexpr,
+    HAS_CONV3: tl.constexpr,
+    BM: tl.constexpr,
+    TS: tl.constexpr,
+    BR: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BN_FC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    i_p = tl.program_id(0)
+    p_h0 = scratch + i_p.to(tl.int64) * scratch_per_program   # [BM, C0, 7, 7]
+    p_h1 = p_h0 + BM * C0 * 49                                # [TS, C1, 14, 14]
+    p_h2 = p_h1 + TS * C1 * 196                               # [TS, C2, 28, 28] (medium)
+    num_tiles = tl.load(tile_offsets + E)
+    for tile in range(i_p, max_tiles, tl.num_programs(0)):
+        if tile < num_tiles:
+            e, row_start, n_rows = _find_tile(tile, tile_offsets, expert_offsets, E, num_search_steps, BM)
+            p_tok = sorted_token_idx + row_start
+            # the previous tile's readers of the scratch are done
+            tl.debug_barrier()
+            _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, fc_w, fc_b, e, L, C0 * 49, p_h0,
+                                    BM, BLOCK_L, BN_FC, False, INPUT_PRECISION)
+            for g0 in range(0, n_rows, TS):
+                n_group = tl.minimum(n_rows - g0, TS)
+                tl.debug_barrier()
+                _upconv3x3_to_scratch(p_h0 + g0 * (C0 * 49), p_h1, conv1_w, conv1_b, e, n_group,
+                                      C0, C1, 7, 7, BR, INPUT_PRECISION)
+                tl.debug_barrier()
+                if HAS_CONV3:
+                    _upconv3x3_to_scratch(p_h1, p_h2, conv2_w, conv2_b, e, n_group, C1, C2, 14, 14, BR, INPUT_PRECISION)
+                    tl.debug_barrier()
+                    _conv3x3_to_image(p_h2, out, p_tok + g0, conv3_w, conv3_b, e, n_group, C2, 28, 28, False, BR)
+                else:
+                    _conv3x3_to_image(p_h1, out, p_tok + g0, conv2_w, conv2_b, e, n_group, C1, 14, 14, True, BR)
+
+
+@triton.jit
+def _experts_hard_mlp_fwd_kernel(
+    z,                   # [B, L] any strides
+    out,                 # [B, PIXELS] contiguous, original token order
+    scratch,             # [programs, BM * hidden] fp32
+    sorted_token_idx,    # [B] int32
+    expert_offsets,      # [E+1] int32
+    tile_offsets,        # [E+1] int32
+    fc1_w, fc1_b, fc2_w, fc2_b,
+    E, L, HIDDEN, stride_zb, stride_zl, max_tiles, num_search_steps,
+    PIXELS: tl.constexpr,
+    BM: tl.constexpr,
+    BH: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    i_p = tl.program_id(0)
+    p_h = scratch + i_p.to(tl.int64) * (BM * HIDDEN)   # [BM, HIDDEN]
+    o_m = tl.arange(0, BM)
+    o_h = tl.arange(0, BH)
+    o_n = tl.arange(0, BN)
+    num_tiles = tl.load(tile_offsets + E)
+    for tile in range(i_p, max_tiles, tl.num_programs(0)):
+        if tile < num_tiles:
+            e, row_start, n_rows = _find_tile(tile, tile_offsets, expert_offsets, E, num_search_steps, BM)
+            p_tok = sorted_token_idx + row_start
+            tl.debug_barrier()
+            _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, fc1_w, fc1_b, e, L, HIDDEN, p_h,
+                                    BM, BLOCK_L, BH, True, INPUT_PRECISION)
+            tl.debug_barrier()
+            m_m = o_m < n_rows
+            b_tok = tl.load(p_tok + o_m, mask=m_m, other=0).to(tl.int64)
+            for n0 in range(0, PIXELS, BN):
+                m_n = n0 + o_n < PIXELS
+                b_y = tl.zeros([BM, BN], dtype=tl.float32)
+                for h0 in range(0, HIDDEN, BH):
+                    m_h = h0 + o_h < HIDDEN
+                    b_a = tl.load(p_h + o_m[:, None] * HIDDEN + h0 + o_h[None, :], mask=m_m[:, None] & m_h[None, :],
+                                  other=0.0)
+                    # [BH, BN] of fc2.weight [E, PIXELS, HIDDEN]
+                    b_w = tl.load(fc2_w + e * PIXELS * HIDDEN + (n0 + o_n[None, :]) * HIDDEN + h0 + o_h[:, None],
+                                  mask=m_n[None, :] & m_h[:, None], other=0.0)
+                    b_y += _mm(b_a, b_w, INPUT_PRECISION)
+                b_y += tl.load(fc2_b + e * PIXELS + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+                tl.store(out + b_tok[:, None] * PIXELS + n0 + o_n[None, :], 1.0 / (1.0 + tl.exp(-b_y)),
+                         mask=m_m[:, None] & m_n[None, :])
+
+
+_CONV_CHANNELS = {"lite": (8, 16, 1), "medium": (32, 64, 32)}
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """TF32 follows torch's own matmul setting, read at call time; half inputs are exact in TF32."""
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layers: list[torch.Tensor]) -> torch.Tensor:
+    """Launch grouping and the fused kernel. ``layers``: the weights of ``kind`` in contract order
+    (fc.weight, fc.bias, conv1.weight, ... or fc1.weight, fc1.bias, fc2.weight, fc2.bias)."""
+    B, L = z.shape
+    E = layers[0].shape[0]
+    out = alloc_output((B, *IMAGE_SHAPE), z)
+    if B == 0:
+        return out
+    layers = [w.contiguous() for w in layers]
+    device = z.device
+    programs_cap = num_programs_resident(device)
+    precision = _input_precision(z.dtype)
+    block_l = max(16, triton.next_power_of_2(L))
+    num_search_steps = max(1, (E - 1).bit_length())
+
+    def run(config):
+        bm = config["BM"]
+        _, expert_offsets, sorted_token_idx, _, tile_offsets = group_by_expert_fwd(expert_idx, E, bm)
+        max_tiles = triton.cdiv(B, bm) + min(E, B)
+        programs = min(max_tiles, programs_cap)
+        if kind == "mlp":
+            hidden = layers[0].shape[1]
+            scratch = torch.empty(programs * bm * hidden, dtype=torch.float32, device=device)
+            _experts_hard_mlp_fwd_kernel[(programs,)](
+                z=z,
+                out=out,
+                scratch=scratch,
+                sorted_token_idx=sorted_token_idx,
+                expert_offsets=expert_offsets,
+                tile_offsets=tile_offsets,
+                fc1_w=layers[0],
+                fc1_b=layers[1],
+                fc2_w=layers[2],
+                fc2_b=layers[3],
+                E=E,
+                L=L,
+                HIDDEN=hidden,
+                stride_zb=z.stride(0),
+                stride_zl=z.stride(1),
+                max_tiles=max_tiles,
+                num_search_steps=num_search_steps,
+                PIXELS=IMAGE_PIXELS,
+                BM=bm,
+                BH=config["BH"],
+                BN=config["BN"],
+                BLOCK_L=block_l,
+                INPUT_PRECISION=precision,
+                num_warps=config["num_warps"],
+            )
+            return
+        c0, c1, c2 = _CONV_CHANNELS[kind]
+        ts = config["TS"]
+        per_program = bm * c0 * 49 + ts * c1 * 196 + (ts * c2 * 784 if kind == "medium" else 0)
+        scratch = torch.empty(programs * per_program, dtype=torch.float32, device=device)
+        # lite has no conv3: the kernel never reads it (HAS_CONV3=False); pass conv2 in its place
+        conv3 = layers[6:8] if kind == "medium" else layers[4:6]
+        _experts_hard_conv_fwd_kernel[(programs,)](
+            z=z,
+            out=out,
+            scratch=scratch,
+            sorted_token_idx=sorted_token_idx,
+            expert_offsets=expert_offsets,
+            tile_offsets=tile_offsets,
+            fc_w=layers[0],
+            fc_b=layers[1],
+            conv1_w=layers[2],
+            conv1_b=layers[3],
+            conv2_w=layers[4],
+            conv2_b=layers[5],
+            conv3_w=conv3[0],
+            conv3_b=conv3[1],
+            E=E,
+            L=L,
+            stride_zb=z.stride(0),
+            stride_zl=z.stride(1),
+            max_tiles=max_tiles,
+            num_search_steps=num_search_steps,
+            scratch_per_program=per_program,
+            C0=c0,
+            C1=c1,
+            C2=c2,
+            HAS_CONV3=kind == "medium",
+            BM=bm,
+            TS=ts,
+            BR=config["BR"],
+            BLOCK_L=block_l,
+            BN_FC=64,
+            INPUT_PRECISION=precision,
+            num_warps=config["num_warps"],
+        )
+
+    with device_guard(z):
+        run(experts_hard_config(kind, z.dtype, device, B, run=run))
+    return out
+
+
+def _fake_image(z: torch.Tensor) -> torch.Tensor:
+    return z.new_empty((z.shape[0], *IMAGE_SHAPE))
+
+
+@torch.library.custom_op("smoe_fast::triton_experts_hard_lite", mutates_args=())
+def _experts_hard_lite_op(z: torch.Tensor, expert_idx: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor,
+                          conv1_weight: torch.Tensor, conv1_bias: torch.Tensor, conv2_weight: torch.Tensor,
+                          conv2_bias: torch.Tensor) -> torch.Tensor:
+    return experts_hard_fwd(z, expert_idx, "lite", [fc_weight, fc_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias])
+
+
+@_experts_hard_lite_op.register_fake
+def _(z, expert_idx, fc_weight, fc_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias):
+    return _fake_image(z)
+
+
+@torch.library.custom_op("smoe_fast::triton_experts_hard_medium", mutates_args=())
+def _experts_hard_medium_op(z: torch.Tensor, expert_idx: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor,
+                            conv1_weight: torch.Tensor, conv1_bias: torch.Tensor, conv2_weight: torch.Tensor,
+                            conv2_bias: torch.Tensor, conv3_weight: torch.Tensor, conv3_bias: torch.Tensor) -> torch.Tensor:
+    return experts_hard_fwd(z, expert_idx, "medium", [fc_weight, fc_bias, conv1_weight, conv1_bias, conv2_weight,
+                                                      conv2_bias, conv3_weight, conv3_bias])
+
+
+@_experts_hard_medium_op.register_fake
+def _(z, expert_idx, fc_weight, fc_bias, conv1_weight, conv1_bias, conv2_weight, conv2_bias, conv3_weight, conv3_bias):
+    return _fake_image(z)
+
+
+@torch.library.custom_op("smoe_fast::triton_experts_hard_mlp", mutates_args=())
+def _experts_hard_mlp_op(z: torch.Tensor, expert_idx: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
+                         fc2_weight: torch.Tensor, fc2_bias: torch.Tensor) -> torch.Tensor:
+    return experts_hard_fwd(z, expert_idx, "mlp", [fc1_weight, fc1_bias, fc2_weight, fc2_bias])
+
+
+@_experts_hard_mlp_op.register_fake
+def _(z, expert_idx, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    return _fake_image(z)
+
+
+_LAYER_NAMES = {
+    "lite": ("fc", "conv1", "conv2"),
+    "medium": ("fc", "conv1", "conv2", "conv3"),
+    "mlp": ("fc1", "fc2"),
+}
+_OPS = {"lite": _experts_hard_lite_op, "medium": _experts_hard_medium_op, "mlp": _experts_hard_mlp_op}
+
+
+def experts_hard(z: torch.Tensor, expert_idx: torch.Tensor, weights: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Hard-gated experts: x_hat[b] = D_{expert_idx[b]}(z[b]); inference only (no autograd).
+
+    z [B, L] float (any strides), expert_idx [B] int64/int32 (already checked by ``smoe_fast.ops``),
+    weights stacked per layer ({"fc.weight": [E, 392, L], ...}) -> x_hat [B, 1, 28, 28] in z's dtype,
+    or in the autocast dtype when autocast is on for z's device.
+    """
+    if kind not in _OPS:
+        raise ValueError(f"unknown decoder kind {kind!r}; expected one of {tuple(_OPS)}")
+    layers = [weights[f"{layer}.{part}"] for layer in _LAYER_NAMES[kind] for part in ("weight", "bias")]
+    if torch.is_autocast_enabled(z.device.type):
+        dtype = torch.get_autocast_dtype(z.device.type)
+        z, layers = z.to(dtype), [w.to(dtype) for w in layers]
+    return _OPS[kind](z, expert_idx, *layers)

@@ -1,0 +1,199 @@
+"""Triton hard-gated experts (kernels/experts_hard.py) against the reference, fp32 IEEE (rel-RMS <= 1e-5).
+
+Outputs are NaN-poisoned (conftest), so an x_hat element the kernel never writes fails assert_close.
+The model-level test (SMoEVAE(backend="triton") == backend "reference") lives with the backend wiring.
+"""
+import importlib
+
+import pytest
+import torch
+
+from helpers import assert_close, random_weights, routing_case
+from smoe_fast import reference
+from smoe_fast.kernels.experts_hard import experts_hard
+from smoe_fast.kernels.tuning import bucket_tokens, forced_experts_hard_config
+
+# the package re-exports the function under the module's name
+experts_hard_module = importlib.import_module("smoe_fast.kernels.experts_hard")
+
+# (batch B, experts E, routing), each with the edge it hits
+ROUTINGS = [
+    pytest.param(20, 4, "uniform", id="B20-E4-uniform"),
+    pytest.param(35, 3, "skewed", id="B35-E3-skewed-full-and-partial-tiles"),
+    pytest.param(20, 6, "one_expert", id="B20-E6-all-tokens-on-last-expert"),
+    pytest.param(18, 8, "even_only", id="B18-E8-empty-odd-experts"),
+    pytest.param(1, 3, "uniform", id="B1-single-token"),
+    pytest.param(6, 17, "uniform", id="B6-E17-E-greater-than-B-prime-E"),
+    pytest.param(26, 13, "skewed", id="B26-E13-prime-E-skewed"),
+]
+# medium is ~10x the interpreter time of lite: fewer, smaller cases
+MEDIUM_ROUTINGS = [
+    pytest.param(7, 3, "uniform", id="B7-E3-uniform"),
+    pytest.param(5, 4, "even_only", id="B5-E4-empty-odd-experts"),
+    pytest.param(1, 1, "uniform", id="B1-E1-single-token-single-expert"),
+    pytest.param(3, 7, "uniform", id="B3-E7-E-greater-than-B-prime-E"),
+]
+
+
+def _run_case(kind, batch, num_experts, routing, latent_dim=32, hidden_dim=64, seed=0):
+    weights = random_weights(kind, num_experts, latent_dim=latent_dim, hidden_dim=hidden_dim, seed=seed)
+    z = torch.randn(batch, latent_dim, generator=torch.Generator().manual_seed(seed))
+    idx = routing_case(routing, batch, num_experts, seed=seed)
+    got = experts_hard(z, idx, weights, kind)
+    assert got.shape == (batch, 1, 28, 28) and got.dtype == z.dtype
+    assert_close(got, reference.experts_hard(z, idx, weights, kind), name=f"{kind} hard")
+
+
+@pytest.mark.parametrize("kind", ["lite", "mlp"])
+@pytest.mark.parametrize("batch,num_experts,routing", ROUTINGS)
+def test_experts_hard_matches_reference(kind, batch, num_experts, routing):
+    _run_case(kind, batch, num_experts, routing)
+
+
+@pytest.mark.parametrize("batch,num_experts,routing", MEDIUM_ROUTINGS)
+def test_experts_hard_medium_matches_reference(batch, num_experts, routing):
+    _run_case("medium", batch, num_experts, routing)
+
+
+@pytest.mark.parametrize("kind", ["lite", "medium", "mlp"])
+def test_empty_batch_returns_empty_image_batch(kind):
+    weights = random_weights(kind, 3)
+    got = experts_hard(torch.empty(0, 32), torch.empty(0, dtype=torch.int64), weights, kind)
+    assert got.shape == (0, 1, 28, 28)
+
+
+@pytest.mark.parametrize("kind", ["lite", "mlp"])
+def test_non_contiguous_z_and_int32_indices(kind):
+    # z is a transposed view (strides (1, B)); expert_idx is int32
+    weights = random_weights(kind, 5)
+    z = torch.randn(32, 11).t()
+    idx = routing_case("skewed", 11, 5).int()
+    assert not z.is_contiguous()
+    assert_close(experts_hard(z, idx, weights, kind), reference.experts_hard(z, idx.long(), weights, kind))
+
+
+# The GPU's tile shapes (the interpreter defaults use whole tiles): token groups smaller than a tile,
+# GEMM row chunks that end mid-token, fc/hidden chunks with masked tails.
+GPU_TILES = [
+    pytest.param("lite", {"BM": 16, "TS": 2, "BR": 64, "num_warps": 16}, 32, id="lite-BM16-TS2-BR64-gpu-default"),
+    pytest.param("lite", {"BM": 32, "TS": 3, "BR": 128, "num_warps": 4}, 32, id="lite-BM32-TS3-odd-group"),
+    pytest.param("mlp", {"BM": 64, "BN": 64, "BH": 32, "num_warps": 8}, 64, id="mlp-BM64-BN64-BH32-gpu-default"),
+    pytest.param("mlp", {"BM": 16, "BN": 64, "BH": 32, "num_warps": 4}, 80, id="mlp-hidden80-three-hidden-chunks"),
+    pytest.param("medium", {"BM": 16, "TS": 2, "BR": 256, "num_warps": 4}, 64, id="medium-BM16-TS2-BR256"),
+]
+
+
+@pytest.mark.parametrize("kind,config,hidden_dim", GPU_TILES)
+def test_gpu_tile_shapes_match_reference(kind, config, hidden_dim):
+    batch = 5 if kind == "medium" else 19
+    with forced_experts_hard_config(kind, **config):
+        _run_case(kind, batch, 3, "skewed", hidden_dim=hidden_dim, seed=1)
+
+
+def test_medium_gpu_default_tiles_match_reference():
+    # one token per scratch group, 16-row GEMM steps (slow in the interpreter: two tokens)
+    with forced_experts_hard_config("medium", BM=16, TS=1, BR=16, num_warps=4):
+        _run_case("medium", 2, 2, "uniform", seed=2)
+
+
+@pytest.mark.parametrize("kind", ["lite", "mlp"])
+def test_ops_triton_backend_matches_reference(kind):
+    # through the public op: input checks, backend resolution, then this module
+    from smoe_fast import ops
+
+    weights = random_weights(kind, 4)
+    z, idx = torch.randn(9, 32), routing_case("skewed", 9, 4)
+    assert_close(ops.experts_hard(z, idx, weights, kind=kind, backend="triton"),
+                 ops.experts_hard(z, idx, weights, kind=kind, backend="reference"))
+
+
+@pytest.mark.parametrize("kind,latent_dim,hidden_dim", [
+    pytest.param("lite", 20, 64, id="lite-latent20-masked-K"),
+    pytest.param("mlp", 6, 40, id="mlp-latent6-hidden40-below-dot-minimum"),
+])
+def test_odd_latent_and_hidden_sizes(kind, latent_dim, hidden_dim):
+    _run_case(kind, 9, 2, "uniform", latent_dim=latent_dim, hidden_dim=hidden_dim)
+
+
+@pytest.mark.parametrize("num_experts", [
+    pytest.param(1, id="E1"),
+    pytest.param(17, id="E17-most-experts-empty"),   # empty experts cost no launch
+])
+def test_launch_count_is_three_whatever_E(monkeypatch, num_experts):
+    # two grouping launches + one fused decoder launch; no per-expert loop
+    kernel_type = type(experts_hard_module._experts_hard_conv_fwd_kernel)
+    launched = []
+    original_run = kernel_type.run
+
+    def counting_run(self, *args, **kwargs):
+        launched.append(self.__name__ if hasattr(self, "__name__") else self.fn.__name__)
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", counting_run)
+    weights = random_weights("lite", num_experts)
+    experts_hard(torch.randn(4, 32), routing_case("uniform", 4, num_experts), weights, "lite")
+    assert len(launched) == 3, launched
+
+
+def test_input_precision_follows_torch_tf32_setting():
+    assert experts_hard_module._input_precision(torch.float32) == "ieee"   # conftest forces IEEE
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert experts_hard_module._input_precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert experts_hard_module._input_precision(torch.bfloat16) == "tf32"
+
+
+def test_tuning_key_is_bucketed():
+    assert [bucket_tokens(b) for b in (0, 1, 3, 64, 65, 10 ** 7)] == [1, 1, 4, 64, 128, 1 << 16]
+
+
+def test_experts_op_passes_opcheck():
+    weights = random_weights("lite", 2)
+    z, idx = torch.randn(3, 32), torch.tensor([1, 0, 1])
+    layers = [weights[n] for n in ("fc.weight", "fc.bias", "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")]
+    torch.library.opcheck(torch.ops.smoe_fast.triton_experts_hard_lite.default, (z, idx, *layers))
+
+
+def test_mlp_op_passes_opcheck():
+    weights = random_weights("mlp", 3, hidden_dim=32)
+    z, idx = torch.randn(4, 32), torch.tensor([2, 2, 0, 1])
+    layers = [weights[n] for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
+    torch.library.opcheck(torch.ops.smoe_fast.triton_experts_hard_mlp.default, (z, idx, *layers))
+
+
+def test_experts_hard_compiles_without_graph_breaks():
+    weights = random_weights("mlp", 3, hidden_dim=32)
+    z, idx = torch.randn(6, 32), routing_case("uniform", 6, 3)
+    compiled = torch.compile(lambda z, idx: experts_hard(z, idx, weights, "mlp") * 2, backend="aot_eager", fullgraph=True)
+    assert_close(compiled(z, idx), reference.experts_hard(z, idx, weights, "mlp") * 2)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("kind", ["lite", "medium", "mlp"])
+@pytest.mark.parametrize("num_experts", [1, 8, 257])
+def test_experts_hard_on_gpu(kind, num_experts):
+    batch = 2048 if kind != "medium" else 256
+    weights = random_weights(kind, num_experts, device="cuda")
+    z = torch.randn(batch, 32, device="cuda")
+    idx = routing_case("skewed", batch, num_experts).cuda()
+    assert_close(experts_hard(z, idx, weights, kind), reference.experts_hard(z, idx, weights, kind))
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lite", "mlp"])
+def test_experts_hard_under_autocast(kind, dtype):
+    # DESIGN.md: at most 2x the error of the reference run in the same dtype, with a small floor
+    weights = random_weights(kind, 8, device="cuda")
+    z = torch.randn(512, 32, device="cuda")
+    idx = routing_case("uniform", 512, 8).cuda()
+    exact = reference.experts_hard(z.double(), idx, {k: w.double() for k, w in weights.items()}, kind)
+    with torch.autocast("cuda", dtype=dtype):
+        got = experts_hard(z, idx, weights, kind)
+        ref = reference.experts_hard(z, idx, weights, kind)
+    assert got.dtype == dtype
+    ref_err = ((ref.double() - exact).norm() / exact.norm()).item()
+    assert_close(got.double(), exact, rtol_rms=max(2 * ref_err, 1e-3), name=f"{kind} {dtype}")
