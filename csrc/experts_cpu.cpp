@@ -1,0 +1,809 @@
+// CPU implementations of the smoe_fast ops (schemas in torch_bindings.cpp).
+//
+// Layout of the work: rows (token, slot) are grouped by (slot, expert) with a stable counting sort;
+// slot k forms phase k, so within a phase every token appears once and outputs / dz can be written
+// or accumulated without races and in a fixed order. A phase's rows of one expert are split into
+// chunks (work items, at::parallel_for); an item decodes its rows in blocks of `kLanes` tokens held
+// token-innermost ([C][H][W][lanes]), so every multiply-add is a contiguous, vectorisable loop over
+// the lanes. Weight gradients: an item accumulates privately, then adds into the expert's gradient
+// (its first item) or into its own partial slot; partial slots are added in item order at the end,
+// so the result does not depend on the thread count or timing.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace smoe_fast {
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// Grouping: stable counting sort.
+
+// order[r] = the r-th index i in (key, i) order; offsets[k]..offsets[k+1] is key k's range.
+template <typename key_t>
+void stable_counting_sort(const key_t* keys, int64_t n, int64_t num_keys, int64_t* offsets, int64_t* order) {
+  const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 32768));
+  const int64_t chunk = (n + num_chunks - 1) / std::max<int64_t>(num_chunks, 1);
+  std::vector<int64_t> cursor(num_chunks * num_keys, 0);  // [chunk][key] counts, then start positions
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* hist = cursor.data() + c * num_keys;
+      for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) {
+        const int64_t key = static_cast<int64_t>(keys[i]);
+        TORCH_CHECK(key >= 0 && key < num_keys, "expert index ", key, " at position ", i, " is out of range [0, ",
+                    num_keys, ")");
+        ++hist[key];
+      }
+    }
+  });
+  int64_t running = 0;
+  for (int64_t key = 0; key < num_keys; ++key) {
+    offsets[key] = running;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t count = cursor[c * num_keys + key];
+      cursor[c * num_keys + key] = running;
+      running += count;
+    }
+  }
+  offsets[num_keys] = running;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t* next = cursor.data() + c * num_keys;
+      for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) order[next[keys[i]]++] = i;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_expert_cpu(const at::Tensor& expert_idx_in,
+                                                                               int64_t num_experts) {
+  CHECK_INDEX(expert_idx_in);
+  TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
+  const at::Tensor expert_idx = expert_idx_in.contiguous();
+  const int64_t n = expert_idx.numel();
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "expert_idx has ", n, " entries; at most 2^31 - 2 fit int32 routing");
+  std::vector<int64_t> offsets(num_experts + 1), order(n);
+  AT_DISPATCH_INDEX_TYPES(expert_idx.scalar_type(), "cpp_group_by_expert", [&] {
+    stable_counting_sort(expert_idx.data_ptr<index_t>(), n, num_experts, offsets.data(), order.data());
+  });
+  const auto int_options = expert_idx.options().dtype(at::kInt);
+  at::Tensor counts = alloc_output({num_experts}, int_options);
+  at::Tensor offsets_out = alloc_output({num_experts + 1}, int_options);
+  at::Tensor sorted_token_idx = alloc_output({n}, int_options);
+  at::Tensor token_sorted_pos = alloc_output({n}, int_options);
+  int32_t* counts_ptr = counts.data_ptr<int32_t>();
+  int32_t* offsets_ptr = offsets_out.data_ptr<int32_t>();
+  for (int64_t e = 0; e <= num_experts; ++e) offsets_ptr[e] = static_cast<int32_t>(offsets[e]);
+  for (int64_t e = 0; e < num_experts; ++e) counts_ptr[e] = static_cast<int32_t>(offsets[e + 1] - offsets[e]);
+  int32_t* sorted_ptr = sorted_token_idx.data_ptr<int32_t>();
+  int32_t* pos_ptr = token_sorted_pos.data_ptr<int32_t>();
+  at::parallel_for(0, n, 4096, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      sorted_ptr[r] = static_cast<int32_t>(order[r]);
+      pos_ptr[order[r]] = static_cast<int32_t>(r);
+    }
+  });
+  return {counts, offsets_out, sorted_token_idx, token_sorted_pos};
+}
+
+// ----------------------------------------------------------------------------------------------
+// Decoder layers on blocks of kLanes tokens. Activations are [C][H + 2 pad][W + 2 pad][lanes];
+// a conv's input buffer has pad 1 (zero border) so its taps need no bounds checks. Vec is one
+// hardware vector of lanes (GCC/Clang vector extensions; the extension is built for the machine it
+// runs on, see smoe_fast/extension.py), and a tile's accumulators stay in registers: auto-vectorised
+// plain loops and vectors wider than the hardware both spilled them to the stack (measured 2x slower).
+
+#if defined(SMOE_FAST_VEC_BYTES)
+constexpr int kVecBytes = SMOE_FAST_VEC_BYTES;
+#elif defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;  // SSE2, NEON
+#endif
+typedef float VecFloat __attribute__((vector_size(kVecBytes)));
+typedef double VecDouble __attribute__((vector_size(kVecBytes)));
+typedef int32_t VecInt __attribute__((vector_size(kVecBytes)));
+template <typename scalar_t> struct VecOf;
+template <> struct VecOf<float> { using type = VecFloat; };
+template <> struct VecOf<double> { using type = VecDouble; };
+template <typename scalar_t> using Vec = typename VecOf<scalar_t>::type;
+
+template <typename scalar_t>
+constexpr int kLanes = kVecBytes / sizeof(scalar_t);
+constexpr int kOutBlock = 8;                     // output channels per register tile
+
+template <typename scalar_t>
+inline Vec<scalar_t> load(const scalar_t* p) {
+  Vec<scalar_t> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename scalar_t>
+inline void store(scalar_t* p, const Vec<scalar_t>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename scalar_t>
+inline Vec<scalar_t> broadcast(scalar_t x) {
+  return Vec<scalar_t>{} + x;
+}
+
+template <typename scalar_t>
+inline scalar_t lane_sum(const Vec<scalar_t>& v) {
+  scalar_t sum = 0;
+  for (int t = 0; t < kLanes<scalar_t>; ++t) sum += v[t];
+  return sum;
+}
+
+// exp of a vector of floats, branch-free (Cephes expf: range reduction by ln 2, degree-7 polynomial; about
+// 1 ulp). Measured: libm's scalar expm1f/expf took ~40% of the lite decoder's time.
+inline VecFloat exp_vec(VecFloat x) {
+  x = x > 88.3f ? 88.3f : x;  // keeps 2^n finite; a NaN fails both tests and stays NaN
+  x = x < -87.3f ? -87.3f : x;
+  const VecFloat magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const VecFloat n = (x * 1.44269504088896341f + magic) - magic;
+  const VecFloat r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  VecFloat p = broadcast(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const VecInt bits = (__builtin_convertvector(n, VecInt) + 127) << 23;
+  VecFloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// exp(x) - 1 without cancellation near 0: a Taylor polynomial for |x| < 1/4 (error < 5e-8 relative).
+inline VecFloat expm1_vec(VecFloat x) {
+  VecFloat taylor = broadcast(1.0f / 720.0f);
+  taylor = taylor * x + 1.0f / 120.0f;
+  taylor = taylor * x + 1.0f / 24.0f;
+  taylor = taylor * x + 1.0f / 6.0f;
+  taylor = taylor * x + 0.5f;
+  taylor = (taylor * x + 1.0f) * x;
+  const VecFloat via_exp = exp_vec(x) - 1.0f;
+  return (x > -0.25f && x < 0.25f) ? taylor : via_exp;
+}
+
+inline void activate(VecFloat& v, Activation act) {
+  switch (act) {
+    case Activation::kRelu: v = v < 0.0f ? 0.0f : v; break;  // NaN stays NaN, like torch.relu
+    case Activation::kElu: v = v > 0.0f ? v : expm1_vec(v); break;
+    case Activation::kSigmoid: v = 1.0f / (1.0f + exp_vec(-v)); break;
+    default: break;
+  }
+}
+
+// float64 keeps libm's exp/expm1: the fp64 contract is 1e-12, beyond a short polynomial.
+inline void activate(VecDouble& v, Activation act) {
+  for (int t = 0; t < kLanes<double>; ++t) {
+    const double x = v[t];
+    switch (act) {
+      case Activation::kRelu: v[t] = x < 0.0 ? 0.0 : x; break;
+      case Activation::kElu: v[t] = x > 0.0 ? x : std::expm1(x); break;
+      case Activation::kSigmoid: v[t] = 1.0 / (1.0 + std::exp(-x)); break;
+      default: break;
+    }
+  }
+}
+
+// d(activation)/d(input), written in terms of the activation's output a.
+template <typename scalar_t>
+inline Vec<scalar_t> activation_grad(const Vec<scalar_t>& a, Activation act) {
+  const Vec<scalar_t> one = broadcast(scalar_t(1)), zero = broadcast(scalar_t(0));
+  switch (act) {
+    case Activation::kRelu: return a > zero ? one : zero;
+    case Activation::kElu: return a > zero ? one : a + one;
+    case Activation::kSigmoid: return a * (one - a);
+    default: return one;
+  }
+}
+
+inline int64_t buffer_size(int c, int h, int w, int pad, int lanes) {
+  return static_cast<int64_t>(c) * (h + 2 * pad) * (w + 2 * pad) * lanes;
+}
+
+// Offset (in pixels) of flat output o of a layer with output shape [c][h][w] in a buffer with `pad`.
+inline int64_t pixel_offset(const Layer& layer, int o, int pad) {
+  const int hw = layer.out_h * layer.out_w;
+  const int c = o / hw, y = (o % hw) / layer.out_w, x = o % layer.out_w;
+  return (static_cast<int64_t>(c) * (layer.out_h + 2 * pad) + y + pad) * (layer.out_w + 2 * pad) + x + pad;
+}
+
+// out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB.
+template <typename scalar_t, int OB>
+inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias,
+                            int o0, scalar_t* out, int out_pad) {
+  constexpr int T = kLanes<scalar_t>;
+  const int K = layer.in_c;
+  Vec<scalar_t> acc[OB];
+  for (int ob = 0; ob < OB; ++ob) acc[ob] = broadcast(bias[o0 + ob]);
+  for (int k = 0; k < K; ++k) {
+    const Vec<scalar_t> src = load(in + k * T);
+    for (int ob = 0; ob < OB; ++ob) acc[ob] += weight[static_cast<int64_t>(o0 + ob) * K + k] * src;
+  }
+  for (int ob = 0; ob < OB; ++ob) {
+    activate(acc[ob], layer.act);
+    store(out + pixel_offset(layer, o0 + ob, out_pad) * T, acc[ob]);
+  }
+}
+
+template <typename scalar_t>
+void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias, scalar_t* out,
+                int out_pad) {
+  const int N = layer.out_size();
+  int o = 0;
+  for (; o + kOutBlock <= N; o += kOutBlock) linear_fwd_tile<scalar_t, kOutBlock>(layer, in, weight, bias, o, out, out_pad);
+  for (; o < N; ++o) linear_fwd_tile<scalar_t, 1>(layer, in, weight, bias, o, out, out_pad);
+}
+
+// grad_in = W^T grad_out; per-lane weight and bias gradients accumulate (summed over lanes later).
+template <typename scalar_t>
+void linear_bwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* grad_out, int out_pad,
+                scalar_t* grad_in, Vec<scalar_t>* grad_weight_lanes, Vec<scalar_t>* grad_bias_lanes) {
+  constexpr int T = kLanes<scalar_t>;
+  const int K = layer.in_c, N = layer.out_size();
+  std::fill(grad_in, grad_in + static_cast<int64_t>(K) * T, scalar_t(0));
+  for (int o = 0; o < N; ++o) {
+    const Vec<scalar_t> g = load(grad_out + pixel_offset(layer, o, out_pad) * T);
+    grad_bias_lanes[o] += g;
+    const scalar_t* w_row = weight + static_cast<int64_t>(o) * K;
+    Vec<scalar_t>* gw_row = grad_weight_lanes + static_cast<int64_t>(o) * K;
+    for (int k = 0; k < K; ++k) {
+      gw_row[k] += g * load(in + k * T);
+      store(grad_in + k * T, load(grad_in + k * T) + w_row[k] * g);
+    }
+  }
+}
+
+// A 3x3, padding-1 conv of the input upsampled by `up`, computed per output phase (a, c): for up == 2
+// the output pixel (2p + a, 2q + c) only sees low-res rows p + a - 1 + r and columns q + c - 1 + s,
+// r, s in {0, 1}, so the 3x3 kernel folds into four 2x2 kernels (2.25x fewer multiply-adds than
+// convolving the upsampled image). For up == 1 there is one phase with the 3x3 kernel itself.
+inline int folded_tap(int phase, int k) {  // 3x3 tap k -> folded tap of output phase 0 or 1
+  return phase == 0 ? (k == 0 ? 0 : 1) : (k == 2 ? 1 : 0);
+}
+
+inline int64_t folded_size(const Layer& layer) {
+  return static_cast<int64_t>(layer.out_c) * layer.in_c * (layer.up == 2 ? 16 : 9);
+}
+
+// folded[ph][co][ci][r][s] from weight[co][ci][3][3].
+template <typename scalar_t>
+void fold_conv_weight(const Layer& layer, const scalar_t* weight, scalar_t* folded) {
+  const int64_t n = static_cast<int64_t>(layer.out_c) * layer.in_c;
+  if (layer.up == 1) {
+    std::copy(weight, weight + n * 9, folded);
+    return;
+  }
+  std::fill(folded, folded + 4 * n * 4, scalar_t(0));
+  for (int ph = 0; ph < 4; ++ph)
+    for (int64_t j = 0; j < n; ++j)
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw)
+          folded[(ph * n + j) * 4 + folded_tap(ph / 2, kh) * 2 + folded_tap(ph % 2, kw)] += weight[j * 9 + kh * 3 + kw];
+}
+
+// grad_weight[co][ci][3][3] += the gradient of the folded kernels mapped back (the transpose of the fold).
+template <typename scalar_t>
+void unfold_conv_grad(const Layer& layer, const scalar_t* grad_folded, scalar_t* grad_weight) {
+  const int64_t n = static_cast<int64_t>(layer.out_c) * layer.in_c;
+  if (layer.up == 1) {
+    for (int64_t j = 0; j < n * 9; ++j) grad_weight[j] += grad_folded[j];
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j)
+    for (int kh = 0; kh < 3; ++kh)
+      for (int kw = 0; kw < 3; ++kw) {
+        scalar_t sum = 0;
+        for (int ph = 0; ph < 4; ++ph) sum += grad_folded[(ph * n + j) * 4 + folded_tap(ph / 2, kh) * 2 + folded_tap(ph % 2, kw)];
+        grad_weight[j * 9 + kh * 3 + kw] += sum;
+      }
+}
+
+// folded_vec: the folded weights, each broadcast to a Vec (saves a shuffle per multiply-add).
+template <typename scalar_t, int R, int OB>
+inline void conv_fwd_tile(const Layer& layer, const scalar_t* in, const Vec<scalar_t>* folded_vec, const scalar_t* bias,
+                          int phase, int co0, scalar_t* out, int out_pad) {
+  constexpr int T = kLanes<scalar_t>;
+  const int Cin = layer.in_c, H = layer.in_h, W = layer.in_w, up = layer.up;
+  const int a = up == 2 ? phase / 2 : 0, c = up == 2 ? phase % 2 : 0;
+  const int in_w = W + 2, out_h = layer.out_h + 2 * out_pad, out_w = layer.out_w + 2 * out_pad;
+  const Vec<scalar_t>* w_tile = folded_vec + (static_cast<int64_t>(phase) * layer.out_c + co0) * Cin * R * R;
+  for (int p = 0; p < H; ++p) {
+    for (int q = 0; q < W; ++q) {
+      Vec<scalar_t> acc[OB];
+      for (int ob = 0; ob < OB; ++ob) acc[ob] = broadcast(bias[co0 + ob]);
+      for (int ci = 0; ci < Cin; ++ci) {
+        // Folded tap (r, s) reads low-res (p + a + r - 1, q + c + s - 1), i.e. (p + a + r, q + c + s) with the border.
+        const scalar_t* src_c = in + ((static_cast<int64_t>(ci) * (H + 2) + p + a) * in_w + q + c) * T;
+        const Vec<scalar_t>* w_c = w_tile + ci * R * R;
+        for (int r = 0; r < R; ++r)
+          for (int s = 0; s < R; ++s) {
+            const Vec<scalar_t> src = load(src_c + (r * in_w + s) * T);
+            for (int ob = 0; ob < OB; ++ob) acc[ob] += w_c[static_cast<int64_t>(ob) * Cin * R * R + r * R + s] * src;
+          }
+      }
+      const int oy = p * up + a + out_pad, ox = q * up + c + out_pad;
+      for (int ob = 0; ob < OB; ++ob) {
+        activate(acc[ob], layer.act);
+        store(out + ((static_cast<int64_t>(co0 + ob) * out_h + oy) * out_w + ox) * T, acc[ob]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int R>
+void conv_fwd_taps(const Layer& layer, const scalar_t* in, const Vec<scalar_t>* folded, const scalar_t* bias, scalar_t* out,
+                   int out_pad) {
+  for (int phase = 0; phase < layer.up * layer.up; ++phase) {
+    int co = 0;
+    for (; co + kOutBlock <= layer.out_c; co += kOutBlock)
+      conv_fwd_tile<scalar_t, R, kOutBlock>(layer, in, folded, bias, phase, co, out, out_pad);
+    for (; co < layer.out_c; ++co) conv_fwd_tile<scalar_t, R, 1>(layer, in, folded, bias, phase, co, out, out_pad);
+  }
+}
+
+template <typename scalar_t>
+void conv_fwd(const Layer& layer, const scalar_t* in, const Vec<scalar_t>* folded, const scalar_t* bias, scalar_t* out,
+              int out_pad) {
+  if (layer.up == 2) {
+    conv_fwd_taps<scalar_t, 2>(layer, in, folded, bias, out, out_pad);
+  } else {
+    conv_fwd_taps<scalar_t, 3>(layer, in, folded, bias, out, out_pad);
+  }
+}
+
+// grad_in (padded like in) = conv^T(grad_out); per-lane folded-weight and bias gradients accumulate.
+template <typename scalar_t>
+void conv_bwd(const Layer& layer, const scalar_t* in, const scalar_t* folded, const scalar_t* grad_out, int out_pad,
+              scalar_t* grad_in, Vec<scalar_t>* grad_folded_lanes, Vec<scalar_t>* grad_bias_lanes) {
+  constexpr int T = kLanes<scalar_t>;
+  const int Cin = layer.in_c, H = layer.in_h, W = layer.in_w, up = layer.up, R = up == 2 ? 2 : 3;
+  const int in_w = W + 2, out_h = layer.out_h + 2 * out_pad, out_w = layer.out_w + 2 * out_pad;
+  std::fill(grad_in, grad_in + buffer_size(Cin, H, W, 1, T), scalar_t(0));
+  for (int phase = 0; phase < up * up; ++phase) {
+    const int a = up == 2 ? phase / 2 : 0, c = up == 2 ? phase % 2 : 0;
+    for (int co = 0; co < layer.out_c; ++co) {
+      const int64_t w_co = (static_cast<int64_t>(phase) * layer.out_c + co) * Cin * R * R;
+      for (int p = 0; p < H; ++p)
+        for (int q = 0; q < W; ++q) {
+          const Vec<scalar_t> g =
+              load(grad_out + ((static_cast<int64_t>(co) * out_h + p * up + a + out_pad) * out_w + q * up + c + out_pad) * T);
+          grad_bias_lanes[co] += g;
+          for (int ci = 0; ci < Cin; ++ci) {
+            const int64_t src_c = ((static_cast<int64_t>(ci) * (H + 2) + p + a) * in_w + q + c) * T;
+            const int64_t w_c = w_co + static_cast<int64_t>(ci) * R * R;
+            for (int r = 0; r < R; ++r)
+              for (int s = 0; s < R; ++s) {
+                const int64_t at = src_c + (r * in_w + s) * T;
+                grad_folded_lanes[w_c + r * R + s] += g * load(in + at);
+                store(grad_in + at, load(grad_in + at) + folded[w_c + r * R + s] * g);
+              }
+          }
+        }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// The experts engine: hard (K = 1, no gates), top-k (K slots) and soft (K = E, slot k = expert k).
+
+struct WorkItem {
+  int64_t slot, expert, row_begin, row_end;
+  int64_t partial;  // -1: accumulate straight into the expert's gradient; else a partial slot
+};
+
+template <typename scalar_t>
+struct ExpertsProblem {
+  DecoderPlan plan;
+  int64_t num_tokens, latent, slots, num_experts;
+  const scalar_t* z;                 // [B, L]
+  const scalar_t* gates;             // [B * K] or nullptr (hard: gate 1)
+  const int64_t* rows;               // [B * K] flat (token * K + slot), grouped by (slot, expert)
+  std::vector<WorkItem> items;       // in (slot, expert, row) order
+  std::vector<int64_t> phase_begin;  // items of slot k: phase_begin[k] .. phase_begin[k + 1]
+  const scalar_t* weight[kMaxLayers];
+  const scalar_t* bias[kMaxLayers];
+};
+
+// Per-item scratch: activations and their gradients per layer boundary, folded conv weights, and
+// per-lane weight-gradient accumulators (conv: of the folded weights) summed over lanes per item.
+template <typename scalar_t>
+struct Scratch {
+  std::vector<std::vector<scalar_t>> act, grad, folded, grad_weight, grad_bias;
+  std::vector<std::vector<Vec<scalar_t>>> folded_vec, grad_weight_lanes, grad_bias_lanes;
+  int pad[kMaxLayers + 1];
+
+  Scratch(const DecoderPlan& plan, bool backward) {
+    constexpr int T = kLanes<scalar_t>;
+    const int nl = plan.num_layers;
+    act.resize(nl + 1);
+    pad[0] = 0;
+    act[0].assign(static_cast<int64_t>(plan.layers[0].in_size()) * T, scalar_t(0));
+    for (int i = 0; i < nl; ++i) {
+      const Layer& layer = plan.layers[i];
+      pad[i + 1] = (i + 1 < nl && plan.layers[i + 1].is_conv) ? 1 : 0;
+      act[i + 1].assign(buffer_size(layer.out_c, layer.out_h, layer.out_w, pad[i + 1], T), scalar_t(0));
+    }
+    folded.resize(nl);
+    folded_vec.resize(nl);
+    for (int i = 0; i < nl; ++i) {
+      if (!plan.layers[i].is_conv) continue;
+      folded[i].resize(folded_size(plan.layers[i]));
+      folded_vec[i].resize(folded_size(plan.layers[i]));
+    }
+    if (!backward) return;
+    grad.resize(nl + 1);
+    for (int i = 0; i <= nl; ++i) grad[i].assign(act[i].size(), scalar_t(0));
+    grad_weight.resize(nl);
+    grad_bias.resize(nl);
+    grad_weight_lanes.resize(nl);
+    grad_bias_lanes.resize(nl);
+    for (int i = 0; i < nl; ++i) {
+      const Layer& layer = plan.layers[i];
+      grad_weight[i].resize(layer.is_conv ? folded_size(layer) : layer.weight_size());
+      grad_bias[i].resize(layer.bias_size());
+      grad_weight_lanes[i].resize(grad_weight[i].size());
+      grad_bias_lanes[i].resize(layer.bias_size());
+    }
+  }
+};
+
+// Decodes rows[r0 .. r0 + n) (n <= lanes) of `expert` into scratch.act; returns the token of each lane.
+template <typename scalar_t>
+void decode_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s, int64_t expert, int64_t r0, int n,
+                  int64_t* tokens) {
+  constexpr int T = kLanes<scalar_t>;
+  const int64_t L = pb.latent;
+  scalar_t* zt = s.act[0].data();  // [L][T]
+  for (int t = 0; t < T; ++t) {
+    tokens[t] = t < n ? pb.rows[r0 + t] / pb.slots : -1;
+    for (int64_t l = 0; l < L; ++l) zt[l * T + t] = t < n ? pb.z[tokens[t] * L + l] : scalar_t(0);
+  }
+  for (int i = 0; i < pb.plan.num_layers; ++i) {
+    const Layer& layer = pb.plan.layers[i];
+    const scalar_t* bias = pb.bias[i] + expert * layer.bias_size();
+    if (layer.is_conv) {
+      conv_fwd(layer, s.act[i].data(), s.folded_vec[i].data(), bias, s.act[i + 1].data(), s.pad[i + 1]);
+    } else {
+      linear_fwd(layer, s.act[i].data(), pb.weight[i] + expert * layer.weight_size(), bias, s.act[i + 1].data(),
+                 s.pad[i + 1]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void fold_item_weights(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s, int64_t expert) {
+  for (int i = 0; i < pb.plan.num_layers; ++i) {
+    const Layer& layer = pb.plan.layers[i];
+    if (!layer.is_conv) continue;
+    fold_conv_weight(layer, pb.weight[i] + expert * layer.weight_size(), s.folded[i].data());
+    for (size_t j = 0; j < s.folded[i].size(); ++j) s.folded_vec[i][j] = broadcast(s.folded[i][j]);
+  }
+}
+
+// out[b] = sum_k gate[b, k] * D_{expert(b, k)}(z[b]), slot by slot.
+template <typename scalar_t>
+void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
+  constexpr int T = kLanes<scalar_t>;
+  for (int64_t k = 0; k < pb.slots; ++k) {
+    at::parallel_for(pb.phase_begin[k], pb.phase_begin[k + 1], 1, [&](int64_t i0, int64_t i1) {
+      Scratch<scalar_t> s(pb.plan, false);
+      int64_t tokens[T];
+      for (int64_t i = i0; i < i1; ++i) {
+        const WorkItem& item = pb.items[i];
+        fold_item_weights(pb, s, item.expert);
+        for (int64_t r0 = item.row_begin; r0 < item.row_end; r0 += T) {
+          const int n = static_cast<int>(std::min<int64_t>(T, item.row_end - r0));
+          decode_block(pb, s, item.expert, r0, n, tokens);
+          const scalar_t* y = s.act[pb.plan.num_layers].data();  // [784][T]
+          for (int t = 0; t < n; ++t) {
+            const scalar_t gate = pb.gates ? pb.gates[pb.rows[r0 + t]] : scalar_t(1);
+            scalar_t* dst = out + tokens[t] * kImagePixels;
+            if (k == 0) {
+              for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] = gate * y[pix * T + t];
+            } else {
+              for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] += gate * y[pix * T + t];
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+// Gradients of experts_forward: grad_z [B, L], grad_gates [B * K] (if gates), grad_weight/bias per layer.
+template <typename scalar_t>
+void experts_backward(const ExpertsProblem<scalar_t>& pb, const scalar_t* grad_out, scalar_t* grad_z,
+                      scalar_t* grad_gates, scalar_t* const* grad_weight, scalar_t* const* grad_bias) {
+  constexpr int T = kLanes<scalar_t>;
+  const DecoderPlan& plan = pb.plan;
+  const int nl = plan.num_layers;
+  int64_t params = 0;  // one expert's parameters: the size of a partial slot
+  for (int i = 0; i < nl; ++i) params += plan.layers[i].weight_size() + plan.layers[i].bias_size();
+  int64_t num_partials = 0;
+  for (const WorkItem& item : pb.items) num_partials = std::max(num_partials, item.partial + 1);
+  std::vector<scalar_t> partials(num_partials * params, scalar_t(0));
+
+  for (int64_t k = 0; k < pb.slots; ++k) {
+    at::parallel_for(pb.phase_begin[k], pb.phase_begin[k + 1], 1, [&](int64_t i0, int64_t i1) {
+      Scratch<scalar_t> s(plan, true);
+      int64_t tokens[T];
+      for (int64_t i = i0; i < i1; ++i) {
+        const WorkItem& item = pb.items[i];
+        fold_item_weights(pb, s, item.expert);
+        for (int l = 0; l < nl; ++l) {
+          std::fill(s.grad_weight_lanes[l].begin(), s.grad_weight_lanes[l].end(), Vec<scalar_t>{});
+          std::fill(s.grad_bias_lanes[l].begin(), s.grad_bias_lanes[l].end(), Vec<scalar_t>{});
+        }
+        for (int64_t r0 = item.row_begin; r0 < item.row_end; r0 += T) {
+          const int n = static_cast<int>(std::min<int64_t>(T, item.row_end - r0));
+          decode_block(pb, s, item.expert, r0, n, tokens);
+          const scalar_t* y = s.act[nl].data();
+          scalar_t* dy = s.grad[nl].data();
+          for (int t = 0; t < T; ++t) {
+            if (t >= n) {
+              for (int pix = 0; pix < kImagePixels; ++pix) dy[pix * T + t] = scalar_t(0);
+              continue;
+            }
+            const int64_t row = pb.rows[r0 + t];
+            const scalar_t gate = pb.gates ? pb.gates[row] : scalar_t(1);
+            const scalar_t* g = grad_out + tokens[t] * kImagePixels;
+            scalar_t dgate = 0;
+            for (int pix = 0; pix < kImagePixels; ++pix) {
+              dgate += g[pix] * y[pix * T + t];
+              dy[pix * T + t] = gate * g[pix];
+            }
+            if (grad_gates) grad_gates[row] = dgate;
+          }
+          for (int l = nl - 1; l >= 0; --l) {
+            const Layer& layer = plan.layers[l];
+            const scalar_t* a = s.act[l + 1].data();
+            scalar_t* d = s.grad[l + 1].data();
+            for (size_t j = 0; j < s.grad[l + 1].size(); j += T) store(d + j, load(d + j) * activation_grad<scalar_t>(load(a + j), layer.act));
+            if (layer.is_conv) {
+              conv_bwd(layer, s.act[l].data(), s.folded[l].data(), d, s.pad[l + 1], s.grad[l].data(),
+                       s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
+            } else {
+              linear_bwd(layer, s.act[l].data(), pb.weight[l] + item.expert * layer.weight_size(), d, s.pad[l + 1],
+                         s.grad[l].data(), s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
+            }
+          }
+          const scalar_t* dzt = s.grad[0].data();
+          for (int t = 0; t < n; ++t) {
+            scalar_t* dst = grad_z + tokens[t] * pb.latent;
+            for (int64_t l = 0; l < pb.latent; ++l) dst[l] = (k == 0 ? scalar_t(0) : dst[l]) + dzt[l * T + t];
+          }
+        }
+        // The item's weight gradients go to the expert's gradient or to the item's partial slot.
+        scalar_t* partial = item.partial >= 0 ? partials.data() + item.partial * params : nullptr;
+        for (int l = 0; l < nl; ++l) {
+          const Layer& layer = plan.layers[l];
+          for (size_t j = 0; j < s.grad_bias[l].size(); ++j) s.grad_bias[l][j] = lane_sum<scalar_t>(s.grad_bias_lanes[l][j]);
+          scalar_t* gw = partial ? partial : grad_weight[l] + item.expert * layer.weight_size();
+          if (layer.is_conv) {
+            for (size_t j = 0; j < s.grad_weight[l].size(); ++j) s.grad_weight[l][j] = lane_sum<scalar_t>(s.grad_weight_lanes[l][j]);
+            unfold_conv_grad(layer, s.grad_weight[l].data(), gw);
+          } else {
+            for (int j = 0; j < layer.weight_size(); ++j) gw[j] += lane_sum<scalar_t>(s.grad_weight_lanes[l][j]);
+          }
+          if (partial) partial += layer.weight_size();
+          scalar_t* gb = partial ? partial : grad_bias[l] + item.expert * layer.bias_size();
+          for (int j = 0; j < layer.bias_size(); ++j) gb[j] += s.grad_bias[l][j];
+          if (partial) partial += layer.bias_size();
+        }
+      }
+    });
+  }
+  // Partial slots, added in item order per expert: deterministic.
+  std::vector<std::vector<int64_t>> expert_partials(pb.num_experts);
+  for (const WorkItem& item : pb.items)
+    if (item.partial >= 0) expert_partials[item.expert].push_back(item.partial);
+  at::parallel_for(0, pb.num_experts, 1, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e)
+      for (int64_t slot : expert_partials[e]) {
+        const scalar_t* partial = partials.data() + slot * params;
+        for (int l = 0; l < nl; ++l) {
+          const Layer& layer = plan.layers[l];
+          scalar_t* gw = grad_weight[l] + e * layer.weight_size();
+          for (int j = 0; j < layer.weight_size(); ++j) gw[j] += *partial++;
+          scalar_t* gb = grad_bias[l] + e * layer.bias_size();
+          for (int j = 0; j < layer.bias_size(); ++j) gb[j] += *partial++;
+        }
+      }
+  });
+}
+
+// Rows grouped by (slot, expert) and split into work items; `rows` receives the flat row indices.
+// soft: K = E and slot k holds every token for expert k. top-k / hard: a counting sort on k * E + e.
+void plan_items(const at::Tensor& idx, int64_t num_tokens, int64_t slots, int64_t num_experts, int lanes,
+                std::vector<int64_t>& rows, std::vector<WorkItem>& items, std::vector<int64_t>& phase_begin) {
+  const int64_t total = num_tokens * slots;
+  rows.resize(total);
+  std::vector<int64_t> key_offsets;
+  if (!idx.defined()) {
+    key_offsets.assign(slots + 1, 0);
+    for (int64_t k = 0; k <= slots; ++k) key_offsets[k] = k * num_tokens;
+    for (int64_t k = 0; k < slots; ++k)
+      for (int64_t b = 0; b < num_tokens; ++b) rows[k * num_tokens + b] = b * slots + k;
+  } else {
+    std::vector<int64_t> keys(total);
+    AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "cpp_experts_plan", [&] {
+      const index_t* expert = idx.data_ptr<index_t>();
+      for (int64_t f = 0; f < total; ++f) {
+        const int64_t e = static_cast<int64_t>(expert[f]);
+        TORCH_CHECK(e >= 0 && e < num_experts, "expert index ", e, " at flat position ", f, " is out of range [0, ",
+                    num_experts, ")");
+        keys[f] = (f % slots) * num_experts + e;
+      }
+    });
+    key_offsets.resize(slots * num_experts + 1);
+    stable_counting_sort(keys.data(), total, slots * num_experts, key_offsets.data(), rows.data());
+  }
+  // Chunks depend on the sizes only (never on the thread count): at most ~64 chunks beyond one per group.
+  const int64_t chunk = std::max<int64_t>(8 * lanes, ((total + 63) / 64 + lanes - 1) / lanes * lanes);
+  std::vector<bool> expert_seen(num_experts, false);
+  int64_t next_partial = 0;
+  phase_begin.assign(slots + 1, 0);
+  const int64_t groups_per_slot = idx.defined() ? num_experts : 1;
+  for (int64_t k = 0; k < slots; ++k) {
+    phase_begin[k] = static_cast<int64_t>(items.size());
+    for (int64_t g = 0; g < groups_per_slot; ++g) {
+      const int64_t key = k * groups_per_slot + g;
+      const int64_t expert = idx.defined() ? g : k;
+      for (int64_t r = key_offsets[key]; r < key_offsets[key + 1]; r += chunk) {
+        const int64_t partial = expert_seen[expert] ? next_partial++ : -1;
+        expert_seen[expert] = true;
+        items.push_back(WorkItem{k, expert, r, std::min(r + chunk, key_offsets[key + 1]), partial});
+      }
+    }
+  }
+  phase_begin[slots] = static_cast<int64_t>(items.size());
+}
+
+// Shared set-up of the forward and backward ops. idx: [B, K] expert indices, or undefined for soft.
+template <typename scalar_t>
+ExpertsProblem<scalar_t> make_problem(const DecoderPlan& plan, const at::Tensor& z, const at::Tensor& idx,
+                                      const at::Tensor& gates, int64_t slots, int64_t num_experts,
+                                      const std::vector<at::Tensor>& weights, std::vector<int64_t>& rows) {
+  ExpertsProblem<scalar_t> pb;
+  pb.plan = plan;
+  pb.num_tokens = z.size(0);
+  pb.latent = z.size(1);
+  pb.slots = slots;
+  pb.num_experts = num_experts;
+  pb.z = z.data_ptr<scalar_t>();
+  pb.gates = gates.defined() ? gates.data_ptr<scalar_t>() : nullptr;
+  for (int i = 0; i < plan.num_layers; ++i) {
+    pb.weight[i] = weights[2 * i].data_ptr<scalar_t>();
+    pb.bias[i] = weights[2 * i + 1].data_ptr<scalar_t>();
+  }
+  plan_items(idx, pb.num_tokens, slots, num_experts, kLanes<scalar_t>, rows, pb.items, pb.phase_begin);
+  pb.rows = rows.data();
+  return pb;
+}
+
+at::Tensor experts_fwd_common(const at::Tensor& z_in, const at::Tensor& idx_in, const at::Tensor& gates_in,
+                              at::TensorList weights_in, c10::string_view kind, bool soft) {
+  CHECK_FLOAT(z_in);
+  CHECK_DIM(z_in, 2);
+  int64_t num_experts = 0;
+  const DecoderPlan plan = checked_plan(kind, z_in, weights_in, &num_experts);
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor idx = idx_in.defined() ? idx_in.contiguous() : idx_in;
+  const at::Tensor gates = gates_in.defined() ? gates_in.contiguous() : gates_in;
+  const std::vector<at::Tensor> weights = contiguous_all(weights_in);
+  const int64_t B = z.size(0);
+  const int64_t slots = soft ? num_experts : (idx.dim() == 2 ? idx.size(1) : 1);
+  if (gates.defined()) {
+    CHECK_SAME_DTYPE(gates, z);
+    CHECK_SHAPE(gates, B, slots);
+  }
+  at::Tensor out = alloc_output({B, 1, 28, 28}, z.options());
+  if (B == 0) return out;
+  std::vector<int64_t> rows;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "cpp_experts_fwd", [&] {
+    const auto pb = make_problem<scalar_t>(plan, z, idx, gates, slots, num_experts, weights, rows);
+    experts_forward(pb, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> experts_bwd_common(
+    const at::Tensor& grad_out_in, const at::Tensor& z_in, const at::Tensor& idx_in, const at::Tensor& gates_in,
+    at::TensorList weights_in, c10::string_view kind, bool soft) {
+  CHECK_FLOAT(z_in);
+  CHECK_DIM(z_in, 2);
+  int64_t num_experts = 0;
+  const DecoderPlan plan = checked_plan(kind, z_in, weights_in, &num_experts);
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor idx = idx_in.defined() ? idx_in.contiguous() : idx_in;
+  const at::Tensor gates = gates_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const std::vector<at::Tensor> weights = contiguous_all(weights_in);
+  const int64_t B = z.size(0);
+  const int64_t slots = soft ? num_experts : idx.size(1);
+  CHECK_SAME_DTYPE(gates, z);
+  CHECK_SHAPE(gates, B, slots);
+  CHECK_SAME_DTYPE(grad_out, z);
+  TORCH_CHECK(grad_out.numel() == B * kImagePixels, "grad_out must have shape (", B, ", 1, 28, 28), got ", grad_out.sizes());
+  at::Tensor grad_z = alloc_output(z.sizes(), z.options());
+  at::Tensor grad_gates = alloc_output(gates.sizes(), gates.options());
+  std::vector<at::Tensor> grad_weights;
+  for (const auto& w : weights) grad_weights.push_back(at::zeros_like(w));
+  if (B == 0) return {grad_z, grad_gates, grad_weights};
+  std::vector<int64_t> rows;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "cpp_experts_bwd", [&] {
+    const auto pb = make_problem<scalar_t>(plan, z, idx, gates, slots, num_experts, weights, rows);
+    scalar_t* gw[kMaxLayers];
+    scalar_t* gb[kMaxLayers];
+    for (int i = 0; i < plan.num_layers; ++i) {
+      gw[i] = grad_weights[2 * i].data_ptr<scalar_t>();
+      gb[i] = grad_weights[2 * i + 1].data_ptr<scalar_t>();
+    }
+    experts_backward(pb, grad_out.data_ptr<scalar_t>(), grad_z.data_ptr<scalar_t>(), grad_gates.data_ptr<scalar_t>(),
+                     gw, gb);
+  });
+  return {grad_z, grad_gates, grad_weights};
+}
+
+at::Tensor experts_hard_cpu(const at::Tensor& z, const at::Tensor& expert_idx, at::TensorList weights,
+                            c10::string_view kind) {
+  CHECK_INDEX(expert_idx);
+  CHECK_DIM(expert_idx, 1);
+  TORCH_CHECK(expert_idx.size(0) == z.size(0), "expert_idx must have one entry per token (", z.size(0), "), got ",
+              expert_idx.size(0));
+  return experts_fwd_common(z, expert_idx, at::Tensor(), weights, kind, false);
+}
+
+at::Tensor experts_topk_fwd_cpu(const at::Tensor& z, const at::Tensor& topk_idx, const at::Tensor& topk_gates,
+                                at::TensorList weights, c10::string_view kind) {
+  CHECK_INDEX(topk_idx);
+  CHECK_DIM(topk_idx, 2);
+  TORCH_CHECK(topk_idx.size(0) == z.size(0), "topk_idx must have one row per token (", z.size(0), "), got ", topk_idx.size(0));
+  return experts_fwd_common(z, topk_idx, topk_gates, weights, kind, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> experts_topk_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& topk_idx, const at::Tensor& topk_gates,
+    at::TensorList weights, c10::string_view kind) {
+  CHECK_INDEX(topk_idx);
+  CHECK_DIM(topk_idx, 2);
+  TORCH_CHECK(topk_idx.size(0) == z.size(0), "topk_idx must have one row per token (", z.size(0), "), got ", topk_idx.size(0));
+  return experts_bwd_common(grad_out, z, topk_idx, topk_gates, weights, kind, false);
+}
+
+at::Tensor experts_soft_fwd_cpu(const at::Tensor& z, const at::Tensor& gates, at::TensorList weights,
+                                c10::string_view kind) {
+  return experts_fwd_common(z, at::Tensor(), gates, weights, kind, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> experts_soft_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& gates, at::TensorList weights,
+    c10::string_view kind) {
+  return experts_bwd_common(grad_out, z, at::Tensor(), gates, weights, kind, true);
+}
+
+}  // namespace
+}  // namespace smoe_fast
+
+TORCH_LIBRARY_IMPL(smoe_fast, CPU, m) {
+  m.impl("cpp_group_by_expert", &smoe_fast::group_by_expert_cpu);
+  m.impl("cpp_experts_hard", &smoe_fast::experts_hard_cpu);
+  m.impl("cpp_experts_topk_fwd", &smoe_fast::experts_topk_fwd_cpu);
+  m.impl("cpp_experts_topk_bwd", &smoe_fast::experts_topk_bwd_cpu);
+  m.impl("cpp_experts_soft_fwd", &smoe_fast::experts_soft_fwd_cpu);
+  m.impl("cpp_experts_soft_bwd", &smoe_fast::experts_soft_bwd_cpu);
+}

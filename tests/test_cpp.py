@@ -1,0 +1,325 @@
+"""The "cpp" backend (csrc/, smoe_fast/extension.py) against the reference, on CPU.
+
+The extension is built once per test session (or loaded from the cache); a failing build fails
+these tests, it never skips them. Forward outputs and every gradient are compared with the
+reference under the DESIGN.md tolerance (fp32 rel-RMS <= 1e-5, fp64 <= 1e-12); routing tensors
+exactly and by invariants.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import assert_close, random_weights, routing_case
+from smoe_fast import extension, ops, reference
+
+DTYPES = [torch.float32, torch.float64]
+
+# (name, B, E, routing): each case names the edge it hits.
+HARD_CASES = [
+    ("uniform", 37, 5, "uniform"),          # several lane blocks per expert, partial last block
+    ("one_expert", 19, 4, "one_expert"),    # all tokens on one expert, the others empty
+    ("empty_experts", 23, 6, "even_only"),  # odd experts empty
+    ("skewed", 41, 7, "skewed"),            # prime E, very uneven counts
+    ("b1", 1, 3, "uniform"),                # B = 1
+    ("e_gt_b", 3, 11, "uniform"),           # E > B
+    ("b0", 0, 3, "uniform"),                # empty batch
+]
+SOFT_CASES = [("b13_e3", 13, 3), ("b1_e2", 1, 2), ("e_gt_b", 2, 5), ("b0", 0, 3), ("prime", 17, 7)]
+TOPK_CASES = [("k1", 13, 4, 1), ("k2", 17, 5, 2), ("k_eq_e", 11, 3, 3), ("k2_e_gt_b", 3, 7, 2), ("b0", 0, 3, 2)]
+KINDS = ["lite", "mlp", "medium"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built_extension():
+    """Build (or load) the extension once; a build failure is a test failure."""
+    extension.load()
+
+
+def _with_kinds(cases, medium_ok):
+    """cases x KINDS as pytest params; medium (~40x lite per token) only where medium_ok(case)."""
+    return [pytest.param(*case, kind, id=f"{case[0]}-{kind}") for case in cases for kind in KINDS
+            if kind != "medium" or medium_ok(case)]
+
+
+def _inputs(batch: int, num_experts: int, dtype, seed: int = 0, latent: int = 32):
+    g = torch.Generator().manual_seed(seed + 1)
+    z = torch.randn(batch, latent, generator=g, dtype=torch.float64).to(dtype)
+    return z
+
+
+def _grads(fn, tensors, weights, kind, seed=0):
+    """(output, gradients wrt tensors + every weight) of fn under a fixed random upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    wleaves = {k: v.detach().clone().requires_grad_() for k, v in weights.items()}
+    out = fn(*leaves, wleaves)
+    g = torch.Generator().manual_seed(seed + 7)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    names = extension._weight_list({k: k for k in wleaves}, kind)
+    inputs = leaves + [wleaves[n] for n in names]
+    if out.numel() == 0:
+        return out, [torch.zeros_like(t) for t in inputs], names
+    return out, torch.autograd.grad(out, inputs, upstream), names
+
+
+def _compare_with_grads(fn_cpp, fn_ref, tensors, weights, kind, tensor_names):
+    out, grads, names = _grads(fn_cpp, tensors, weights, kind)
+    out_ref, grads_ref, _ = _grads(fn_ref, tensors, weights, kind)
+    assert_close(out, out_ref, name="output")
+    for grad, grad_ref, name in zip(grads, grads_ref, list(tensor_names) + names):
+        assert_close(grad, grad_ref, name=f"grad of {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouping
+
+GROUP_CASES = HARD_CASES + [("large_prime", 1009, 13, "uniform")]
+
+
+def _check_routing_invariants(r, expert_idx, num_experts):
+    flat = expert_idx.reshape(-1).long()
+    n = flat.numel()
+    assert r.expert_counts.dtype == r.expert_offsets.dtype == r.sorted_token_idx.dtype == torch.int32
+    assert torch.equal(r.expert_counts.long(), torch.bincount(flat, minlength=num_experts))
+    assert r.expert_offsets[0] == 0 and torch.equal(r.expert_offsets[1:].long(), r.expert_counts.long().cumsum(0))
+    assert torch.equal(r.sorted_token_idx.long().sort().values, torch.arange(n))  # a permutation
+    assert torch.equal(r.token_sorted_pos.long()[r.sorted_token_idx.long()], torch.arange(n))  # its inverse
+    keys = flat[r.sorted_token_idx.long()] * (n + 1) + r.sorted_token_idx.long()
+    assert torch.all(keys[1:] > keys[:-1]), "rows must be sorted by expert, ascending (stable) within an expert"
+
+
+@pytest.mark.parametrize("name,batch,num_experts,routing", GROUP_CASES, ids=[c[0] for c in GROUP_CASES])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_group_by_expert_matches_reference(name, batch, num_experts, routing, index_dtype):
+    expert_idx = routing_case(routing, batch, num_experts).to(index_dtype)
+    r = extension.group_by_expert(expert_idx, num_experts)
+    expected = reference.group_by_expert(expert_idx.long(), num_experts)
+    for got, want, field in zip(r, expected, expected._fields):
+        assert torch.equal(got, want), f"{field}: {got.tolist()} != {want.tolist()}"
+    _check_routing_invariants(r, expert_idx, num_experts)
+
+
+@pytest.mark.parametrize("batch,num_experts,k", [(13, 5, 2), (7, 3, 3), (1, 4, 1)], ids=["k2", "k_eq_e", "b1"])
+def test_group_by_expert_topk(batch, num_experts, k):
+    g = torch.Generator().manual_seed(3)
+    topk_idx = torch.rand(batch, num_experts, generator=g).topk(k, dim=1).indices
+    r = ops.group_by_expert(topk_idx, num_experts, backend="cpp")
+    expected = reference.group_by_expert(topk_idx, num_experts)
+    for got, want, field in zip(r, expected, expected._fields):
+        assert torch.equal(got, want), field
+    _check_routing_invariants(r, topk_idx, num_experts)
+
+
+def test_group_by_expert_rejects_out_of_range():
+    with pytest.raises(RuntimeError, match=r"out of range \[0, 3\)"):
+        torch.ops.smoe_fast.cpp_group_by_expert(torch.tensor([0, 3]), 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hard-gated experts
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name,batch,num_experts,routing,kind", _with_kinds(HARD_CASES, lambda c: c[1] <= 23))
+def test_experts_hard_matches_reference(name, batch, num_experts, routing, kind, dtype):
+    weights = random_weights(kind, num_experts, dtype=dtype, seed=1)
+    z = _inputs(batch, num_experts, dtype)
+    expert_idx = routing_case(routing, batch, num_experts)
+    with torch.no_grad():
+        out = ops.experts_hard(z, expert_idx, weights, kind=kind, backend="cpp")
+    assert_close(out, reference.experts_hard(z, expert_idx, weights, kind), name="x_hat")
+
+
+@pytest.mark.parametrize("kind", ["lite", "mlp"])
+def test_nan_and_inf_propagate_like_the_reference(kind):
+    # Token 1 is NaN, token 2 +inf, token 3 -inf: the vectorised exp must not clamp NaN away.
+    weights = random_weights(kind, 2, seed=12)
+    z = _inputs(6, 2, torch.float32)
+    z[1, 0], z[2, :], z[3, :] = float("nan"), float("inf"), float("-inf")
+    expert_idx = torch.tensor([0, 1, 0, 1, 0, 1])
+    with torch.no_grad():
+        out = extension.experts_hard(z, expert_idx, weights, kind)
+        expected = reference.experts_hard(z, expert_idx, weights, kind)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)), "NaN pattern differs from the reference"
+    finite = torch.isfinite(expected)
+    assert_close(out[finite], expected[finite], name="finite outputs")
+
+
+@pytest.mark.parametrize("kind", ["lite", "mlp"])
+def test_experts_hard_gradients(kind):
+    # Under autograd experts_hard runs as top-1 with unit gates: every gradient matches the reference.
+    weights = random_weights(kind, 4, seed=2)
+    z = _inputs(21, 4, torch.float32)
+    expert_idx = routing_case("skewed", 21, 4)
+    _compare_with_grads(lambda z_, w: extension.experts_hard(z_, expert_idx, w, kind),
+                        lambda z_, w: reference.experts_hard(z_, expert_idx, w, kind), [z], weights, kind, ["z"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Soft-gated and top-k experts: forward and every gradient
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name,batch,num_experts,kind", _with_kinds(SOFT_CASES, lambda c: c[2] <= 3))
+def test_experts_soft_forward_and_gradients(name, batch, num_experts, kind, dtype):
+    weights = random_weights(kind, num_experts, dtype=dtype, seed=3)
+    z = _inputs(batch, num_experts, dtype)
+    gates = torch.randn(batch, num_experts, generator=torch.Generator().manual_seed(5), dtype=torch.float64).softmax(-1).to(dtype)
+    _compare_with_grads(lambda z_, g_, w: ops.experts_soft(z_, g_, w, kind=kind, backend="cpp"),
+                        lambda z_, g_, w: reference.experts_soft(z_, g_, w, kind), [z, gates], weights, kind,
+                        ["z", "gates"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name,batch,num_experts,k,kind", _with_kinds(TOPK_CASES, lambda c: c[1] <= 3 or c[3] == 1))
+def test_experts_topk_forward_and_gradients(name, batch, num_experts, k, kind, dtype):
+    weights = random_weights(kind, num_experts, dtype=dtype, seed=4)
+    z = _inputs(batch, num_experts, dtype)
+    g = torch.Generator().manual_seed(6)
+    scores = torch.rand(batch, num_experts, generator=g, dtype=torch.float64)
+    topk_gates, topk_idx = scores.topk(k, dim=1)
+    topk_gates = (topk_gates / topk_gates.sum(-1, keepdim=True)).to(dtype)
+    _compare_with_grads(lambda z_, g_, w: ops.experts_topk(z_, topk_idx, g_, w, kind=kind, backend="cpp"),
+                        lambda z_, g_, w: reference.experts_topk(z_, topk_idx, g_, w, kind), [z, topk_gates], weights,
+                        kind, ["z", "topk_gates"])
+
+
+def _non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a strided (every other row, non-contiguous) layout."""
+    out = torch.empty((2 * t.shape[0],) + t.shape[1:], dtype=t.dtype)[::2]
+    out.copy_(t)
+    assert not out.is_contiguous()
+    return out
+
+
+def test_non_contiguous_inputs():
+    # z, gates, indices and weights all non-contiguous: the glue must not read them as contiguous.
+    kind, batch, num_experts = "lite", 19, 4
+    weights = random_weights(kind, num_experts, seed=8)
+    weights_nc = {k: _non_contiguous(v) for k, v in weights.items()}
+    z = _inputs(batch, num_experts, torch.float32)
+    gates = torch.rand(batch, num_experts, generator=torch.Generator().manual_seed(2)).softmax(-1)
+    topk_gates, topk_idx = gates.topk(2, dim=1)
+    expert_idx = routing_case("uniform", batch, num_experts)
+    z_nc, gates_nc = _non_contiguous(z), _non_contiguous(gates)
+    with torch.no_grad():
+        assert_close(extension.experts_hard(z_nc, _non_contiguous(expert_idx), weights_nc, kind),
+                     reference.experts_hard(z, expert_idx, weights, kind), name="hard")
+        assert_close(extension.experts_topk(z_nc, _non_contiguous(topk_idx), _non_contiguous(topk_gates), weights_nc, kind),
+                     reference.experts_topk(z, topk_idx, topk_gates, weights, kind), name="topk")
+    _compare_with_grads(lambda z_, g_, w: extension.experts_soft(z_, g_, w, kind),
+                        lambda z_, g_, w: reference.experts_soft(z_, g_, w, kind), [z_nc, gates_nc], weights_nc, kind,
+                        ["z", "gates"])
+
+
+def test_weight_gradients_are_deterministic():
+    # B * E = 1,600 rows: several work items per expert, so the partial-sum reduction is exercised.
+    kind, batch, num_experts = "lite", 400, 4
+    weights = random_weights(kind, num_experts, seed=9)
+    z = _inputs(batch, num_experts, torch.float32)
+    gates = torch.rand(batch, num_experts, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    upstream = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    wl = extension._weight_list(weights, kind)
+    first = torch.ops.smoe_fast.cpp_experts_soft_bwd(upstream, z, gates, wl, kind)
+    second = torch.ops.smoe_fast.cpp_experts_soft_bwd(upstream, z, gates, wl, kind)
+    for a, b in zip([first[0], first[1], *first[2]], [second[0], second[1], *second[2]]):
+        assert torch.equal(a, b), "two identical backward runs must give bitwise equal gradients"
+
+
+def test_model_runs_on_cpp_backend():
+    import smoe_fast
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 28, 28)
+    model = smoe_fast.SMoEVAE(num_experts=3, backend="cpp")
+    ref = smoe_fast.SMoEVAE(num_experts=3, backend="reference")
+    ref.load_state_dict(model.state_dict())
+    for train in (True, False):
+        model.train(train)
+        ref.train(train)
+        out, out_ref = model(x, sample=False), ref(x, sample=False)
+        assert_close(out.recon, out_ref.recon, name=f"recon (train={train})")
+    model.train()
+    smoe_fast.smoe_loss(model(x), x, num_experts=3).total.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Op registration: schemas, fakes and autograd (torch.library.opcheck)
+
+def test_opcheck():
+    kind, batch, num_experts = "lite", 5, 3
+    weights = extension._weight_list(random_weights(kind, num_experts, seed=10), kind)
+    z = _inputs(batch, num_experts, torch.float32)
+    gates = torch.rand(batch, num_experts).softmax(-1)
+    topk_gates, topk_idx = gates.topk(2, dim=1)
+    upstream = torch.randn(batch, 1, 28, 28)
+    lib = torch.ops.smoe_fast
+    torch.library.opcheck(lib.cpp_group_by_expert.default, (topk_idx, num_experts))
+    torch.library.opcheck(lib.cpp_experts_hard.default, (z, topk_idx[:, 0], weights, kind))
+    torch.library.opcheck(lib.cpp_experts_soft_bwd.default, (upstream, z, gates, weights, kind))
+    torch.library.opcheck(lib.cpp_experts_topk_bwd.default, (upstream, z, topk_idx, topk_gates, weights, kind))
+    grad_weights = [w.clone().requires_grad_() for w in weights]
+    torch.library.opcheck(lib.cpp_experts_soft_fwd.default, (z.requires_grad_(), gates.requires_grad_(), grad_weights, kind))
+    torch.library.opcheck(lib.cpp_experts_topk_fwd.default, (z, topk_idx, topk_gates.requires_grad_(), grad_weights, kind))
+
+
+def test_torch_compile_traces_through():
+    # Fakes and autograd registration let torch.compile capture the ops in one graph.
+    kind = "lite"
+    weights = random_weights(kind, 3, seed=11)
+    z = _inputs(5, 3, torch.float32)
+    gates = torch.rand(5, 3, generator=torch.Generator().manual_seed(4)).softmax(-1)
+    compiled = torch.compile(lambda z_, g_, w: extension.experts_soft(z_, g_, w, kind), fullgraph=True, backend="aot_eager")
+    _compare_with_grads(compiled, lambda z_, g_, w: reference.experts_soft(z_, g_, w, kind), [z, gates], weights, kind,
+                        ["z", "gates"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Build cache and build errors
+
+def test_second_process_reuses_the_build():
+    code = ("from smoe_fast import extension; extension.load(); "
+            "print('built_here', extension._state['built_here']); print('path', extension._state['path'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr
+    assert "built_here False" in result.stdout, f"the second process rebuilt the extension:\n{result.stdout}"
+    assert str(extension._state["path"]) in result.stdout
+
+
+def _fresh_state(monkeypatch, tmp_path):
+    monkeypatch.setattr(extension, "_state", {"outcome": None, "built_here": False, "with_cuda": False, "path": None})
+    monkeypatch.setenv("SMOE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_broken_build_names_the_log(monkeypatch, tmp_path):
+    broken = tmp_path / "csrc"
+    broken.mkdir()
+    (broken / "torch_bindings.cpp").write_text("this is not C++;\n")
+    (broken / "experts_cpu.cpp").write_text("int smoe_fast_unused;\n")
+    monkeypatch.setattr(extension, "_source_dir", lambda: broken)
+    _fresh_state(monkeypatch, tmp_path)
+    with pytest.raises(extension.ExtensionBuildError, match=r"build\.log") as info:
+        extension.load()
+    log = next((tmp_path / "cache" / "ext").glob("*.build.log"))
+    assert str(log) in str(info.value)
+    assert "error" in log.read_text().lower(), "the log must hold the compiler's error output"
+    assert not [p for p in (tmp_path / "cache" / "ext").iterdir() if p.is_dir()], "a failed build must leave no folder"
+    reason = extension.problem(torch.device("cpu"))
+    assert reason is not None and str(log) in reason
+
+
+def test_missing_compiler_is_reported(monkeypatch, tmp_path):
+    _fresh_state(monkeypatch, tmp_path)
+    monkeypatch.setenv("CXX", "no-such-compiler-smoe")
+    reason = extension.problem(torch.device("cpu"))
+    assert reason is not None and "no-such-compiler-smoe" in reason and "build.log" in reason
+    assert "no-such-compiler-smoe" in extension.status()["buildable"]
+
+
+def test_status_reports_the_build():
+    status = extension.status()
+    assert status["built"] == "yes" and status["loaded"] == "yes"
+    assert status["cache dir"].startswith(str(extension.cache_dir()))
