@@ -14,33 +14,21 @@
 | dense_masked_topk       | top-k         | the dense pass with gates zero outside the k chosen experts    |
 | grouped_mm              | hard (mlp)    | sort tokens, torch.nn.functional.grouped_mm per layer, unsort  |
 
-The authors' modules are written from PAPER.md's layer tables and loaded from the stacked weights, so
-every baseline computes the same function as ``smoe_fast.ops`` on the same weights (the benchmarks
+The authors' modules (smoe_fast/authors.py) are written from PAPER.md's layer tables and loaded from
+the stacked weights, so every baseline computes the same function as ``smoe_fast.ops`` on the same weights (the benchmarks
 check each output against the reference backend).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe_fast.contract import IMAGE_SHAPE, Routing, decoder_param_shapes
+from smoe_fast import reference
+from smoe_fast.authors import decoders_from_stacked, per_sample_loop, stacked_soft
+from smoe_fast.contract import IMAGE_SHAPE
 from smoe_fast.reference import decode
-
-
-def random_weights(kind: str, num_experts: int, latent_dim: int = 32, hidden_dim: int = 256, device="cpu",
-                   dtype=torch.float32, seed: int = 0, requires_grad: bool = False) -> dict[str, torch.Tensor]:
-    """Stacked expert weights ``{"fc.weight": [E,392,L], ...}`` with PyTorch-default scales."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = decoder_param_shapes(kind, latent_dim, hidden_dim)
-    weights = {}
-    for name, shape in shapes.items():
-        fan_in = math.prod(shapes[name.split(".")[0] + ".weight"][1:])
-        w = (torch.rand((num_experts, *shape), generator=g) * 2 - 1) / math.sqrt(fan_in)
-        weights[name] = w.to(device=device, dtype=dtype).requires_grad_(requires_grad)
-    return weights
 
 
 def weight_bytes_per_expert(weights: dict[str, torch.Tensor]) -> int:
@@ -48,82 +36,14 @@ def weight_bytes_per_expert(weights: dict[str, torch.Tensor]) -> int:
 
 
 # ----------------------------------------------------------------------------- grouping
-def sort_bincount_cumsum(expert_idx: torch.Tensor, num_experts: int) -> Routing:
-    """The textbook grouping: stable sort, bincount, cumsum and the inverse permutation."""
-    flat = expert_idx.reshape(-1)
-    sorted_token_idx = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
-    offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
-    token_sorted_pos = torch.empty_like(sorted_token_idx)
-    token_sorted_pos[sorted_token_idx] = torch.arange(flat.numel(), device=flat.device)
-    return Routing(counts.int(), offsets.int(), sorted_token_idx.int(), token_sorted_pos.int())
-
+# The textbook torch pipeline (stable sort, bincount, cumsum, inverse permutation) is exactly what the
+# reference backend runs.
+sort_bincount_cumsum = reference.group_by_expert
 
 # ----------------------------------------------------------------------------- the authors' formulation
-class _LiteDecoder(nn.Module):
-    def __init__(self, latent_dim: int):
-        super().__init__()
-        self.fc = nn.Linear(latent_dim, 8 * 7 * 7)
-        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 1, 3, padding=1)
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-
-    def forward(self, z):
-        h = F.elu(self.conv1(self.up(self.fc(z).view(-1, 8, 7, 7))))
-        return torch.sigmoid(self.conv2(self.up(h)))
-
-
-class _MediumDecoder(nn.Module):
-    def __init__(self, latent_dim: int):
-        super().__init__()
-        self.fc = nn.Linear(latent_dim, 32 * 7 * 7)
-        self.conv1 = nn.Conv2d(32, 64, 3, padding=1)
-        self.conv2 = nn.Conv2d(64, 32, 3, padding=1)
-        self.conv3 = nn.Conv2d(32, 1, 3, padding=1)
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-
-    def forward(self, z):
-        h = F.elu(self.conv1(self.up(self.fc(z).view(-1, 32, 7, 7))))
-        return torch.sigmoid(self.conv3(F.elu(self.conv2(self.up(h)))))
-
-
-class _MLPDecoder(nn.Module):
-    def __init__(self, latent_dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(latent_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, 784)
-
-    def forward(self, z):
-        return torch.sigmoid(self.fc2(F.relu(self.fc1(z)))).view(-1, *IMAGE_SHAPE)
-
-
-def authors_decoders(kind: str, weights: dict[str, torch.Tensor]) -> nn.ModuleList:
-    """One nn.Module per expert (the authors' ``decoders.{i}``), holding copies of the stacked weights."""
-    num_experts = next(iter(weights.values())).shape[0]
-    if kind == "mlp":
-        hidden, latent = weights["fc1.weight"].shape[1:]
-        make = lambda: _MLPDecoder(latent, hidden)  # noqa: E731
-    else:
-        latent = weights["fc.weight"].shape[-1]
-        make = (lambda: _LiteDecoder(latent)) if kind == "lite" else (lambda: _MediumDecoder(latent))  # noqa: E731
-    first = next(iter(weights.values()))
-    decoders = nn.ModuleList(make() for _ in range(num_experts)).to(device=first.device, dtype=first.dtype)
-    with torch.no_grad():
-        for e, decoder in enumerate(decoders):
-            decoder.load_state_dict({name: w[e] for name, w in weights.items()})
-    return decoders
-
-
-def authors_per_sample_loop(decoders: nn.ModuleList, z: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
-    """The authors' hard-gated inference: a Python loop over samples, one decoder call each."""
-    chosen = expert_idx.tolist()
-    return torch.cat([decoders[chosen[b]](z[b:b + 1]) for b in range(z.shape[0])])
-
-
-def authors_stacked_soft(decoders: nn.ModuleList, z: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """The authors' soft-gated training: stack every expert's output [B,E,1,28,28], weight by the gates."""
-    outputs = torch.stack([decoder(z) for decoder in decoders], dim=1)
-    return (gates[:, :, None, None, None] * outputs).sum(1)
+authors_decoders = decoders_from_stacked        # one nn.Module per expert, holding copies of the weights
+authors_per_sample_loop = per_sample_loop       # inference: a Python loop over samples
+authors_stacked_soft = stacked_soft             # training: stack [B,E,1,28,28], weight by the gates
 
 
 # ----------------------------------------------------------------------------- loop over sorted tokens

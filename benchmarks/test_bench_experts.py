@@ -20,6 +20,7 @@ from harness import (BACKENDS, DENSE_MAX_PAIRS, DENSE_TRAIN_MAX_PAIRS, DEVICE, E
                      MLP_HIDDEN, SOFT_MAX_PAIRS, TOP_K, TOPK_BATCHES, TRAIN_BATCHES, Work, check_close, reference_output,
                      authors_loop_tokens, require_backend, rotating, run_case, skip_if_too_many_pairs)
 from smoe_fast import ops, reference
+from smoe_fast.experts import random_weights
 from smoe_fast.profile import random_routing, stage_bytes, stage_flops
 
 HARD_IMPLS = (*BACKENDS, "authors_per_sample_loop", "per_expert_loop", "dense_gather")
@@ -29,7 +30,7 @@ TOPK_IMPLS = (*BACKENDS, "dense_masked_topk")
 
 
 def _weights(kind: str, num_experts: int, requires_grad: bool = False):
-    return baselines.random_weights(kind, num_experts, LATENT, MLP_HIDDEN, device=DEVICE, requires_grad=requires_grad)
+    return random_weights(kind, num_experts, LATENT, MLP_HIDDEN, device=DEVICE, requires_grad=requires_grad)
 
 
 def _hard_sets(batch: int, num_experts: int, routing: str = "uniform"):

@@ -19,6 +19,7 @@ import torch
 
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE
 
+from .grouping import group_by_expert_tiles
 from .grouped_layers import (ACT_ELU, ACT_NONE, ACT_SIGMOID, TILE_ROWS, Grouping, grouped_conv_dgrad,
                              grouped_conv_fwd, grouped_conv_wgrad)
 
@@ -121,7 +122,6 @@ def experts_medium(z: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Te
 
     >>> g, i = logits.softmax(-1).topk(2); y = experts_medium(z, i, g / g.sum(-1, keepdim=True), w)
     """
-    from .grouping import group_by_expert_tiles
 
     batch, top_k = topk_idx.shape
     ws = [weights[name].contiguous() for name in MEDIUM_WEIGHTS]

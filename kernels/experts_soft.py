@@ -26,6 +26,7 @@ from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 from .decoder_blocks import (BLOCK_M, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD, _experts_bwd_body,
                              _experts_fwd_body, dot_precision, kernel_weights, latent_pad, max_programs,
                              partial_layout, unpack_partials)
+from .experts_medium import experts_medium_soft
 
 _CONV_BLOCK_R = 64  # gathered conv rows per tl.dot
 
@@ -184,13 +185,13 @@ def experts_soft(z: torch.Tensor, gates: torch.Tensor, weights: dict[str, torch.
     """Soft-gated experts: ``x_hat = sum_e gates[:, e] * D_e(z)``, differentiable in z, gates and weights.
 
     z [B, L], gates [B, E], weights stacked per layer (``{"fc.weight": [E, 392, L], ...}``), kind "lite"
-    or "mlp" -> x_hat [B, 1, 28, 28]. Inputs are assumed checked (smoe_fast.ops does that).
+    or "mlp" (fused) or "medium" (layer by layer, kernels/experts_medium.py) -> x_hat [B, 1, 28, 28].
+    Inputs are assumed checked (smoe_fast.ops does that).
 
     >>> y = experts_soft(z, logits.softmax(-1), model.experts.weights(), kind="lite")
     """
     if kind == "medium":
-        # too big to fuse per row block: layer by layer over grouped rows (kernels/experts_medium.py)
-        from .experts_medium import experts_medium_soft
+        # too big to fuse per row block: layer by layer over grouped rows
         return experts_medium_soft(z, gates, weights)
     ws = kernel_weights(weights, kind)
     return _experts_soft_op(z, gates, ws, kind).view(z.shape[0], *IMAGE_SHAPE)

@@ -28,6 +28,8 @@ from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 from .decoder_blocks import (BLOCK_M, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD, _experts_bwd_body,
                              _experts_fwd_body, dot_precision, kernel_weights, latent_pad, max_programs,
                              partial_layout, unpack_partials)
+from .experts_medium import experts_medium
+from .grouping import group_by_expert
 
 _CONV_BLOCK_R = 64   # gathered conv rows per tl.dot
 _REDUCE_BLOCK = 1024  # weight-gradient columns per segment-sum program
@@ -225,16 +227,13 @@ def experts_topk(z: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Tens
     """Top-k experts: ``x_hat[b] = sum_k topk_gates[b, k] * D_{topk_idx[b, k]}(z[b])``.
 
     z [B, L], topk_idx [B, K] int64, topk_gates [B, K], weights stacked per layer, kind "lite" or
-    "mlp" -> x_hat [B, 1, 28, 28]; differentiable in z, topk_gates and weights. Inputs are assumed
+    "mlp" (fused) or "medium" (layer by layer) -> x_hat [B, 1, 28, 28]; differentiable in z, topk_gates and weights. Inputs are assumed
     checked (smoe_fast.ops does that).
 
     >>> g, i = logits.softmax(-1).topk(2); y = experts_topk(z, i, g / g.sum(-1, keepdim=True), w, "lite")
     """
-    from .grouping import group_by_expert
-
     if kind == "medium":
-        # too big to fuse per row block: layer by layer over grouped rows (kernels/experts_medium.py)
-        from .experts_medium import experts_medium
+        # too big to fuse per row block: layer by layer over grouped rows
         return experts_medium(z, topk_idx, topk_gates, weights)
     ws = kernel_weights(weights, kind)
     routing = group_by_expert(topk_idx, ws[0].shape[0])

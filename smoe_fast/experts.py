@@ -10,6 +10,23 @@ from . import ops
 from .contract import DECODER_KINDS, DEFAULT_MLP_HIDDEN, decoder_param_shapes
 
 
+def random_weights(kind: str, num_experts: int, latent_dim: int = 32, hidden_dim: int = DEFAULT_MLP_HIDDEN,
+                   dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
+                   requires_grad: bool = False) -> dict[str, torch.Tensor]:
+    """Seeded stacked expert weights ``{"fc.weight": [E,392,L], ...}`` with PyTorch's default scales.
+
+    Drawn in float64 and then cast, so one seed gives the same values in every dtype.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shapes = decoder_param_shapes(kind, latent_dim, hidden_dim)
+    weights = {}
+    for name, shape in shapes.items():
+        bound = 1.0 / math.sqrt(math.prod(shapes[name.split(".")[0] + ".weight"][1:]))
+        w = (torch.rand((num_experts, *shape), generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        weights[name] = w.to(dtype=dtype, device=device).requires_grad_(requires_grad)
+    return weights
+
+
 class _StackedLayer(nn.Module):
     """One decoder layer of all experts: ``weight [E, ...]`` and ``bias [E, ...]``."""
 

@@ -36,6 +36,7 @@ import torch
 from . import ops
 from .backends import BackendUnavailableError, resolve_backend
 from .contract import IMAGE_PIXELS, decoder_flops_per_token, decoder_param_shapes
+from .experts import random_weights
 
 STAGES = ("hard", "soft", "topk")
 BACKENDS = ("reference", "triton", "cpp")
@@ -164,11 +165,8 @@ def build_stage(stage: str, backend: str, batch: int, num_experts: int, kind: st
     """A zero-argument callable running one stage call (cycling through ``input_sets`` pre-generated
     inputs) and the number of distinct experts the routing touches (averaged over the sets)."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    from .experts import StackedExperts
-
-    weights = {n: w.detach().to(device).requires_grad_(stage != "hard")
-               for n, w in StackedExperts(num_experts, latent_dim, kind, hidden_dim).weights().items()}
+    weights = random_weights(kind, num_experts, latent_dim, hidden_dim, device=device, seed=seed,
+                             requires_grad=stage != "hard")
     params = list(weights.values())
     sets, touched = [], []
     for _ in range(input_sets):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from smoe_fast.contract import decoder_param_shapes
+from smoe_fast import experts
 
 # DESIGN.md tolerance policy: relative RMS error against the reference.
 RTOL_RMS = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -30,17 +30,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol_rms: float |
     assert rel_rms <= rtol_rms, f"{name}: relative RMS error {rel_rms:.3e} > {rtol_rms:.1e} (max abs error {max_abs:.3e})"
 
 
-def random_weights(kind: str, num_experts: int, latent_dim: int = 32, hidden_dim: int = 64, dtype=torch.float32,
-                   device="cpu", seed: int = 0, requires_grad: bool = False) -> dict[str, torch.Tensor]:
-    """Stacked expert weights with PyTorch-default-like scales, so activations stay in a sane range."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in decoder_param_shapes(kind, latent_dim, hidden_dim).items():
-        layer_fan_in = decoder_param_shapes(kind, latent_dim, hidden_dim)[name.split(".")[0] + ".weight"]
-        bound = 1.0 / (torch.tensor(layer_fan_in[1:]).prod().item() ** 0.5)
-        w = (torch.rand((num_experts, *shape), generator=g, dtype=torch.float64) * 2 - 1) * bound
-        out[name] = w.to(dtype=dtype, device=device).requires_grad_(requires_grad)
-    return out
+def random_weights(kind: str, num_experts: int, latent_dim: int = 32, hidden_dim: int = 64, **kwargs):
+    """Stacked expert weights with PyTorch-default scales (a small mlp hidden size for the tests)."""
+    return experts.random_weights(kind, num_experts, latent_dim, hidden_dim, **kwargs)
 
 
 def routing_case(name: str, batch: int, num_experts: int, seed: int = 0) -> torch.Tensor:

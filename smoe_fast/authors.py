@@ -1,7 +1,12 @@
-"""Independent per-expert torch modules in the authors' formulation, for cross-checking.
+"""The published SMoE-VAE's own formulation (shared/PAPER.md), for comparison and cross-checking.
 
-Written from PAPER.md's layer tables (not from smoe_fast's code): one nn.Module per expert, and the
-authors' per-sample inference loop and stacked soft training formulation.
+One ``nn.Module`` per expert (the authors' ``decoders.{i}``), the per-sample Python loop they use for
+hard-gated inference, and the ``[B, E, 1, 28, 28]`` stack they use for soft-gated training. Written
+from PAPER.md's layer tables, independently of :mod:`smoe_fast.reference`, so the tests can use it
+as a second oracle and the benchmarks as the baseline a user of the original code runs.
+
+>>> decoders = decoders_from_stacked("lite", model.experts.weights())
+>>> x_hat = per_sample_loop(decoders, z, expert_idx)      # what the authors' eval() does
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ class MLPDecoder(nn.Module):
         return torch.sigmoid(self.fc2(F.relu(self.fc1(z)))).view(-1, 1, 28, 28)
 
 
-def build_decoders(kind: str, stacked: dict[str, torch.Tensor]) -> nn.ModuleList:
+def decoders_from_stacked(kind: str, stacked: dict[str, torch.Tensor]) -> nn.ModuleList:
     """One module per expert, loaded from stacked weights."""
     num_experts = next(iter(stacked.values())).shape[0]
     if kind == "mlp":
@@ -58,7 +63,8 @@ def build_decoders(kind: str, stacked: dict[str, torch.Tensor]) -> nn.ModuleList
     else:
         latent = stacked["fc.weight"].shape[-1]
         make = (lambda: LiteDecoder(latent)) if kind == "lite" else (lambda: MediumDecoder(latent))  # noqa: E731
-    decoders = nn.ModuleList(make() for _ in range(num_experts)).to(next(iter(stacked.values())).dtype)
+    first = next(iter(stacked.values()))
+    decoders = nn.ModuleList(make() for _ in range(num_experts)).to(device=first.device, dtype=first.dtype)
     for e, decoder in enumerate(decoders):
         decoder.load_state_dict({name: w[e].detach() for name, w in stacked.items()})
     return decoders
@@ -68,7 +74,8 @@ def per_sample_loop(decoders: nn.ModuleList, z: torch.Tensor, expert_idx: torch.
     """The authors' hard-gated inference: a Python loop over samples."""
     if z.shape[0] == 0:
         return z.new_empty(0, 1, 28, 28)
-    return torch.cat([decoders[int(expert_idx[i])](z[i:i + 1]) for i in range(z.shape[0])])
+    chosen = expert_idx.tolist()
+    return torch.cat([decoders[chosen[i]](z[i:i + 1]) for i in range(z.shape[0])])
 
 
 def stacked_soft(decoders: nn.ModuleList, z: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
