@@ -409,6 +409,33 @@ def summarise(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"sweep": sweep, "routing": routing, "collapse": collapse, "separability": separability}
 
 
+def qualitative_findings(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(the paper's claim, what this run measured, whether it held) for each claim the run can test."""
+    findings = []
+    top = summary["sweep"][-1] if summary["sweep"] else None
+    if top and top["one_expert"] is not None and any(g["active"] > 1 for g in top["by_active"]):
+        multi = min((g for g in top["by_active"] if g["active"] > 1), key=lambda g: g["sse"])
+        findings.append(("more active experts lower the test SSE",
+                         f"1 expert {top['one_expert']:.2f} vs best with {multi['active']} active {multi['sse']:.2f}",
+                         multi["sse"] < top["one_expert"]))
+    routing = summary["routing"]
+    if "unsupervised" in routing and "supervised" in routing:
+        u, sup = routing["unsupervised"]["sse"], routing["supervised"]["sse"]
+        findings.append(("unsupervised routing reconstructs better than the supervised gate",
+                         f"unsupervised {u:.2f} vs supervised {sup:.2f}", u < sup))
+    plain = [c for c in summary["collapse"] if not c["revive"] and c["num_experts"] > 1]
+    if plain:
+        share = float(np.mean([c["active_subsample"] / c["num_experts"] for c in plain]))
+        findings.append(("about half the configured experts collapse (stay inactive)",
+                         f"{share:.0%} of configured experts active", 0.3 <= share <= 0.7))
+    for row in summary["separability"]:
+        if row["separability_experts"] is not None and row["separability_labels"] is not None:
+            findings.append((f"experts are more linearly separable than classes (E={row['num_experts']})",
+                             f"{row['separability_experts']:.1%} vs {row['separability_labels']:.1%}",
+                             row["separability_experts"] > row["separability_labels"]))
+    return findings
+
+
 # --------------------------------------------------------------------------- figures
 def make_figures(plan: Plan, results: list[dict[str, Any]], data: DataCache, focus: RunSpec) -> dict[str, Path]:
     """Draw every figure the results support; returns {figure key: path}. The focus run is reloaded
@@ -492,6 +519,12 @@ def write_report(plan: Plan, results: list[dict[str, Any]], figures: dict[str, P
               "6,700-image shuffled subsample, or all test images when there are fewer) and the count over the "
               "whole test set (*all*). Results are grouped by the authors' count.", ""]
 
+    findings = qualitative_findings(s)
+    if findings:
+        lines += ["## The paper's qualitative findings in this run", "",
+                  "| finding (paper) | this run | held? |", "|---|---|---|"]
+        lines += [f"| {claim} | {evidence} | {'yes' if held else '**no**'} |" for claim, evidence, held in findings]
+        lines += [""]
     lines += ["## Test SSE vs active experts (the paper's main result)", ""]
     if "sse_vs_active" in figures:
         lines += [f"![test SSE vs active experts]({_rel(plan, figures['sse_vs_active'])})", ""]

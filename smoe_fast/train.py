@@ -187,28 +187,43 @@ def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device:
 # ---------------------------------------------------------------------------- expert collapse
 @torch.no_grad()
 def revive_dead_experts(model: SMoEVAE, optimizer: torch.optim.Optimizer, wins: torch.Tensor, min_wins: int,
-                        generator: torch.Generator) -> list[int]:
+                        generator: torch.Generator, split: float = 0.5) -> list[int]:
     """Re-initialise every expert that won fewer than ``min_wins`` training samples this epoch.
 
-    Each dead expert becomes a perturbed copy of the busiest expert (weights, Adam moments and its
-    gate row); both gate rows then share the donor's traffic (bias - log 2), so the two compete and
-    split it. Returns the revived expert indices.
+    Each dead expert splits the busiest expert, as k-means splits a cluster: its decoder becomes a
+    slightly perturbed copy of the donor's (weights and Adam moments), and the two gate rows move
+    apart along a random direction, ``w_donor -/+ d`` with ``|d| = split * |w_donor|``, so the donor's
+    images are divided between them by a hyperplane instead of one copy taking all. Returns the
+    revived expert indices.
     """
     dead = [e for e in range(model.num_experts) if int(wins[e]) < min_wins]
     if not dead or len(dead) == model.num_experts:
         return []
-    donor = int(wins.argmax())
     gate = model.gating_network.fc3
-    params = list(model.experts.weights().values()) + [gate.weight, gate.bias]
+    wins = wins.double().clone()
+
+    def noise(like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
     for e in dead:
-        for p in params:
+        donor = int(wins.argmax())
+        for p in model.experts.weights().values():
             scale = 0.01 * float(p[donor].std()) if p[donor].numel() > 1 else 0.0
-            p[e] = p[donor] + scale * torch.randn(p[donor].shape, generator=generator, dtype=p.dtype).to(p.device)
+            p[e] = p[donor] + scale * noise(p[donor])
             state = optimizer.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key][e] = state[key][donor]
-    gate.bias[dead + [donor]] -= math.log(len(dead) + 1)
+        direction = noise(gate.weight[donor])
+        direction *= split * gate.weight[donor].norm() / direction.norm().clamp_min(1e-12)
+        gate.weight[e], gate.weight[donor] = gate.weight[donor] + direction, gate.weight[donor] - direction
+        gate.bias[e] = gate.bias[donor]
+        for p in (gate.weight, gate.bias):
+            for state in optimizer.state.get(p, {}).values():
+                if isinstance(state, torch.Tensor) and state.dim() > 0:
+                    state[[e, donor]] = 0
+        wins[donor] /= 2
+        wins[e] = wins[donor]
     return dead
 
 

@@ -127,3 +127,22 @@ def test_revive_dead_experts_copies_the_busiest_expert():
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
         train(dataclasses.replace(CONFIG, **{field: value}), TRAIN, TEST, progress=False)
+
+
+def test_revived_expert_takes_a_share_of_the_donors_images():
+    from smoe_fast.model import SMoEVAE
+    from smoe_fast.train import revive_dead_experts
+
+    torch.manual_seed(0)
+    model = SMoEVAE(num_experts=4, backend="reference")
+    z = torch.randn(2000, 32)
+    with torch.no_grad():
+        wins = torch.bincount(model.gating_network(z).argmax(-1), minlength=4)
+    donor = int(wins.argmax())
+    dead = [e for e in range(4) if wins[e] < 10] or [int(wins.argmin())]
+    wins[dead] = 0
+    revived = revive_dead_experts(model, torch.optim.Adam(model.parameters()), wins, 10, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        after = torch.bincount(model.gating_network(z).argmax(-1), minlength=4)
+    assert revived == dead
+    assert all(after[e] > 0 for e in dead) and after[donor] > 0, (wins.tolist(), after.tolist())
