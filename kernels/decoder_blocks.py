@@ -584,3 +584,17 @@ def _experts_bwd_body(
                     tl.store(p_dz + o_slot[:, None] * L + o_l[None, :], b_dz, mask=m_row[:, None] & m_l[None, :])
             _lite_store_partials(p_row, acc_fcw, acc_fcb, acc_w1c0, acc_w1c1, acc_w1c2, acc_w1c3, acc_b1,
                                  acc_w2, acc_b2, L, LP)
+
+
+@triton.jit
+def _segment_sum_kernel(p_part, p_toff, p_out, W_TOTAL, BLOCK: tl.constexpr):
+    """Deterministic per-expert reduction of per-tile partials (shared by top-k and the medium layers):
+    out[e, cols] = sum of partial rows tile_offsets[e] .. tile_offsets[e+1], in order (zero if none)."""
+    i_e = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    o_c = i_c * BLOCK + tl.arange(0, BLOCK)
+    m_c = o_c < W_TOTAL
+    b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t in range(tl.load(p_toff + i_e), tl.load(p_toff + i_e + 1)):
+        b_acc += tl.load(p_part + tl.cast(t, tl.int64) * W_TOTAL + o_c, mask=m_c, other=0.)
+    tl.store(p_out + i_e * W_TOTAL + o_c, b_acc, mask=m_c)

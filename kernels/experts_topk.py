@@ -13,7 +13,7 @@ place of y_slots [B*K, 784]; torch sums the K slots (deterministic). lite scratc
 
 Backward (``_experts_topk_bwd_kernel``): each tile recomputes its rows' forward and writes d gate
 [B*K], dz per slot [B*K, L] (summed over K by torch) and one packed partial weight-gradient row per
-tile [n_tiles_bound, W] fp32; ``_experts_topk_wgrad_sum_kernel`` then sums each expert's contiguous
+tile [n_tiles_bound, W] fp32; ``_segment_sum_kernel`` then sums each expert's contiguous
 tile rows in order (a deterministic segment sum, no atomics). Partial memory <= (cdiv(B*K, 16) +
 min(E, B*K)) * W, i.e. at most about the size of the weight gradient plus one row per 16 slots.
 """
@@ -25,9 +25,9 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 
-from .decoder_blocks import (BLOCK_M, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD, _experts_bwd_body,
-                             _experts_fwd_body, dot_precision, kernel_weights, latent_pad, max_programs,
-                             partial_layout, unpack_partials)
+from .decoder_blocks import (BLOCK_M, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD, dot_precision, _experts_bwd_body,
+                             _experts_fwd_body, kernel_weights, latent_pad, max_programs, partial_layout,
+                             _segment_sum_kernel, unpack_partials)
 from .experts_medium import experts_medium
 from .grouping import group_by_expert
 
@@ -69,19 +69,6 @@ def _experts_topk_bwd_kernel(
         B, L, H, E, K, n_items, 1,
         False, IS_MLP, LOG_E, LP, HP, BM, BR, BN, PREC,
     )
-
-
-@triton.jit
-def _experts_topk_wgrad_sum_kernel(p_part, p_toff, p_out, W_TOTAL, BLOCK: tl.constexpr):
-    """out[e, cols] = sum of partial rows tile_offsets[e] .. tile_offsets[e+1], in order (zero if none)."""
-    i_e = tl.program_id(0).to(tl.int64)
-    i_c = tl.program_id(1).to(tl.int64)
-    o_c = i_c * BLOCK + tl.arange(0, BLOCK)
-    m_c = o_c < W_TOTAL
-    b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for t in range(tl.load(p_toff + i_e), tl.load(p_toff + i_e + 1)):
-        b_acc += tl.load(p_part + tl.cast(t, tl.int64) * W_TOTAL + o_c, mask=m_c, other=0.)
-    tl.store(p_out + i_e * W_TOTAL + o_c, b_acc, mask=m_c)
 
 
 def _dims(z: torch.Tensor, ws: list[torch.Tensor], kind: str) -> tuple[int, int, int]:
@@ -175,7 +162,7 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
         num_warps=8,
     )
     flat = alloc_output((num_experts, sum(sizes)), like=z, dtype=torch.float32)
-    _experts_topk_wgrad_sum_kernel[(num_experts, triton.cdiv(sum(sizes), _REDUCE_BLOCK))](
+    _segment_sum_kernel[(num_experts, triton.cdiv(sum(sizes), _REDUCE_BLOCK))](
         partials, tile_offs, flat, sum(sizes),
         BLOCK=_REDUCE_BLOCK,
     )

@@ -24,7 +24,7 @@ KS=1, H=W=1, UP=1 is a linear layer (W_e [C_OUT, C_IN]); ``HAS_IDX`` reads input
 dgrad folds the nearest-neighbour upsampling's adjoint (a sum over the UP*UP copies) into its
 reduction. Backward kernels take the layer's stored output y and apply act' on load (ELU: y > 0 ? 1 :
 y + 1; sigmoid: y (1 - y)), so the pre-activation gradient is never stored. wgrad writes one partial
-[C_OUT, C_IN*KS*KS] (and bias [C_OUT]) per tile; ``_grouped_segment_sum_kernel`` adds each expert's
+[C_OUT, C_IN*KS*KS] (and bias [C_OUT]) per tile; ``_segment_sum_kernel`` adds each expert's
 tiles in order: deterministic, no atomics.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import triton.language as tl
 
 from smoe_fast.contract import alloc_output
 
-from .decoder_blocks import _tile_expert, dot_precision
+from .decoder_blocks import _segment_sum_kernel, _tile_expert, dot_precision
 
 TILE_ROWS = 16        # sorted rows of one expert per tile
 _BLOCK_K = 64         # reduction step of fwd / dgrad
@@ -238,19 +238,6 @@ def _grouped_conv_wgrad_kernel(
         tl.store(p_bpart + i_t * C_OUT + o_co, b_bias, mask=m_co)
 
 
-@triton.jit
-def _grouped_segment_sum_kernel(p_part, p_toff, p_out, W_TOTAL, BLOCK: tl.constexpr):
-    """out[e, cols] = sum of partial rows tile_offsets[e] .. tile_offsets[e+1], in order (zero if none)."""
-    i_e = tl.program_id(0).to(tl.int64)
-    i_c = tl.program_id(1).to(tl.int64)
-    o_c = i_c * BLOCK + tl.arange(0, BLOCK)
-    m_c = o_c < W_TOTAL
-    b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for t in range(tl.load(p_toff + i_e), tl.load(p_toff + i_e + 1)):
-        b_acc += tl.load(p_part + tl.cast(t, tl.int64) * W_TOTAL + o_c, mask=m_c, other=0.)
-    tl.store(p_out + i_e * W_TOTAL + o_c, b_acc, mask=m_c)
-
-
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
@@ -351,7 +338,7 @@ def grouped_segment_sum(partials: torch.Tensor, grouping: Grouping) -> torch.Ten
     """[tiles, W] fp32 per-tile partials -> [E, W] fp32 per-expert sums, in tile order (deterministic)."""
     width = partials.shape[1]
     out = alloc_output((grouping.num_experts, width), like=partials, dtype=torch.float32)
-    _grouped_segment_sum_kernel[(grouping.num_experts, triton.cdiv(width, _SUM_BLOCK))](
+    _segment_sum_kernel[(grouping.num_experts, triton.cdiv(width, _SUM_BLOCK))](
         partials, grouping.tile_offsets, out, width,
         BLOCK=_SUM_BLOCK,
     )

@@ -128,7 +128,7 @@ def _cases():
                         consts["LOG_E"] = max(1, (experts - 1).bit_length())
                     direction = "fwd" if is_fwd else "bwd"
                     cases.append((f"{op} {direction} {kind} {precision}", kernel, ptrs, _only(kernel, scalars), consts, 8))
-    cases.append(("topk wgrad_sum", experts_topk._experts_topk_wgrad_sum_kernel,
+    cases.append(("topk wgrad_sum", experts_topk._segment_sum_kernel,
                   {"p_part": "*fp32", "p_toff": "*i32", "p_out": "*fp32"}, dict(W_TOTAL=5000),
                   dict(BLOCK=experts_topk._REDUCE_BLOCK), 4))
 
@@ -162,7 +162,7 @@ def _cases():
                           dict(common, **x_strides),
                           dict(base, HAS_IDX=has_idx, BM=gl._block(c_out, 64), BN=gl._block(k_total, 64),
                                BK=gl._WGRAD_BLOCK_R), 4))
-    cases.append(("grouped segment_sum", gl._grouped_segment_sum_kernel,
+    cases.append(("grouped segment_sum", gl._segment_sum_kernel,
                   {"p_part": "*fp32", "p_toff": "*i32", "p_out": "*fp32"}, dict(W_TOTAL=18432),
                   dict(BLOCK=gl._SUM_BLOCK), 4))
     return cases
