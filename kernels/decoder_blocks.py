@@ -40,6 +40,7 @@ PIXELS = 784      # 1 x 28 x 28
 SCRATCH_FWD = FC_OUT + A1_SIZE                                # H0, A1
 SCRATCH_BWD = FC_OUT + A1_SIZE + PIXELS + A1_SIZE + FC_OUT    # H0, A1, G2, C1G, D0
 BLOCK_M = 16      # rows per block: the smallest tl.dot M
+CONV_BLOCK_R = 64  # gathered conv rows per tl.dot
 MLP_BLOCK_N = 64  # output pixels per mlp tile
 
 # _TAPS[p, s, t] = 1 if 3x3 tap t lands on source offset s for output parity p (see module docstring).
@@ -598,3 +599,14 @@ def _segment_sum_kernel(p_part, p_toff, p_out, W_TOTAL, BLOCK: tl.constexpr):
     for t in range(tl.load(p_toff + i_e), tl.load(p_toff + i_e + 1)):
         b_acc += tl.load(p_part + tl.cast(t, tl.int64) * W_TOTAL + o_c, mask=m_c, other=0.)
     tl.store(p_out + i_e * W_TOTAL + o_c, b_acc, mask=m_c)
+
+
+def launch_dims(z: torch.Tensor, ws: list[torch.Tensor], kind: str) -> tuple[int, int, int]:
+    """(E, L, H) for a launch: H is the mlp hidden size (1 for lite)."""
+    hidden = ws[0].shape[1] if kind == "mlp" else 1
+    return ws[0].shape[0], z.shape[1], hidden
+
+
+def weight_args(ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The six weight pointer slots of the kernels; mlp has four tensors, the last two slots are unused."""
+    return list(ws) + [ws[0]] * (6 - len(ws))

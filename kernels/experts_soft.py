@@ -23,12 +23,11 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 
-from .decoder_blocks import (BLOCK_M, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD, _experts_bwd_body,
-                             _experts_fwd_body, dot_precision, kernel_weights, latent_pad, max_programs,
-                             partial_layout, unpack_partials)
+from .decoder_blocks import (BLOCK_M, CONV_BLOCK_R, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD, dot_precision,
+                             _experts_bwd_body, _experts_fwd_body, kernel_weights, latent_pad, launch_dims,
+                             max_programs, partial_layout, unpack_partials, weight_args)
 from .experts_medium import experts_medium_soft
 
-_CONV_BLOCK_R = 64  # gathered conv rows per tl.dot
 
 
 @triton.jit
@@ -67,20 +66,9 @@ def _experts_soft_bwd_kernel(
     )
 
 
-def _dims(z: torch.Tensor, ws: list[torch.Tensor], kind: str) -> tuple[int, int, int]:
-    """(E, L, H): H is the mlp hidden size (1 for lite)."""
-    hidden = ws[0].shape[1] if kind == "mlp" else 1
-    return ws[0].shape[0], z.shape[1], hidden
-
-
-def _weight_args(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-    # mlp has four tensors; the last two pointer slots are unused there
-    return list(ws) + [ws[0]] * (6 - len(ws))
-
-
 def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor], kind: str) -> torch.Tensor:
     """Launcher: z [B, L], gates [B, E], kernel weights -> x_hat [B, 784] (dtype of z and gates promoted)."""
-    num_experts, latent, hidden = _dims(z, ws, kind)
+    num_experts, latent, hidden = launch_dims(z, ws, kind)
     batch = z.shape[0]
     out = alloc_output((batch, PIXELS), like=z, dtype=torch.promote_types(z.dtype, gates.dtype))
     if batch == 0:
@@ -92,13 +80,13 @@ def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor
     block_n = MLP_BLOCK_N if is_mlp else 1024
     _experts_soft_fwd_kernel[(grid_m, triton.cdiv(PIXELS, block_n))](
         z, z.stride(0), z.stride(1), gates, gates.stride(0), gates.stride(1), out,
-        *_weight_args(ws), scratch,
+        *weight_args(ws), scratch,
         batch, latent, hidden, num_experts, n_items,
         IS_MLP=is_mlp,
         LP=latent_pad(latent),
         HP=max(16, triton.next_power_of_2(hidden)),
         BM=BLOCK_M,
-        BR=_CONV_BLOCK_R,
+        BR=CONV_BLOCK_R,
         BN=block_n,
         PREC=dot_precision(),
         num_warps=8,
@@ -109,7 +97,7 @@ def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor
 def experts_soft_bwd(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor],
                      kind: str) -> list[torch.Tensor]:
     """Launcher: dL/dx_hat [B, 784] -> [dz, dgates, d(each kernel weight)], deterministic."""
-    num_experts, latent, hidden = _dims(z, ws, kind)
+    num_experts, latent, hidden = launch_dims(z, ws, kind)
     batch = z.shape[0]
     sizes = partial_layout(kind, latent, hidden)
     if batch == 0:
@@ -130,13 +118,13 @@ def experts_soft_bwd(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tenso
         grad_out, grad_out.stride(0), grad_out.stride(1), z, z.stride(0), z.stride(1),
         gates, gates.stride(0), gates.stride(1),
         dz_partial, dgates, partials, sum(sizes),
-        *_weight_args(ws), scratch,
+        *weight_args(ws), scratch,
         batch, latent, hidden, num_experts, n_items, blocks_per_item,
         IS_MLP=is_mlp,
         LP=latent_pad(latent),
         HP=max(16, triton.next_power_of_2(hidden)),
         BM=BLOCK_M,
-        BR=_CONV_BLOCK_R,
+        BR=CONV_BLOCK_R,
         BN=MLP_BLOCK_N,
         PREC=dot_precision(),
         num_warps=8,

@@ -25,13 +25,12 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 
-from .decoder_blocks import (BLOCK_M, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD, dot_precision, _experts_bwd_body,
-                             _experts_fwd_body, kernel_weights, latent_pad, max_programs, partial_layout,
-                             _segment_sum_kernel, unpack_partials)
+from .decoder_blocks import (BLOCK_M, CONV_BLOCK_R, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD, dot_precision,
+                             _experts_bwd_body, _experts_fwd_body, kernel_weights, latent_pad, launch_dims,
+                             max_programs, partial_layout, _segment_sum_kernel, unpack_partials, weight_args)
 from .experts_medium import experts_medium
 from .grouping import group_by_expert
 
-_CONV_BLOCK_R = 64   # gathered conv rows per tl.dot
 _REDUCE_BLOCK = 1024  # weight-gradient columns per segment-sum program
 
 
@@ -71,17 +70,6 @@ def _experts_topk_bwd_kernel(
     )
 
 
-def _dims(z: torch.Tensor, ws: list[torch.Tensor], kind: str) -> tuple[int, int, int]:
-    """(E, L, H): H is the mlp hidden size (1 for lite)."""
-    hidden = ws[0].shape[1] if kind == "mlp" else 1
-    return ws[0].shape[0], z.shape[1], hidden
-
-
-def _weight_args(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-    # mlp has four tensors; the last two pointer slots are unused there
-    return list(ws) + [ws[0]] * (6 - len(ws))
-
-
 def _tile_bound(rows: int, num_experts: int) -> int:
     """Upper bound on sum_e cdiv(count_e, BM) over any routing of ``rows`` rows, known on the host."""
     return triton.cdiv(rows, BLOCK_M) + min(num_experts, rows)
@@ -101,7 +89,7 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
                      expert_offsets: torch.Tensor, tile_offs: torch.Tensor, ws: list[torch.Tensor],
                      kind: str) -> torch.Tensor:
     """Launcher: rows grouped by expert -> x_hat [B, 784]."""
-    num_experts, latent, hidden = _dims(z, ws, kind)
+    num_experts, latent, hidden = launch_dims(z, ws, kind)
     batch, top_k = topk_gates.shape
     out_dtype = torch.promote_types(z.dtype, topk_gates.dtype)
     if batch == 0:
@@ -114,14 +102,14 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
     block_n = MLP_BLOCK_N if is_mlp else 1024
     _experts_topk_fwd_kernel[(grid_m, triton.cdiv(PIXELS, block_n))](
         z, z.stride(0), z.stride(1), topk_gates, topk_gates.stride(0), topk_gates.stride(1), y_slots,
-        *_weight_args(ws), scratch, sorted_token_idx, expert_offsets, tile_offs,
+        *weight_args(ws), scratch, sorted_token_idx, expert_offsets, tile_offs,
         batch, latent, hidden, num_experts, top_k, n_items,
         IS_MLP=is_mlp,
         LOG_E=_log_e(num_experts),
         LP=latent_pad(latent),
         HP=max(16, triton.next_power_of_2(hidden)),
         BM=BLOCK_M,
-        BR=_CONV_BLOCK_R,
+        BR=CONV_BLOCK_R,
         BN=block_n,
         PREC=dot_precision(),
         num_warps=8,
@@ -133,7 +121,7 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
                      sorted_token_idx: torch.Tensor, expert_offsets: torch.Tensor, tile_offs: torch.Tensor,
                      ws: list[torch.Tensor], kind: str) -> list[torch.Tensor]:
     """Launcher: dL/dx_hat [B, 784] -> [dz, d topk_gates, d(each kernel weight)], deterministic."""
-    num_experts, latent, hidden = _dims(z, ws, kind)
+    num_experts, latent, hidden = launch_dims(z, ws, kind)
     batch, top_k = topk_gates.shape
     if batch == 0:
         return [torch.zeros_like(z), torch.zeros_like(topk_gates)] + [torch.zeros_like(w) for w in ws]
@@ -149,14 +137,14 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
         grad_out, grad_out.stride(0), grad_out.stride(1), z, z.stride(0), z.stride(1),
         topk_gates, topk_gates.stride(0), topk_gates.stride(1),
         dz_slots, dgates, partials, sum(sizes),
-        *_weight_args(ws), scratch, sorted_token_idx, expert_offsets, tile_offs,
+        *weight_args(ws), scratch, sorted_token_idx, expert_offsets, tile_offs,
         batch, latent, hidden, num_experts, top_k, n_items,
         IS_MLP=is_mlp,
         LOG_E=_log_e(num_experts),
         LP=latent_pad(latent),
         HP=max(16, triton.next_power_of_2(hidden)),
         BM=BLOCK_M,
-        BR=_CONV_BLOCK_R,
+        BR=CONV_BLOCK_R,
         BN=MLP_BLOCK_N,
         PREC=dot_precision(),
         num_warps=8,

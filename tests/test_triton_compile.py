@@ -121,7 +121,7 @@ def _cases():
                     if op == "topk":
                         scalars["stride_gb"] = 2
                     consts = dict(IS_MLP=is_mlp, LP=decoder_blocks.latent_pad(latent), HP=max(16, _next_pow2(h)),
-                                  BM=block_m, BR=module._CONV_BLOCK_R,
+                                  BM=block_m, BR=module.CONV_BLOCK_R,
                                   BN=(decoder_blocks.MLP_BLOCK_N if is_mlp else 1024) if is_fwd else decoder_blocks.MLP_BLOCK_N,
                                   PREC=precision)
                     if op == "topk":
