@@ -28,11 +28,11 @@ every write is followed by ``tl.debug_barrier()`` before another thread reads it
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import tile_expert
 
 FC_OUT = 392      # 8 x 7 x 7
 A1_SIZE = 3136    # 16 x 14 x 14
@@ -47,10 +47,21 @@ MLP_BLOCK_N = 64  # output pixels per mlp tile
 _TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
 
 
+_taps_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """_TAPS as a tensor, made once per (device, dtype): no host-to-device copy on the hot path."""
+    key = (device, dtype)
+    if key not in _taps_cache:
+        _taps_cache[key] = torch.tensor(_TAPS, dtype=dtype).to(device)
+    return _taps_cache[key]
+
+
 def lite_effective_weights(conv1_weight: torch.Tensor, conv2_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Upsample+conv3x3 as per-parity 2x2 convs: conv1 [E,16,8,3,3] -> [E,4,32,16] (class, ci*4+s*2+r, co),
     conv2 [E,1,16,3,3] -> [E,4,64] (class, ci*4+s*2+r). Differentiable, O(E) and tiny."""
-    taps = torch.tensor(_TAPS, dtype=conv1_weight.dtype, device=conv1_weight.device)
+    taps = _taps(conv1_weight.device, conv1_weight.dtype)
     num_experts = conv1_weight.shape[0]
     w1 = torch.einsum("eoiyx,psy,qrx->epqisro", conv1_weight, taps, taps).reshape(num_experts, 4, 32, 16)
     w2 = torch.einsum("eiyx,psy,qrx->epqisr", conv2_weight[:, 0], taps, taps).reshape(num_experts, 4, 64)
@@ -83,24 +94,6 @@ def unpack_partials(flat: torch.Tensor, kernel_ws: list[torch.Tensor], kind: str
     sizes = partial_layout(kind, latent_dim, hidden_dim)
     parts = torch.split(flat, sizes, dim=1)
     return [p.reshape(w.shape).to(w.dtype, copy=True) for p, w in zip(parts, kernel_ws)]
-
-
-def dot_precision() -> str:
-    """tl.dot input precision for fp32, following torch's own TF32 switch at call time."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def max_programs(device: torch.device) -> int:
-    """Cap on persistent-grid programs (bounds scratch memory): 2 per SM on CUDA, 2 in the interpreter
-    (small on purpose there, so the tests exercise programs that loop over several items)."""
-    if device.type == "cuda":
-        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 2
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def latent_pad(latent_dim: int) -> int:
@@ -347,19 +340,6 @@ def _mlp_out_tile(b_h, p_w2, p_b2, n0, H, HP: tl.constexpr, BN: tl.constexpr, PR
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile_expert(p_toff, t, E, LOG_E: tl.constexpr):
-    """The expert owning tile t: the largest e in [0, E) with tile_offsets[e] <= t (binary search)."""
-    lo = t * 0
-    hi = lo + E - 1
-    for _ in tl.static_range(LOG_E):
-        mid = (lo + hi + 1) // 2
-        go_up = tl.load(p_toff + mid) <= t
-        lo = tl.where(go_up, mid, lo)
-        hi = tl.where(go_up, hi, mid - 1)
-    return lo
-
-
-@triton.jit
 def _block_rows(
     IS_SOFT: tl.constexpr, blk, e, B, K, p_sorted, p_eoff, p_toff, stride_gb, stride_gk, BM: tl.constexpr,
 ):
@@ -414,7 +394,7 @@ def _experts_fwd_body(
             e_lo = item * 0
             e_hi = e_lo + E
         else:
-            e_lo = _tile_expert(p_toff, item, E, LOG_E)
+            e_lo = tile_expert(p_toff, item, E, LOG_E)
             e_hi = tl.where(item < tl.load(p_toff + E), e_lo + 1, e_lo)
         o_tok, o_slot, o_gate, m_row, n_valid = _block_rows(
             IS_SOFT, item, e_lo, B, K, p_sorted, p_eoff, p_toff, stride_gb, stride_gk, BM)
@@ -475,7 +455,7 @@ def _experts_bwd_body(
             blk_lo = (item % (n_items // E)) * blocks_per_item
             blk_hi = tl.minimum(blk_lo + blocks_per_item, n_blocks)
         else:
-            e = _tile_expert(p_toff, item, E, LOG_E)
+            e = tile_expert(p_toff, item, E, LOG_E)
             blk_lo = item
             blk_hi = tl.where(item < tl.load(p_toff + E), item + 1, item)
         e64 = tl.cast(e, tl.int64)

@@ -51,8 +51,9 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS, IMAGE_SHAPE, alloc_output
 
-from .grouping import device_guard, group_by_expert_fwd
-from .tuning import experts_hard_config, num_programs_resident
+from .grouping import group_by_expert_fwd
+from .launch import device_guard, dot_precision, find_tile, log2_ceil, max_programs, tile_bound, tile_offsets
+from .tuning import experts_hard_config
 
 __all__ = ["experts_hard", "experts_hard_fwd"]
 
@@ -61,21 +62,6 @@ __all__ = ["experts_hard", "experts_hard_fwd"]
 def _mm(a, b, INPUT_PRECISION: tl.constexpr):
     """fp32 GEMM tile with fp32 accumulation; operands are converted first (fp16/bf16 are exact in TF32)."""
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
-
-
-@triton.jit
-def _find_tile(tile, tile_offsets, expert_offsets, E, num_search_steps, BM: tl.constexpr):
-    """(expert, first sorted row, rows) of a tile id: tile_offsets[e] <= tile < tile_offsets[e+1]."""
-    lo = tile * 0
-    hi = lo + E
-    for _ in range(num_search_steps):
-        mid = (lo + hi) // 2
-        go_right = tl.load(tile_offsets + mid) <= tile
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid)
-    row_start = tl.load(expert_offsets + lo) + (tile - tl.load(tile_offsets + lo)) * BM
-    n_rows = tl.minimum(tl.load(expert_offsets + lo + 1) - row_start, BM)
-    return lo.to(tl.int64), row_start, n_rows
 
 
 @triton.jit
@@ -221,7 +207,8 @@ def _experts_hard_conv_fwd_kernel(
     expert_offsets,      # [E+1] int32
     tile_offsets,        # [E+1] int32
     fc_w, fc_b, conv1_w, conv1_b, conv2_w, conv2_b, conv3_w, conv3_b,
-    E, L, stride_zb, stride_zl, max_tiles, num_search_steps, scratch_per_program,
+    E, L, stride_zb, stride_zl, max_tiles, scratch_per_program,
+    LOG_E: tl.constexpr,
     C0: tl.constexpr,
     C1: tl.constexpr,
     C2: tl.constexpr,
@@ -237,10 +224,9 @@ def _experts_hard_conv_fwd_kernel(
     p_h0 = scratch + i_p.to(tl.int64) * scratch_per_program   # [BM, C0, 7, 7]
     p_h1 = p_h0 + BM * C0 * 49                                # [TS, C1, 14, 14]
     p_h2 = p_h1 + TS * C1 * 196                               # [TS, C2, 28, 28] (medium)
-    num_tiles = tl.load(tile_offsets + E)
     for tile in range(i_p, max_tiles, tl.num_programs(0)):
-        if tile < num_tiles:
-            e, row_start, n_rows = _find_tile(tile, tile_offsets, expert_offsets, E, num_search_steps, BM)
+        e, row_start, n_rows = find_tile(tile_offsets, expert_offsets, tile, E, LOG_E, BM)
+        if n_rows > 0:
             p_tok = sorted_token_idx + row_start
             # the previous tile's readers of the scratch are done
             tl.debug_barrier()
@@ -269,7 +255,8 @@ def _experts_hard_mlp_fwd_kernel(
     expert_offsets,      # [E+1] int32
     tile_offsets,        # [E+1] int32
     fc1_w, fc1_b, fc2_w, fc2_b,
-    E, L, HIDDEN, stride_zb, stride_zl, max_tiles, num_search_steps,
+    E, L, HIDDEN, stride_zb, stride_zl, max_tiles,
+    LOG_E: tl.constexpr,
     PIXELS: tl.constexpr,
     BM: tl.constexpr,
     BH: tl.constexpr,
@@ -282,10 +269,9 @@ def _experts_hard_mlp_fwd_kernel(
     o_m = tl.arange(0, BM)
     o_h = tl.arange(0, BH)
     o_n = tl.arange(0, BN)
-    num_tiles = tl.load(tile_offsets + E)
     for tile in range(i_p, max_tiles, tl.num_programs(0)):
-        if tile < num_tiles:
-            e, row_start, n_rows = _find_tile(tile, tile_offsets, expert_offsets, E, num_search_steps, BM)
+        e, row_start, n_rows = find_tile(tile_offsets, expert_offsets, tile, E, LOG_E, BM)
+        if n_rows > 0:
             p_tok = sorted_token_idx + row_start
             tl.debug_barrier()
             _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, fc1_w, fc1_b, e, L, HIDDEN, p_h,
@@ -312,13 +298,6 @@ def _experts_hard_mlp_fwd_kernel(
 _CONV_CHANNELS = {"lite": (8, 16, 1), "medium": (32, 64, 32)}
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """TF32 follows torch's own matmul setting, read at call time; half inputs are exact in TF32."""
-    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layers: list[torch.Tensor]) -> torch.Tensor:
     """Launch grouping and the fused kernel. ``layers``: the weights of ``kind`` in contract order
     (fc.weight, fc.bias, conv1.weight, ... or fc1.weight, fc1.bias, fc2.weight, fc2.bias)."""
@@ -329,15 +308,15 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
         return out
     layers = [w.contiguous() for w in layers]
     device = z.device
-    programs_cap = num_programs_resident(device)
-    precision = _input_precision(z.dtype)
+    programs_cap = max_programs(device)
+    precision = dot_precision(z.dtype)
     block_l = max(16, triton.next_power_of_2(L))
-    num_search_steps = max(1, (E - 1).bit_length())
 
     def run(config):
         bm = config["BM"]
-        _, expert_offsets, sorted_token_idx, _, tile_offsets = group_by_expert_fwd(expert_idx, E, bm)
-        max_tiles = triton.cdiv(B, bm) + min(E, B)
+        expert_counts, expert_offsets, sorted_token_idx, _ = group_by_expert_fwd(expert_idx, E)
+        tiles = tile_offsets(expert_counts, bm)
+        max_tiles = tile_bound(B, E, bm)
         programs = min(max_tiles, programs_cap)
         if kind == "mlp":
             hidden = layers[0].shape[1]
@@ -348,7 +327,7 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
                 scratch=scratch,
                 sorted_token_idx=sorted_token_idx,
                 expert_offsets=expert_offsets,
-                tile_offsets=tile_offsets,
+                tile_offsets=tiles,
                 fc1_w=layers[0],
                 fc1_b=layers[1],
                 fc2_w=layers[2],
@@ -359,7 +338,7 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
                 stride_zb=z.stride(0),
                 stride_zl=z.stride(1),
                 max_tiles=max_tiles,
-                num_search_steps=num_search_steps,
+                LOG_E=log2_ceil(E),
                 PIXELS=IMAGE_PIXELS,
                 BM=bm,
                 BH=config["BH"],
@@ -381,7 +360,7 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
             scratch=scratch,
             sorted_token_idx=sorted_token_idx,
             expert_offsets=expert_offsets,
-            tile_offsets=tile_offsets,
+            tile_offsets=tiles,
             fc_w=layers[0],
             fc_b=layers[1],
             conv1_w=layers[2],
@@ -395,8 +374,8 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
             stride_zb=z.stride(0),
             stride_zl=z.stride(1),
             max_tiles=max_tiles,
-            num_search_steps=num_search_steps,
             scratch_per_program=per_program,
+            LOG_E=log2_ceil(E),
             C0=c0,
             C1=c1,
             C2=c2,

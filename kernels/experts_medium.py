@@ -20,6 +20,7 @@ import torch
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE
 
 from .grouping import group_by_expert_tiles
+from .launch import device_guard
 from .grouped_layers import (ACT_ELU, ACT_NONE, ACT_SIGMOID, TILE_ROWS, Grouping, grouped_conv_dgrad,
                              grouped_conv_fwd, grouped_conv_wgrad)
 
@@ -70,7 +71,8 @@ def experts_medium_bwd(grad_y: torch.Tensor, z: torch.Tensor, sorted_token_idx: 
 def _experts_medium_op(z: torch.Tensor, sorted_token_idx: torch.Tensor, token_sorted_pos: torch.Tensor,
                        expert_offsets: torch.Tensor, tile_offs: torch.Tensor, ws: list[torch.Tensor],
                        top_k: int) -> list[torch.Tensor]:
-    return experts_medium_fwd(z, sorted_token_idx, expert_offsets, tile_offs, ws, top_k)
+    with device_guard(z):
+        return experts_medium_fwd(z, sorted_token_idx, expert_offsets, tile_offs, ws, top_k)
 
 
 @_experts_medium_op.register_fake
@@ -84,8 +86,9 @@ def _experts_medium_bwd_op(grad_y: torch.Tensor, z: torch.Tensor, sorted_token_i
                            token_sorted_pos: torch.Tensor, expert_offsets: torch.Tensor, tile_offs: torch.Tensor,
                            ws: list[torch.Tensor], y: torch.Tensor, h0: torch.Tensor, a1: torch.Tensor,
                            a2: torch.Tensor, top_k: int) -> list[torch.Tensor]:
-    return experts_medium_bwd(grad_y, z, sorted_token_idx, token_sorted_pos, expert_offsets, tile_offs, ws,
-                              y, h0, a1, a2, top_k)
+    with device_guard(z):
+        return experts_medium_bwd(grad_y, z, sorted_token_idx, token_sorted_pos, expert_offsets, tile_offs, ws,
+                                  y, h0, a1, a2, top_k)
 
 
 @_experts_medium_bwd_op.register_fake

@@ -23,10 +23,11 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 
-from .decoder_blocks import (BLOCK_M, CONV_BLOCK_R, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD, dot_precision,
+from .decoder_blocks import (BLOCK_M, CONV_BLOCK_R, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD,
                              _experts_bwd_body, _experts_fwd_body, kernel_weights, latent_pad, launch_dims,
-                             max_programs, partial_layout, unpack_partials, weight_args)
+                             partial_layout, unpack_partials, weight_args)
 from .experts_medium import experts_medium_soft
+from .launch import device_guard, dot_precision, max_programs
 
 
 
@@ -88,7 +89,7 @@ def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor
         BM=BLOCK_M,
         BR=CONV_BLOCK_R,
         BN=block_n,
-        PREC=dot_precision(),
+        PREC=dot_precision(z.dtype),
         num_warps=8,
     )
     return out
@@ -126,7 +127,7 @@ def experts_soft_bwd(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tenso
         BM=BLOCK_M,
         BR=CONV_BLOCK_R,
         BN=MLP_BLOCK_N,
-        PREC=dot_precision(),
+        PREC=dot_precision(z.dtype),
         num_warps=8,
     )
     weight_grads = unpack_partials(partials.view(num_experts, runs, -1).sum(1), ws, kind, latent, hidden)
@@ -135,7 +136,8 @@ def experts_soft_bwd(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tenso
 
 @torch.library.custom_op("smoe_fast::triton_experts_soft", mutates_args=())
 def _experts_soft_op(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor], kind: str) -> torch.Tensor:
-    return experts_soft_fwd(z, gates, ws, kind)
+    with device_guard(z):
+        return experts_soft_fwd(z, gates, ws, kind)
 
 
 @_experts_soft_op.register_fake
@@ -146,7 +148,8 @@ def _(z, gates, ws, kind):
 @torch.library.custom_op("smoe_fast::triton_experts_soft_bwd", mutates_args=())
 def _experts_soft_bwd_op(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor],
                          kind: str) -> list[torch.Tensor]:
-    return experts_soft_bwd(grad_out, z, gates, ws, kind)
+    with device_guard(z):
+        return experts_soft_bwd(grad_out, z, gates, ws, kind)
 
 
 @_experts_soft_bwd_op.register_fake

@@ -2,7 +2,7 @@
 
 Each (token, slot) row runs through its one expert only. ``group_by_expert`` (kernels/grouping.py)
 sorts the B*K rows by expert; expert e's rows are cut into cdiv(count_e, BM) tiles and
-``tile_offsets`` (exclusive scan of tiles per expert, computed by torch on the device: no host sync)
+``tile_offsets`` (exclusive scan of tiles per expert, one launch on the device: no host sync)
 numbers them. A tile finds its expert by binary search over tile_offsets. The grid is bounded by
 cdiv(B*K, BM) + min(E, B*K) tiles, whatever the routing, and is persistent (<= 2 programs per SM), so
 time depends on B*K, not on E; empty experts cost nothing. (Weight-gradient tensors are [E, ...]
@@ -25,11 +25,12 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 
-from .decoder_blocks import (BLOCK_M, CONV_BLOCK_R, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD, dot_precision,
+from .decoder_blocks import (BLOCK_M, CONV_BLOCK_R, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD,
                              _experts_bwd_body, _experts_fwd_body, kernel_weights, latent_pad, launch_dims,
-                             max_programs, partial_layout, _segment_sum_kernel, unpack_partials, weight_args)
+                             partial_layout, _segment_sum_kernel, unpack_partials, weight_args)
 from .experts_medium import experts_medium
 from .grouping import group_by_expert
+from .launch import device_guard, dot_precision, log2_ceil, max_programs, tile_bound, tile_offsets
 
 _REDUCE_BLOCK = 1024  # weight-gradient columns per segment-sum program
 
@@ -70,21 +71,6 @@ def _experts_topk_bwd_kernel(
     )
 
 
-def _tile_bound(rows: int, num_experts: int) -> int:
-    """Upper bound on sum_e cdiv(count_e, BM) over any routing of ``rows`` rows, known on the host."""
-    return triton.cdiv(rows, BLOCK_M) + min(num_experts, rows)
-
-
-def tile_offsets(expert_counts: torch.Tensor) -> torch.Tensor:
-    """[E+1] int32 exclusive scan of cdiv(count_e, BM): expert e owns tiles tile_offsets[e]:[e+1]."""
-    tiles = torch.div(expert_counts + (BLOCK_M - 1), BLOCK_M, rounding_mode="floor")
-    return torch.cat([tiles.new_zeros(1), torch.cumsum(tiles, 0)]).to(torch.int32)
-
-
-def _log_e(num_experts: int) -> int:
-    return max(1, (num_experts - 1).bit_length())
-
-
 def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx: torch.Tensor,
                      expert_offsets: torch.Tensor, tile_offs: torch.Tensor, ws: list[torch.Tensor],
                      kind: str) -> torch.Tensor:
@@ -95,7 +81,7 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
     if batch == 0:
         return alloc_output((0, PIXELS), like=z, dtype=out_dtype)
     is_mlp = kind == "mlp"
-    n_items = _tile_bound(batch * top_k, num_experts)
+    n_items = tile_bound(batch * top_k, num_experts, BLOCK_M)
     grid_m = min(n_items, max_programs(z.device))
     y_slots = alloc_output((batch * top_k, PIXELS), like=z, dtype=torch.float32)
     scratch = z.new_empty(0 if is_mlp else grid_m * BLOCK_M * SCRATCH_FWD, dtype=torch.float32)
@@ -105,13 +91,13 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
         *weight_args(ws), scratch, sorted_token_idx, expert_offsets, tile_offs,
         batch, latent, hidden, num_experts, top_k, n_items,
         IS_MLP=is_mlp,
-        LOG_E=_log_e(num_experts),
+        LOG_E=log2_ceil(num_experts),
         LP=latent_pad(latent),
         HP=max(16, triton.next_power_of_2(hidden)),
         BM=BLOCK_M,
         BR=CONV_BLOCK_R,
         BN=block_n,
-        PREC=dot_precision(),
+        PREC=dot_precision(z.dtype),
         num_warps=8,
     )
     return y_slots.view(batch, top_k, PIXELS).sum(1).to(out_dtype)
@@ -127,7 +113,7 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
         return [torch.zeros_like(z), torch.zeros_like(topk_gates)] + [torch.zeros_like(w) for w in ws]
     sizes = partial_layout(kind, latent, hidden)
     is_mlp = kind == "mlp"
-    n_items = _tile_bound(batch * top_k, num_experts)
+    n_items = tile_bound(batch * top_k, num_experts, BLOCK_M)
     grid_m = min(n_items, max_programs(z.device))
     partials = alloc_output((n_items, sum(sizes)), like=z, dtype=torch.float32)
     dz_slots = alloc_output((batch * top_k, latent), like=z, dtype=torch.float32)
@@ -140,13 +126,13 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
         *weight_args(ws), scratch, sorted_token_idx, expert_offsets, tile_offs,
         batch, latent, hidden, num_experts, top_k, n_items,
         IS_MLP=is_mlp,
-        LOG_E=_log_e(num_experts),
+        LOG_E=log2_ceil(num_experts),
         LP=latent_pad(latent),
         HP=max(16, triton.next_power_of_2(hidden)),
         BM=BLOCK_M,
         BR=CONV_BLOCK_R,
         BN=MLP_BLOCK_N,
-        PREC=dot_precision(),
+        PREC=dot_precision(z.dtype),
         num_warps=8,
     )
     flat = alloc_output((num_experts, sum(sizes)), like=z, dtype=torch.float32)
@@ -162,7 +148,8 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
 def _experts_topk_op(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx: torch.Tensor,
                      expert_offsets: torch.Tensor, tile_offs: torch.Tensor, ws: list[torch.Tensor],
                      kind: str) -> torch.Tensor:
-    return experts_topk_fwd(z, topk_gates, sorted_token_idx, expert_offsets, tile_offs, ws, kind)
+    with device_guard(z):
+        return experts_topk_fwd(z, topk_gates, sorted_token_idx, expert_offsets, tile_offs, ws, kind)
 
 
 @_experts_topk_op.register_fake
@@ -174,7 +161,8 @@ def _(z, topk_gates, sorted_token_idx, expert_offsets, tile_offs, ws, kind):
 def _experts_topk_bwd_op(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.Tensor,
                          sorted_token_idx: torch.Tensor, expert_offsets: torch.Tensor, tile_offs: torch.Tensor,
                          ws: list[torch.Tensor], kind: str) -> list[torch.Tensor]:
-    return experts_topk_bwd(grad_out, z, topk_gates, sorted_token_idx, expert_offsets, tile_offs, ws, kind)
+    with device_guard(z):
+        return experts_topk_bwd(grad_out, z, topk_gates, sorted_token_idx, expert_offsets, tile_offs, ws, kind)
 
 
 @_experts_topk_bwd_op.register_fake
@@ -213,5 +201,5 @@ def experts_topk(z: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Tens
     ws = kernel_weights(weights, kind)
     routing = group_by_expert(topk_idx, ws[0].shape[0])
     y = _experts_topk_op(z, topk_gates, routing.sorted_token_idx, routing.expert_offsets,
-                         tile_offsets(routing.expert_counts), ws, kind)
+                         tile_offsets(routing.expert_counts, BLOCK_M), ws, kind)
     return y.view(z.shape[0], *IMAGE_SHAPE)

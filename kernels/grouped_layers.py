@@ -3,7 +3,7 @@
 Rows are (token, slot) assignments sorted by expert (kernels/grouping.py). Expert e owns sorted rows
 ``expert_offsets[e]:expert_offsets[e+1]``, cut into tiles of TILE_ROWS rows; ``tile_offsets`` [E+1]
 (exclusive scan of cdiv(count_e, TILE_ROWS), made on the device by ``group_by_expert_tiles``) numbers
-them, and a program finds its tile's expert by binary search (``_tile_expert``). Grids are bounded by
+them, and a program finds its tile's expert by binary search (``launch.find_tile``). Grids are bounded by
 ``tile_bound(R, E) = cdiv(R, TILE_ROWS) + min(E, R)`` tiles whatever the routing; programs past the
 last real tile return at once, so empty experts cost nothing and there is no host synchronisation.
 
@@ -35,7 +35,8 @@ import triton.language as tl
 
 from smoe_fast.contract import alloc_output
 
-from .decoder_blocks import _segment_sum_kernel, _tile_expert, dot_precision
+from .decoder_blocks import _segment_sum_kernel
+from .launch import dot_precision, find_tile, log2_ceil, tile_bound
 
 TILE_ROWS = 16        # sorted rows of one expert per tile
 _BLOCK_K = 64         # reduction step of fwd / dgrad
@@ -43,15 +44,6 @@ _WGRAD_BLOCK_R = 128  # (row, pixel) reduction step of wgrad
 _SUM_BLOCK = 1024     # partial columns per segment-sum program
 
 ACT_NONE, ACT_ELU, ACT_SIGMOID = 0, 1, 2
-
-
-@triton.jit
-def _tile_rows(p_eoff, p_toff, i_t, E, LOG_E: tl.constexpr, TILE_ROWS: tl.constexpr):
-    """(expert [int64], first sorted row [int64], rows in tile) of tile i_t."""
-    e = _tile_expert(p_toff, i_t, E, LOG_E).to(tl.int64)
-    r0 = tl.load(p_eoff + e).to(tl.int64) + (i_t - tl.load(p_toff + e)).to(tl.int64) * TILE_ROWS
-    n_rows = tl.minimum(tl.load(p_eoff + e + 1).to(tl.int64) - r0, TILE_ROWS)
-    return e, r0, n_rows
 
 
 @triton.jit
@@ -86,7 +78,7 @@ def _grouped_conv_fwd_kernel(
     i_n = tl.program_id(2).to(tl.int64)
     if i_t >= tl.load(p_toff + E):
         return
-    e, r0, n_rows = _tile_rows(p_eoff, p_toff, i_t, E, LOG_E, TILE_ROWS)
+    e, r0, n_rows = find_tile(p_toff, p_eoff, i_t, E, LOG_E, TILE_ROWS)
     H_OUT = H_IN * UP
     W_OUT = W_IN * UP
     P_OUT = H_OUT * W_OUT
@@ -143,7 +135,7 @@ def _grouped_conv_dgrad_kernel(
     i_n = tl.program_id(2).to(tl.int64)
     if i_t >= tl.load(p_toff + E):
         return
-    e, r0, n_rows = _tile_rows(p_eoff, p_toff, i_t, E, LOG_E, TILE_ROWS)
+    e, r0, n_rows = find_tile(p_toff, p_eoff, i_t, E, LOG_E, TILE_ROWS)
     H_OUT = H_IN * UP
     W_OUT = W_IN * UP
     P_OUT = H_OUT * W_OUT
@@ -197,7 +189,7 @@ def _grouped_conv_wgrad_kernel(
     i_k = tl.program_id(2).to(tl.int64)
     if i_t >= tl.load(p_toff + E):
         return
-    e, r0, n_rows = _tile_rows(p_eoff, p_toff, i_t, E, LOG_E, TILE_ROWS)
+    e, r0, n_rows = find_tile(p_toff, p_eoff, i_t, E, LOG_E, TILE_ROWS)
     H_OUT = H_IN * UP
     W_OUT = W_IN * UP
     P_OUT = H_OUT * W_OUT
@@ -254,11 +246,11 @@ class Grouping:
     @property
     def tile_bound(self) -> int:
         """Upper bound on the tiles of any routing of num_rows rows over num_experts, known on the host."""
-        return triton.cdiv(self.num_rows, TILE_ROWS) + min(self.num_experts, self.num_rows)
+        return tile_bound(self.num_rows, self.num_experts, TILE_ROWS)
 
     @property
     def log_e(self) -> int:
-        return max(1, (self.num_experts - 1).bit_length())
+        return log2_ceil(self.num_experts)
 
 
 def _block(size: int, cap: int) -> int:
@@ -299,7 +291,7 @@ def grouped_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
         BM=block_m,
         BN=block_n,
         BK=_BLOCK_K,
-        PREC=dot_precision(),
+        PREC=dot_precision(weight.dtype),
     )
     return y
 
@@ -329,7 +321,7 @@ def grouped_conv_dgrad(grad_y: torch.Tensor, y: torch.Tensor | None, weight: tor
         BM=block_m,
         BN=block_n,
         BK=_BLOCK_K,
-        PREC=dot_precision(),
+        PREC=dot_precision(weight.dtype),
     )
     return dx
 
@@ -374,7 +366,7 @@ def grouped_conv_wgrad(grad_y: torch.Tensor, y: torch.Tensor | None, x: torch.Te
         BM=block_m,
         BN=block_n,
         BK=_WGRAD_BLOCK_R,
-        PREC=dot_precision(),
+        PREC=dot_precision(weight.dtype),
     )
     grad_w = grouped_segment_sum(w_partial, grouping).view(weight.shape).to(weight.dtype)
     return grad_w, grouped_segment_sum(b_partial, grouping)

@@ -22,8 +22,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _ieee_fp32():
-    """Equivalence tests compare IEEE fp32: no TF32 in matmuls or convolutions."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    """Equivalence tests compare IEEE fp32: no TF32 in matmuls or convolutions. Uses torch's
+    fp32_precision API where it exists (torch refuses to read the legacy flags once it is used)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        old = matmul.fp32_precision, cudnn.fp32_precision
+        matmul.fp32_precision = cudnn.fp32_precision = "ieee"
+        yield
+        matmul.fp32_precision, cudnn.fp32_precision = old
+    else:
+        old = matmul.allow_tf32, cudnn.allow_tf32
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        yield
+        matmul.allow_tf32, cudnn.allow_tf32 = old

@@ -6,7 +6,7 @@ import torch
 
 from helpers import routing_case
 from smoe_fast import reference
-from smoe_fast.kernels import tuning
+from smoe_fast.kernels import launch, tuning
 from smoe_fast.kernels.grouping import group_by_expert, group_by_expert_tiles
 
 grouping_module = importlib.import_module("smoe_fast.kernels.grouping")
@@ -70,21 +70,24 @@ def test_group_by_expert_matches_reference(make_idx, num_experts):
     check_invariants(routing, expert_idx, num_experts)
 
 
-# The GPU's tiles (the interpreter uses wider ones): 256-token sub-tiles compared 16 columns at a time
+# The GPU's tiles (the interpreter uses wider ones): 256-token sub-tiles compared 16 columns at a time,
+# experts in blocks of at most 256, several chunk ranges per expert block
 GPU_GROUPING_CASES = [
     pytest.param(1000, 3, "skewed", id="B1000-E3-many-programs"),
-    pytest.param(1500, 300, "skewed", id="B1500-E300-several-subtiles-per-program"),
+    pytest.param(1500, 300, "skewed", id="B1500-E300-several-subtiles-and-expert-blocks"),
     pytest.param(700, 1024, "uniform", id="B700-E1024-E-greater-than-B"),
+    pytest.param(3000, 5, "one_expert", id="B3000-E5-all-tokens-on-one-expert-many-chunks"),
 ]
 
 
 @pytest.mark.parametrize("batch,num_experts,routing", GPU_GROUPING_CASES)
 def test_group_by_expert_with_gpu_tiles(monkeypatch, batch, num_experts, routing):
-    def gpu_config(bucket, num_experts, device):
-        block_e = min(tuning.triton_next_power_of_2(num_experts), 256)
-        return {"BLOCK_T": 256, "BLOCK_J": 16, "BLOCK_E": block_e, "BLOCK_P": 32, "num_warps": 8}
+    def gpu_config(bucket, num_experts, arch):
+        return tuning.grouping_config(bucket, num_experts, 90)
 
     monkeypatch.setattr(grouping_module, "grouping_config", gpu_config)
+    # an H100's persistent grid: the scatter grid gets several chunk ranges
+    monkeypatch.setattr(grouping_module, "max_programs", lambda device: 264)
     expert_idx = routing_case(routing, batch, num_experts)
     routing_out = group_by_expert(expert_idx, num_experts)
     expected = reference.group_by_expert(expert_idx, num_experts)
@@ -99,7 +102,37 @@ def test_tile_offsets_are_scan_of_tiles_per_expert(block_m):
     tiles = (routing.expert_counts.long() + block_m - 1) // block_m
     assert tile_offsets.dtype == torch.int32
     assert tile_offsets.tolist() == [0] + torch.cumsum(tiles, 0).tolist()
-    assert int(tile_offsets[-1]) <= -(-37 // block_m) + min(9, 37)
+    assert int(tile_offsets[-1]) <= launch.tile_bound(37, 9, block_m)
+
+
+# (B*K, E): the work bound must hold at every scale the op accepts, up to 2^31 - 1 assignments
+WORK_CASES = [(n, e) for n in (1, 1000, 65_536, 1 << 20, 1 << 24, (1 << 31) - 1) for e in (1, 7, 64, 1024, 65_536)]
+
+
+@pytest.mark.parametrize("arch", [0, 90], ids=["interpreter-tiles", "sm_90-tiles"])
+def test_grouping_work_is_linear_in_tokens_plus_programs_times_experts(arch):
+    for n, e in WORK_CASES:
+        config = tuning.grouping_config(tuning.bucket_tokens(n), e, arch)
+        plan = grouping_module.plan_grouping(n, e, config, target_programs=264)
+        p = plan.programs
+        assert p * e <= n + e, f"N={n} E={e}: the [P, E] count matrix has {p * e} entries > N + E"
+        assert p * plan.tokens_per_program >= n and plan.expert_blocks * config["BLOCK_E"] >= e
+        assert plan.chunk_ranges * plan.chunks_per_range >= p and plan.chunk_ranges <= grouping_module.MAX_CHUNK_RANGES
+        reads = plan.elements_read()
+        # O(N + P*E) with the constants of the kernels' loops (expert blocks J <= E)
+        bound = 9 * n + 2 * (grouping_module.MAX_CHUNK_RANGES + 2) * p * e
+        assert reads["count"] + reads["scatter"] <= bound, f"N={n} E={e}: {reads} > {bound}"
+    # the old scatter re-read the whole [P, E] matrix in every program: P^2 * E reads; at N = 2^20,
+    # E = 64 that was ~4 G elements, now a few N
+    n, e = 1 << 20, 64
+    plan = grouping_module.plan_grouping(n, e, tuning.grouping_config(tuning.bucket_tokens(n), e, 90), 264)
+    assert sum(plan.elements_read().values()) < 20 * n
+
+
+def test_more_than_int32_assignments_are_refused_without_allocating():
+    huge = torch.zeros(1, dtype=torch.int64).expand(2**31)   # a view: nothing allocated
+    with pytest.raises(ValueError, match=r"2\^31 - 1"):
+        group_by_expert(huge, 4)
 
 
 def test_out_of_range_indices_are_left_out_without_stray_writes():

@@ -119,8 +119,8 @@ def test_odd_latent_and_hidden_sizes(kind, latent_dim, hidden_dim):
     pytest.param(1, id="E1"),
     pytest.param(17, id="E17-most-experts-empty"),   # empty experts cost no launch
 ])
-def test_launch_count_is_three_whatever_E(monkeypatch, num_experts):
-    # two grouping launches + one fused decoder launch; no per-expert loop
+def test_launch_count_is_four_whatever_E(monkeypatch, num_experts):
+    # two grouping launches, the tile scan, one fused decoder launch; no per-expert loop
     kernel_type = type(experts_hard_module._experts_hard_conv_fwd_kernel)
     launched = []
     original_run = kernel_type.run
@@ -132,18 +132,7 @@ def test_launch_count_is_three_whatever_E(monkeypatch, num_experts):
     monkeypatch.setattr(kernel_type, "run", counting_run)
     weights = random_weights("lite", num_experts)
     experts_hard(torch.randn(4, 32), routing_case("uniform", 4, num_experts), weights, "lite")
-    assert len(launched) == 3, launched
-
-
-def test_input_precision_follows_torch_tf32_setting():
-    assert experts_hard_module._input_precision(torch.float32) == "ieee"   # conftest forces IEEE
-    old = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert experts_hard_module._input_precision(torch.float32) == "tf32"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-    assert experts_hard_module._input_precision(torch.bfloat16) == "tf32"
+    assert len(launched) == 4, launched
 
 
 def test_tuning_key_is_bucketed():
