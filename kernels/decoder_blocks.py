@@ -33,15 +33,14 @@ import triton
 import triton.language as tl
 
 from .launch import tile_expert
+from .tuning import TRAIN_BLOCK_M
 
 FC_OUT = 392      # 8 x 7 x 7
 A1_SIZE = 3136    # 16 x 14 x 14
 PIXELS = 784      # 1 x 28 x 28
 SCRATCH_FWD = FC_OUT + A1_SIZE                                # H0, A1
 SCRATCH_BWD = FC_OUT + A1_SIZE + PIXELS + A1_SIZE + FC_OUT    # H0, A1, G2, C1G, D0
-BLOCK_M = 16      # rows per block: the smallest tl.dot M
-CONV_BLOCK_R = 64  # gathered conv rows per tl.dot
-MLP_BLOCK_N = 64  # output pixels per mlp tile
+BLOCK_M = TRAIN_BLOCK_M  # rows per block (tuning.training_config has the per-arch tiles)
 
 # _TAPS[p, s, t] = 1 if 3x3 tap t lands on source offset s for output parity p (see module docstring).
 _TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))

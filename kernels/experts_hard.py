@@ -3,11 +3,12 @@
 ``experts_hard(z, expert_idx, weights, kind)``: x_hat[b] = D_{expert_idx[b]}(z[b]), z [B, L] ->
 x_hat [B, 1, 28, 28], for the decoder kinds "lite", "medium" and "mlp" (shapes in DESIGN.md).
 
-Grid. Grouping also returns ``tile_offsets``, the exclusive scan of cdiv(expert_counts, BM): tile t
-holds up to BM sorted rows of one expert, and an empty expert owns no tile. There are at most
+Grid. ``launch.tile_offsets`` scans cdiv(expert_counts, BM) on the device: tile t holds up to BM
+sorted rows of one expert, and an empty expert owns no tile. There are at most
 ``max_tiles = cdiv(B, BM) + min(E, B)`` tiles. The grid is persistent: ``min(max_tiles, 2 * SMs)``
-programs stride over tile ids, stop at ``tile_offsets[E]`` (read on the device: no host sync) and find
-a tile's expert by a binary search of tile_offsets (ceil(log2 E) scalar loads). No per-expert launch,
+programs stride over tile ids; ``launch.find_tile`` finds a tile's expert by a binary search of
+tile_offsets (ceil(log2 E) scalar loads) and gives tiles past ``tile_offsets[E]`` no rows (read on
+the device: no host sync). No per-expert launch,
 no padded or permuted copy of z or x_hat: z rows are gathered through sorted_token_idx and each
 output row is written straight to its original token.
 
@@ -30,15 +31,15 @@ lite BM*392 + TS*3136 floats per program (BM=16, TS=2: 12.5K floats, 50 KB), med
 BM*1568 + TS*(12544 + 25088) floats (BM=16, TS=1: 62.7K floats, 250 KB), mlp BM*hidden floats.
 With 2 programs per SM on an H100 that is 13 MB (lite) and 66 MB (medium) in all.
 
-Launches: two for grouping (kernels/grouping.py, which also makes tile_offsets) and one decoder
-kernel, whatever E and the routing. Indices are range-checked by ``smoe_fast.ops`` before the launch
+Launches: two for grouping (kernels/grouping.py), one for the tile scan and one decoder kernel,
+whatever E and the routing. Indices are range-checked by ``smoe_fast.ops`` before the launch
 (``check_indices=True``); with the check off, a token with an out-of-range expert gets no tile and its
 x_hat row is left unwritten, but nothing outside the tensors is read or written.
 
-Precision. fp32 inputs: ``tl.dot`` in IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is
-set (read at every call), then TF32. fp16/bf16 inputs (GPU autocast): operands are exact in TF32,
-products use TF32 tensor cores, accumulation, the phase-merged weights and the scratch are fp32,
-x_hat is in the input dtype. Block sizes and warps come from kernels/tuning.py.
+Precision. fp32 inputs: ``tl.dot`` in IEEE fp32 unless torch allows TF32 matmuls (``launch.dot_precision``:
+``fp32_precision`` or ``allow_tf32``, read at every call), then TF32. fp16/bf16 inputs (GPU autocast):
+operands are exact in TF32, products use TF32 tensor cores, accumulation, the phase-merged weights
+and the scratch are fp32, x_hat is in the input dtype. Block sizes and warps come from kernels/tuning.py.
 
 >>> from smoe_fast.kernels.experts_hard import experts_hard
 >>> x_hat = experts_hard(z, logits.argmax(-1), model.experts.weights(), kind="lite")   # [B, 1, 28, 28]

@@ -23,11 +23,12 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 
-from .decoder_blocks import (BLOCK_M, CONV_BLOCK_R, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD,
+from .decoder_blocks import (BLOCK_M, SCRATCH_BWD, SCRATCH_FWD,
                              _experts_bwd_body, _experts_fwd_body, kernel_weights, latent_pad, launch_dims,
                              partial_layout, unpack_partials, weight_args)
 from .experts_medium import experts_medium_soft
-from .launch import device_guard, dot_precision, max_programs
+from .tuning import training_config
+from .launch import device_arch, device_guard, dot_precision, max_programs
 
 
 
@@ -78,7 +79,8 @@ def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor
     n_items = triton.cdiv(batch, BLOCK_M)
     grid_m = min(n_items, max_programs(z.device))
     scratch = z.new_empty(0 if is_mlp else grid_m * BLOCK_M * SCRATCH_FWD, dtype=torch.float32)
-    block_n = MLP_BLOCK_N if is_mlp else 1024
+    config = training_config(kind, "fwd", device_arch(z.device))
+    block_n = config["BN"]
     _experts_soft_fwd_kernel[(grid_m, triton.cdiv(PIXELS, block_n))](
         z, z.stride(0), z.stride(1), gates, gates.stride(0), gates.stride(1), out,
         *weight_args(ws), scratch,
@@ -87,10 +89,10 @@ def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor
         LP=latent_pad(latent),
         HP=max(16, triton.next_power_of_2(hidden)),
         BM=BLOCK_M,
-        BR=CONV_BLOCK_R,
+        BR=config["BR"],
         BN=block_n,
         PREC=dot_precision(z.dtype),
-        num_warps=8,
+        num_warps=config["num_warps"],
     )
     return out
 
@@ -104,6 +106,7 @@ def experts_soft_bwd(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tenso
     if batch == 0:
         return [torch.zeros_like(z), torch.zeros_like(gates)] + [torch.zeros_like(w) for w in ws]
     is_mlp = kind == "mlp"
+    config = training_config(kind, "bwd", device_arch(z.device))
     n_blocks = triton.cdiv(batch, BLOCK_M)
     cap = max_programs(z.device)
     # S token runs per expert: enough items to fill the grid, each run at least one block
@@ -125,10 +128,10 @@ def experts_soft_bwd(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tenso
         LP=latent_pad(latent),
         HP=max(16, triton.next_power_of_2(hidden)),
         BM=BLOCK_M,
-        BR=CONV_BLOCK_R,
-        BN=MLP_BLOCK_N,
+        BR=config["BR"],
+        BN=config["BN"],
         PREC=dot_precision(z.dtype),
-        num_warps=8,
+        num_warps=config["num_warps"],
     )
     weight_grads = unpack_partials(partials.view(num_experts, runs, -1).sum(1), ws, kind, latent, hidden)
     return [dz_partial.sum(0).to(z.dtype), dgates] + weight_grads

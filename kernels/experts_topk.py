@@ -25,12 +25,13 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 
-from .decoder_blocks import (BLOCK_M, CONV_BLOCK_R, MLP_BLOCK_N, SCRATCH_BWD, SCRATCH_FWD,
+from .decoder_blocks import (BLOCK_M, SCRATCH_BWD, SCRATCH_FWD,
                              _experts_bwd_body, _experts_fwd_body, kernel_weights, latent_pad, launch_dims,
                              partial_layout, _segment_sum_kernel, unpack_partials, weight_args)
 from .experts_medium import experts_medium
 from .grouping import group_by_expert
-from .launch import device_guard, dot_precision, log2_ceil, max_programs, tile_bound, tile_offsets
+from .tuning import training_config
+from .launch import device_arch, device_guard, dot_precision, log2_ceil, max_programs, tile_bound, tile_offsets
 
 _REDUCE_BLOCK = 1024  # weight-gradient columns per segment-sum program
 
@@ -85,7 +86,8 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
     grid_m = min(n_items, max_programs(z.device))
     y_slots = alloc_output((batch * top_k, PIXELS), like=z, dtype=torch.float32)
     scratch = z.new_empty(0 if is_mlp else grid_m * BLOCK_M * SCRATCH_FWD, dtype=torch.float32)
-    block_n = MLP_BLOCK_N if is_mlp else 1024
+    config = training_config(kind, "fwd", device_arch(z.device))
+    block_n = config["BN"]
     _experts_topk_fwd_kernel[(grid_m, triton.cdiv(PIXELS, block_n))](
         z, z.stride(0), z.stride(1), topk_gates, topk_gates.stride(0), topk_gates.stride(1), y_slots,
         *weight_args(ws), scratch, sorted_token_idx, expert_offsets, tile_offs,
@@ -95,10 +97,10 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
         LP=latent_pad(latent),
         HP=max(16, triton.next_power_of_2(hidden)),
         BM=BLOCK_M,
-        BR=CONV_BLOCK_R,
+        BR=config["BR"],
         BN=block_n,
         PREC=dot_precision(z.dtype),
-        num_warps=8,
+        num_warps=config["num_warps"],
     )
     return y_slots.view(batch, top_k, PIXELS).sum(1).to(out_dtype)
 
@@ -113,6 +115,7 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
         return [torch.zeros_like(z), torch.zeros_like(topk_gates)] + [torch.zeros_like(w) for w in ws]
     sizes = partial_layout(kind, latent, hidden)
     is_mlp = kind == "mlp"
+    config = training_config(kind, "bwd", device_arch(z.device))
     n_items = tile_bound(batch * top_k, num_experts, BLOCK_M)
     grid_m = min(n_items, max_programs(z.device))
     partials = alloc_output((n_items, sum(sizes)), like=z, dtype=torch.float32)
@@ -130,10 +133,10 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
         LP=latent_pad(latent),
         HP=max(16, triton.next_power_of_2(hidden)),
         BM=BLOCK_M,
-        BR=CONV_BLOCK_R,
-        BN=MLP_BLOCK_N,
+        BR=config["BR"],
+        BN=config["BN"],
         PREC=dot_precision(z.dtype),
-        num_warps=8,
+        num_warps=config["num_warps"],
     )
     flat = alloc_output((num_experts, sum(sizes)), like=z, dtype=torch.float32)
     _segment_sum_kernel[(num_experts, triton.cdiv(sum(sizes), _REDUCE_BLOCK))](

@@ -36,11 +36,10 @@ import triton.language as tl
 from smoe_fast.contract import alloc_output
 
 from .decoder_blocks import _segment_sum_kernel
-from .launch import dot_precision, find_tile, log2_ceil, tile_bound
+from .launch import device_arch, dot_precision, find_tile, log2_ceil, tile_bound
+from .tuning import GROUPED_TILE_ROWS, grouped_layer_config
 
-TILE_ROWS = 16        # sorted rows of one expert per tile
-_BLOCK_K = 64         # reduction step of fwd / dgrad
-_WGRAD_BLOCK_R = 128  # (row, pixel) reduction step of wgrad
+TILE_ROWS = GROUPED_TILE_ROWS   # sorted rows of one expert per tile
 _SUM_BLOCK = 1024     # partial columns per segment-sum program
 
 ACT_NONE, ACT_ELU, ACT_SIGMOID = 0, 1, 2
@@ -253,10 +252,6 @@ class Grouping:
         return log2_ceil(self.num_experts)
 
 
-def _block(size: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(size)))
-
-
 def _input_args(x: torch.Tensor, num_in: int, row_index: torch.Tensor | None, index_div: int) -> tuple:
     """x is [rows, C*H*W] with contiguous C, H, W, or [rows, C] (H = W = 1) with any strides."""
     x3 = x.view(x.shape[0], num_in, -1)
@@ -276,8 +271,8 @@ def grouped_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     y = alloc_output((grouping.num_rows, num_out * pixels_out), like=x, dtype=torch.float32)
     if grouping.num_rows == 0:
         return y
-    block_m = _block(TILE_ROWS * pixels_out, 128)
-    block_n = _block(num_out, 64)
+    config = grouped_layer_config("fwd", num_in, num_out, height * width, pixels_out, ks, device_arch(x.device))
+    block_m, block_n = config["BM"], config["BN"]
     grid = (grouping.tile_bound, triton.cdiv(TILE_ROWS * pixels_out, block_m), triton.cdiv(num_out, block_n))
     _grouped_conv_fwd_kernel[grid](
         *_input_args(x, num_in, row_index, index_div), weight, bias, y, grouping.expert_offsets, grouping.tile_offsets,
@@ -290,8 +285,10 @@ def grouped_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
         TILE_ROWS=TILE_ROWS,
         BM=block_m,
         BN=block_n,
-        BK=_BLOCK_K,
+        BK=config["BK"],
         PREC=dot_precision(weight.dtype),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return y
 
@@ -307,8 +304,8 @@ def grouped_conv_dgrad(grad_y: torch.Tensor, y: torch.Tensor | None, weight: tor
     dx = alloc_output((grouping.num_rows, num_in * pixels_in), like=grad_y, dtype=torch.float32)
     if grouping.num_rows == 0:
         return dx
-    block_m = _block(TILE_ROWS * pixels_in, 128)
-    block_n = _block(num_in, 64)
+    config = grouped_layer_config("dgrad", num_in, num_out, pixels_in, pixels_in * up * up, ks, device_arch(grad_y.device))
+    block_m, block_n = config["BM"], config["BN"]
     grid = (grouping.tile_bound, triton.cdiv(TILE_ROWS * pixels_in, block_m), triton.cdiv(num_in, block_n))
     _grouped_conv_dgrad_kernel[grid](
         grad_y, grad_y if y is None else y, weight, dx, grouping.expert_offsets, grouping.tile_offsets,
@@ -320,8 +317,10 @@ def grouped_conv_dgrad(grad_y: torch.Tensor, y: torch.Tensor | None, weight: tor
         TILE_ROWS=TILE_ROWS,
         BM=block_m,
         BN=block_n,
-        BK=_BLOCK_K,
+        BK=config["BK"],
         PREC=dot_precision(weight.dtype),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return dx
 
@@ -350,8 +349,9 @@ def grouped_conv_wgrad(grad_y: torch.Tensor, y: torch.Tensor | None, x: torch.Te
         return torch.zeros_like(weight), weight.new_zeros((weight.shape[0], num_out), dtype=torch.float32)
     w_partial = alloc_output((grouping.tile_bound, num_out * k_total), like=x, dtype=torch.float32)
     b_partial = alloc_output((grouping.tile_bound, num_out), like=x, dtype=torch.float32)
-    block_m = _block(num_out, 64)
-    block_n = _block(k_total, 64)
+    config = grouped_layer_config("wgrad", num_in, num_out, height * width, height * width * up * up, ks,
+                                  device_arch(x.device))
+    block_m, block_n = config["BM"], config["BN"]
     grid = (grouping.tile_bound, triton.cdiv(num_out, block_m), triton.cdiv(k_total, block_n))
     _grouped_conv_wgrad_kernel[grid](
         grad_y, grad_y if y is None else y, *_input_args(x, num_in, row_index, index_div), w_partial, b_partial,
@@ -365,8 +365,10 @@ def grouped_conv_wgrad(grad_y: torch.Tensor, y: torch.Tensor | None, x: torch.Te
         TILE_ROWS=TILE_ROWS,
         BM=block_m,
         BN=block_n,
-        BK=_WGRAD_BLOCK_R,
+        BK=config["BK"],
         PREC=dot_precision(weight.dtype),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     grad_w = grouped_segment_sum(w_partial, grouping).view(weight.shape).to(weight.dtype)
     return grad_w, grouped_segment_sum(b_partial, grouping)

@@ -29,7 +29,8 @@ O(N + E) for any E). Two launches, no host synchronisation, total work O(N + P*E
    so no program needs another's result) and the tokens in chunks before its range. Then, chunk by
    chunk, the block's tokens are one contiguous run of ``local_sorted`` (the chunk is sorted by
    expert), copied to sorted row ``expert_offsets[e] + (tokens of e in earlier chunks) + rank``.
-   Reads: P*BLOCK_E + P per program plus its tokens, so R*P*E + 3N in all; R <= MAX_CHUNK_RANGES.
+   Reads: P*BLOCK_E + P per program plus its tokens, so R*P*E + 4N in all, with R chosen so that
+   R*P*E <= 8 * max(N, P*E).
 
 No program waits for another and nothing needs zeroing beforehand. ``tile_offsets`` (cdiv of the
 counts per expert, scanned) is a third launch made only for the callers that want tiles
@@ -62,8 +63,11 @@ __all__ = ["group_by_expert", "group_by_expert_tiles", "plan_grouping", "Groupin
 
 # int32 routing tensors: every sorted row and flat (token, slot) index must fit
 MAX_ASSIGNMENTS = 2**31 - 1
-# chunk ranges of the scatter grid: more programs when E is small, each repeating the P-row pass
-MAX_CHUNK_RANGES = 8
+# chunk ranges of the scatter grid: more programs, shorter chains, each repeating the P-row pass of
+# its expert block; at most max(MIN_..., REPEAT_BUDGET * N / (P * E)) of them keeps those repeats
+# within REPEAT_BUDGET * max(N, P * E) reads
+MIN_CHUNK_RANGES = 8
+REPEAT_BUDGET = 8
 
 
 @triton.jit
@@ -265,7 +269,8 @@ def plan_grouping(num_assignments: int, num_experts: int, config: dict[str, int]
     expert_blocks = triton.cdiv(e, cfg["BLOCK_E"])
     # enough scatter programs to fill the device, each range at least one chunk
     wanted = triton.cdiv(target_programs, expert_blocks)
-    chunks_per_range = triton.cdiv(programs, max(1, min(programs, wanted, MAX_CHUNK_RANGES)))
+    most = max(MIN_CHUNK_RANGES, REPEAT_BUDGET * n // max(1, programs * e))
+    chunks_per_range = triton.cdiv(programs, max(1, min(programs, wanted, most)))
     chunk_ranges = triton.cdiv(programs, chunks_per_range)
     config = (block_t, cfg["BLOCK_J"], cfg["BLOCK_E"], cfg["BLOCK_P"], cfg["num_warps"])
     return GroupingPlan(n, e, programs, tokens_per_program, expert_blocks, chunk_ranges, chunks_per_range, config)

@@ -159,10 +159,11 @@ def tile_expert(p_toff, tile, E, LOG_E: tl.constexpr):
 
 @triton.jit
 def find_tile(p_toff, p_eoff, tile, E, LOG_E: tl.constexpr, BM: tl.constexpr):
-    """(expert int64, first sorted row int64, rows in the tile) of tile id ``tile``; past the last
-    tile (tile >= tile_offsets[E]) the row count is 0."""
-    e = tile_expert(p_toff, tile, E, LOG_E).to(tl.int64)
-    r0 = tl.load(p_eoff + e).to(tl.int64) + (tile - tl.load(p_toff + e)).to(tl.int64) * BM
-    n_rows = tl.minimum(tl.load(p_eoff + e + 1).to(tl.int64) - r0, BM)
+    """(expert int64, first sorted row int64, rows in the tile int32) of tile id ``tile``; past the
+    last tile (tile >= tile_offsets[E]) the row count is 0."""
+    e = tile_expert(p_toff, tile, E, LOG_E)
+    # row arithmetic in int32 (sorted rows < 2^31); pointers get the int64 start
+    start = tl.load(p_eoff + e) + (tile - tl.load(p_toff + e)) * BM
+    n_rows = tl.minimum(tl.load(p_eoff + e + 1) - start, BM)
     n_rows = tl.where(tile < tl.load(p_toff + E), n_rows, 0)
-    return e, r0, n_rows
+    return e.to(tl.int64), start.to(tl.int64), n_rows

@@ -133,3 +133,90 @@ def forced_experts_hard_config(kind: str, **config: int):
         yield
     finally:
         del _forced[kind]
+
+
+# ----------------------------------------------------------------------------------------------------
+# training kernels (soft / top-k fused lite and mlp; the medium decoder's grouped layers)
+# ----------------------------------------------------------------------------------------------------
+
+TRAIN_BLOCK_M = 16     # rows per block: the smallest tl.dot M
+TRAIN_CONV_BLOCK_R = 64  # gathered conv rows per tl.dot
+TRAIN_MLP_BLOCK_N = 64   # output pixels per mlp tile
+# archs whose per-block shared memory is too small for the mlp tiles above (audit: BN=64 needs
+# 194-215 KB on sm_80/sm_90, BN=32 fits 101 KB)
+_SMALL_SHARED_MLP_BLOCK_N = 32
+
+
+def training_config(kind: str, direction: str, arch: int) -> dict[str, int]:
+    """Tiles of the fused soft / top-k kernels (``direction`` "fwd" or "bwd") for ``arch``.
+
+    BM rows per block, BR gathered conv rows per step, BN output pixels per mlp tile (the lite
+    forward keeps all 784 pixels of a block in one [BM, 1024] tile)."""
+    block_n = TRAIN_MLP_BLOCK_N
+    if kind == "mlp" and arch != 0 and SHARED_LIMIT_BYTES.get(arch, 0) < 232_448:
+        block_n = _SMALL_SHARED_MLP_BLOCK_N
+    if kind != "mlp" and direction == "fwd":
+        block_n = 1024
+    return {"BM": TRAIN_BLOCK_M, "BR": TRAIN_CONV_BLOCK_R, "BN": block_n, "num_warps": 8}
+
+
+GROUPED_TILE_ROWS = 16   # sorted rows of one expert per grouped-layer tile
+
+
+def _block(size: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def grouped_layer_config(kernel: str, c_in: int, c_out: int, pixels_in: int, pixels_out: int, ks: int,
+                         arch: int) -> dict[str, int]:
+    """Tiles of a grouped conv/linear layer kernel (``kernel`` "fwd", "dgrad" or "wgrad") for ``arch``:
+    BM x BN output tile, BK reduction step, software-pipelining stages.
+
+    The staged operand tiles take about num_stages * (BM*BK + BK*BN) * 4 bytes of shared memory: on
+    sm_90 the audit reports 176-224 KB for the conv1/conv2 dgrad and wgrad tiles below with 3 stages,
+    more than sm_80 (163 KB) or sm_86/sm_89 (99 KB) allow, so archs with less shared memory than
+    sm_90 get BM, BK <= 64 and 2 stages (at most about 80 KB)."""
+    if kernel == "fwd":
+        config = {"BM": _block(GROUPED_TILE_ROWS * pixels_out, 128), "BN": _block(c_out, 64), "BK": 64}
+    elif kernel == "dgrad":
+        config = {"BM": _block(GROUPED_TILE_ROWS * pixels_in, 128), "BN": _block(c_in, 64), "BK": 64}
+    elif kernel == "wgrad":
+        config = {"BM": _block(c_out, 64), "BN": _block(c_in * ks * ks, 64), "BK": 128}
+    else:
+        raise ValueError(f"unknown grouped-layer kernel {kernel!r}")
+    config.update(num_warps=4, num_stages=3)
+    if arch != 0 and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]:
+        config.update(BM=min(config["BM"], 64), BK=min(config["BK"], 64), num_stages=2)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# spill budgets (bytes of spill stores + loads per thread, from ptxas), enforced by tests/test_audit.py
+# ----------------------------------------------------------------------------------------------------
+
+# Grouping must never spill. The others are today's figures from the audit (sm_80/sm_86/sm_90,
+# triton 3.9), a ratchet that the hard-gated and training-kernel work tightens towards zero; a
+# change that spills more fails the test.
+SPILL_BUDGET_BYTES = {
+    "grouping": 0,
+    "tile offsets": 0,
+    "segment sum": 0,
+    "hard lite": 0,
+    "hard medium": 0,
+    "hard mlp": 0,
+    "soft fwd": 0,
+    "topk fwd": 0,
+    "soft bwd": 0,
+    "topk bwd": 0,
+    "medium fwd": 0,
+    "medium dgrad": 0,
+    "medium wgrad": 0,
+}
+
+
+def spill_budget(op: str) -> int:
+    """The written spill budget of an audit op name ("hard lite", "soft bwd lite", ...)."""
+    for prefix in sorted(SPILL_BUDGET_BYTES, key=len, reverse=True):
+        if op.startswith(prefix):
+            return SPILL_BUDGET_BYTES[prefix]
+    raise KeyError(f"no spill budget for {op!r}; add one to kernels/tuning.py SPILL_BUDGET_BYTES")

@@ -1,0 +1,383 @@
+"""Every (kernel, config) a launcher in kernels/ can choose for an arch, with its work at the target shape.
+
+The configs come from the same functions the launchers call (kernels/tuning.py, kernels/launch.py),
+so a launcher cannot pick a config the audit has not compiled. ``full=False`` (CI, the default
+`smoe-fast audit`) covers each kernel's default configs in fp32 with IEEE and TF32 dots (hard-gated
+kernels also in bf16) and every B bucket and E range that changes a constexpr; ``full=True`` adds
+every autotune candidate, fp16 and int32 expert indices.
+
+A case names its kernel as "module:function" so that it can be built in a process where
+TRITON_INTERPRET is set (the compile itself runs in a clean subprocess, see compile.py).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+
+from . import work as W
+
+KERNELS = "smoe_fast.kernels"
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str                  # "grouping:_group_by_expert_count_fwd_kernel" (module in kernels/)
+    op: str                      # what users call it: "grouping count", "hard lite", ...
+    config: str                  # the launcher's choice, readable: "BLOCK_T=256,...,fp32/ieee"
+    pointers: dict               # argument -> "*fp32" | "*i32" | ...
+    scalars: dict                # argument -> int value at the target shape (JIT specialisation)
+    constexprs: dict
+    num_warps: int
+    work: W.Work
+    precision: str = "ieee"      # "ieee" | "tf32" | "bf16" (the tensor-core rate when a dot uses them)
+    num_stages: int = 3          # software-pipelining depth (triton's default on NVIDIA)
+
+    def key(self) -> tuple:
+        stages = () if self.num_stages == 3 else (("num_stages", self.num_stages),)
+        return (self.kernel, tuple(sorted(self.constexprs.items())) + stages, self.num_warps,
+                tuple(sorted(self.pointers.items())), tuple(sorted(_specialisation(self.scalars).items())))
+
+
+def _specialisation(scalars: dict) -> dict:
+    """What the JIT specialises an int argument on: equal to 1 (a constant) or divisible by 16."""
+    return {k: ("one" if v == 1 else "div16" if v % 16 == 0 else "any") for k, v in scalars.items()}
+
+
+def kernel_module(name: str):
+    return importlib.import_module(f"{KERNELS}.{name}")
+
+
+def arg_names(kernel) -> list[str]:
+    """A kernel's argument names (works for jit and interpreted functions alike)."""
+    return list(inspect.signature(kernel.fn).parameters)
+
+
+def _fmt(config: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in config.items() if k != "num_stages" or v != 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# grouping
+# ----------------------------------------------------------------------------------------------------
+
+def grouping_cases(arch: int, full: bool) -> list[Case]:
+    from smoe_fast.kernels import grouping, launch, tuning
+
+    cases = []
+    n, e_target = W.GROUPING_N, W.GROUPING_E
+    shapes = [(64, 7), (n, 7), (n, 64), (n, e_target), (n, 65_536)]   # every BLOCK_E / bucket branch
+    idx_dtypes = ("i64", "i32") if full else ("i64",)
+    for bucket, num_experts in shapes:
+        config = tuning.grouping_config(tuning.bucket_tokens(bucket), num_experts, arch)
+        plan = grouping.plan_grouping(bucket, num_experts, config, target_programs=264)
+        reads = plan.elements_read()
+        for idx_dtype in idx_dtypes:
+            for top_k in (1, 2):
+                idx_bytes = 8 if idx_dtype == "i64" else 4
+                label = f"{_fmt(config)},E={num_experts},K={top_k},idx={idx_dtype}"
+                scalars = dict(N=bucket, K=top_k, stride_b=top_k, stride_k=1, E=num_experts,
+                               tokens_per_program=plan.tokens_per_program)
+                consts = {k: config[k] for k in ("BLOCK_T", "BLOCK_J", "BLOCK_E")}
+                t = plan.tokens_per_program
+                count_work = W.Work(
+                    shape=f"N={bucket} E={num_experts}", programs=plan.programs,
+                    stages=(W.Stage("rank compare", 4.0 * bucket * config["BLOCK_T"], unit="alu"),),
+                    streams=(W.Stream("expert_idx", 3 * bucket * idx_bytes, "hbm"),
+                             W.Stream("ranks, local sort", 3 * bucket * 4, "hbm", gather=True),
+                             W.Stream("chunk counts", 3 * plan.programs * num_experts * 4, "l2")),
+                    serial_steps=2 * t / config["BLOCK_T"] * 2 + 2 * W.cdiv(num_experts, config["BLOCK_E"]),
+                    compulsory_bytes=bucket * idx_bytes + 2 * bucket * 4,
+                    extra={"elements_read": reads["count"]})
+                cases.append(Case("grouping:_group_by_expert_count_fwd_kernel", "grouping count", label,
+                                  {"expert_idx": "*" + idx_dtype, "token_rank": "*i32", "chunk_counts": "*i32",
+                                   "chunk_offsets": "*i32", "local_sorted": "*i32"},
+                                  scalars, consts, config["num_warps"], count_work))
+                scatter_programs = plan.expert_blocks * plan.chunk_ranges
+                scatter_work = W.Work(
+                    shape=f"N={bucket} E={num_experts}", programs=scatter_programs,
+                    streams=(W.Stream("count matrix pass", plan.chunk_ranges * plan.programs * num_experts * 4, "l2"),
+                             W.Stream("tokens (local, index, rank)", bucket * (8 + idx_bytes), "hbm"),
+                             W.Stream("sorted rows, positions", 2 * bucket * 4, "hbm", gather=True)),
+                    serial_steps=(W.cdiv(plan.programs, config["BLOCK_P"])
+                                  + plan.chunks_per_range * (3 + bucket / plan.programs / config["BLOCK_T"])),
+                    compulsory_bytes=bucket * idx_bytes + 2 * bucket * 4,
+                    extra={"elements_read": reads["scatter"]})
+                cases.append(Case("grouping:_group_by_expert_scatter_fwd_kernel", "grouping scatter", label,
+                                  {"expert_idx": "*" + idx_dtype, **{k: "*i32" for k in (
+                                      "chunk_counts", "chunk_offsets", "local_sorted", "block_base", "expert_counts",
+                                      "expert_offsets", "sorted_token_idx", "token_sorted_pos")}},
+                                  dict(scalars, P=plan.programs, chunks_per_range=plan.chunks_per_range),
+                                  {k: config[k] for k in ("BLOCK_T", "BLOCK_E", "BLOCK_P")}, config["num_warps"],
+                                  scatter_work))
+    scan_work = W.Work(shape=f"E={e_target}", programs=1,
+                       streams=(W.Stream("counts, tile offsets", 2 * e_target * 4, "hbm"),),
+                       serial_steps=W.cdiv(e_target, launch.TILE_SCAN_BLOCK), compulsory_bytes=2 * e_target * 4)
+    cases.append(Case("launch:_tile_offsets_kernel", "tile offsets", f"BLOCK={launch.TILE_SCAN_BLOCK}",
+                      {"p_counts": "*i32", "p_toff": "*i32"}, dict(E=e_target, block_m=16),
+                      dict(BLOCK=launch.TILE_SCAN_BLOCK), 4, scan_work))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------
+# hard-gated experts
+# ----------------------------------------------------------------------------------------------------
+
+_HARD_DTYPES = {"fp32/ieee": ("fp32", "ieee"), "fp32/tf32": ("fp32", "tf32"), "bf16": ("bf16", "tf32"),
+                "fp16": ("fp16", "tf32")}
+
+
+def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W.Work:
+    from smoe_fast.kernels import launch
+
+    b, e = W.HARD_B, W.HARD_E
+    elem = 4 if dtype == "fp32" else 2
+    bm = config["BM"]
+    tiles = launch.tile_bound(b, e, bm)
+    programs = min(tiles, 264)
+    per_token_out = W.PIXELS * elem
+    if kind == "mlp":
+        flops = {"fc1": 2 * W.LATENT * hidden, "fc2": 2 * hidden * W.PIXELS}
+        params = hidden * W.LATENT + hidden + W.PIXELS * hidden + W.PIXELS
+        stages = (W.Stage("fc1", b * flops["fc1"], dot="_linear_rows_to_scratch"),
+                  W.Stage("fc2", b * flops["fc2"], dot="_experts_hard_mlp_fwd_kernel"))
+        scratch_per_token = 2 * hidden * 4
+        scratch_footprint = programs * bm * hidden * 4
+        useful = b * sum(flops.values())
+    else:
+        flops = W.lite_flops() if kind == "lite" else W.medium_flops()
+        params = W.LITE_PARAMS if kind == "lite" else W.MEDIUM_PARAMS
+        stages = [W.Stage("fc", b * flops["fc"], dot="_linear_rows_to_scratch"),
+                  W.Stage("conv1", b * flops["conv1"], dot="_upconv3x3_to_scratch", occurrence=0)]
+        if kind == "medium":
+            stages.append(W.Stage("conv2", b * flops["conv2"], dot="_upconv3x3_to_scratch", occurrence=1))
+            stages.append(W.Stage("conv3 (1 channel)", b * flops["conv3"]))
+            # h0 + a1 + a2 written once, gathered 4 (phase taps) or 9 times per output row
+            scratch_per_token = 4 * (1568 + 12544 + 25088) + 4 * (49 * 4 * 128 + 196 * 4 * 256 + 784 * 32 * 9)
+            scratch_footprint = programs * (bm * 1568 + config["TS"] * (12544 + 25088)) * 4
+        else:
+            stages.append(W.Stage("conv2 (1 channel)", b * flops["conv2"]))
+            # h0 and a1 written once; conv1 gathers 32 taps per (pixel, phase), conv2 64 per pixel
+            scratch_per_token = 4 * (392 + 3136) + 4 * (49 * 4 * 32 + 784 * 64)
+            scratch_footprint = programs * (bm * 392 + config["TS"] * 3136) * 4
+        stages = tuple(stages)
+        useful = b * sum(flops.values())
+    streams = (W.Stream("z rows + indices", b * (W.LATENT * elem + 12), "hbm"),
+               W.Stream("x_hat rows", b * per_token_out, "hbm"),
+               W.Stream("expert weights per tile", tiles * params * elem, "l2"),
+               W.Stream("activation scratch", b * scratch_per_token, "scratch", gather=True))
+    tiles_per_program = tiles / programs
+    return W.Work(shape=f"B={b} E={e}", programs=programs, stages=stages, streams=streams,
+                  serial_steps=tiles_per_program * (6 if kind == "lite" else 8 if kind == "medium" else 4),
+                  scratch_bytes=scratch_footprint, useful_flops=useful,
+                  compulsory_bytes=b * (W.LATENT * elem + 8 + per_token_out))
+
+
+def hard_cases(arch: int, full: bool) -> list[Case]:
+    from smoe_fast.kernels import launch, tuning
+
+    experts_hard = kernel_module("experts_hard")
+
+    cases = []
+    latent, hidden, e = W.LATENT, 256, W.HARD_E
+    dtypes = list(_HARD_DTYPES) if full else ["fp32/ieee", "fp32/tf32", "bf16"]
+    for kind in ("lite", "medium", "mlp"):
+        configs = [tuning.experts_hard_default(kind, arch, tuning.MAX_BUCKET)]
+        small = tuning.experts_hard_default(kind, arch, 64)
+        if small not in configs:
+            configs.append(small)
+        if full:
+            configs += [c for c in tuning.experts_hard_candidates(kind) if c not in configs]
+        for config in configs:
+            for dtype_label in dtypes:
+                dtype, precision = _HARD_DTYPES[dtype_label]
+                label = f"{_fmt(config)},{dtype_label}"
+                bm = config["BM"]
+                max_tiles = launch.tile_bound(W.HARD_B, e, bm)
+                index_ptrs = {"scratch": "*fp32", "sorted_token_idx": "*i32", "expert_offsets": "*i32",
+                              "tile_offsets": "*i32"}
+                work = _hard_work(kind, config, dtype, arch, hidden)
+                rate = "bf16" if dtype != "fp32" else precision
+                if kind == "mlp":
+                    ptrs = {n: "*" + dtype for n in ("z", "out", "fc1_w", "fc1_b", "fc2_w", "fc2_b")}
+                    scalars = dict(E=e, L=latent, HIDDEN=hidden, stride_zb=latent, stride_zl=1, max_tiles=max_tiles)
+                    consts = dict(LOG_E=launch.log2_ceil(e), PIXELS=W.PIXELS, BM=bm, BH=config["BH"],
+                                  BN=config["BN"], BLOCK_L=32, INPUT_PRECISION=precision)
+                    cases.append(Case("experts_hard:_experts_hard_mlp_fwd_kernel", "hard mlp", label,
+                                      dict(ptrs, **index_ptrs), scalars, consts, config["num_warps"], work, rate))
+                    continue
+                c0, c1, c2 = experts_hard._CONV_CHANNELS[kind]
+                ptrs = {n: "*" + dtype for n in ("z", "out", "fc_w", "fc_b", "conv1_w", "conv1_b", "conv2_w",
+                                                  "conv2_b", "conv3_w", "conv3_b")}
+                per_program = bm * c0 * 49 + config["TS"] * c1 * 196 + (config["TS"] * c2 * 784 if kind == "medium" else 0)
+                scalars = dict(E=e, L=latent, stride_zb=latent, stride_zl=1, max_tiles=max_tiles,
+                               scratch_per_program=per_program)
+                consts = dict(LOG_E=launch.log2_ceil(e), C0=c0, C1=c1, C2=c2, HAS_CONV3=kind == "medium", BM=bm,
+                              TS=config["TS"], BR=config["BR"], BLOCK_L=32, BN_FC=64, INPUT_PRECISION=precision)
+                cases.append(Case("experts_hard:_experts_hard_conv_fwd_kernel", f"hard {kind}", label,
+                                  dict(ptrs, **index_ptrs), scalars, consts, config["num_warps"], work, rate))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------
+# soft / top-k fused training kernels (lite, mlp)
+# ----------------------------------------------------------------------------------------------------
+
+def _training_work(op: str, kind: str, direction: str, config: dict, hidden: int) -> W.Work:
+    from smoe_fast.kernels import launch
+
+    bm = config["BM"]
+    if op == "soft":
+        b, e = W.SOFT_B, W.SOFT_E
+        rows = b * e                                   # every (token, expert) pair
+        items = W.cdiv(b, bm) if direction == "fwd" else e * max(1, min(W.cdiv(b, bm), 264 // e))
+    else:
+        b, e = W.TOPK_B, W.TOPK_E
+        rows = b * W.TOPK_K
+        items = launch.tile_bound(rows, e, bm)
+    programs = min(items, 264)
+    if kind == "mlp":
+        f = {"fc1": 2 * W.LATENT * hidden, "fc2": 2 * hidden * W.PIXELS}
+        stages = [W.Stage("fc1", rows * f["fc1"], dot="_mlp_hidden"), W.Stage("fc2", rows * f["fc2"], dot="_mlp_out_tile")]
+        params = hidden * W.LATENT + hidden + W.PIXELS * hidden + W.PIXELS
+        scratch = 0
+    else:
+        f = W.lite_flops()
+        # the kernels' tiles: fc N padded 392 -> 512; conv2 over [BM, 1024] for 784 pixels
+        stages = [W.Stage("fc", rows * f["fc"] * 512 / 392, dot="_lite_forward_rows", occurrence=0),
+                  W.Stage("conv1", rows * f["conv1"], dot="_lite_forward_rows", occurrence=1),
+                  W.Stage("conv2 (1 channel)", rows * f["conv2"] * 1024 / 784)]
+        params = W.LITE_PARAMS
+        scratch = rows * 4 * ((392 + 3136) + 49 * 4 * 32 + 784 * 64)
+    useful = rows * sum(f.values())
+    if direction == "bwd":
+        # recompute the forward, then two GEMMs per forward GEMM (data and weight gradients)
+        stages = [W.Stage(s.name + " (recompute)", s.flops, s.dot, s.occurrence, s.unit) for s in stages] + [
+            W.Stage(s.name + " grads", 2 * s.flops, None if s.dot is None else "_lite_backward_rows" if kind == "lite"
+                    else "_experts_bwd_body", 0, s.unit) for s in stages]
+        useful *= 3
+        scratch *= 2.2
+    streams = [W.Stream("z, gates, x_hat (and d x_hat)", b * (W.LATENT * 4 + e * 4 + W.PIXELS * 4 * (2 if direction == "bwd" else 1)), "hbm"),
+               W.Stream("expert weights per block", items * params * 4 * (1 if op == "topk" else (e if direction == "fwd" else 1)), "l2")]
+    if scratch:
+        streams.append(W.Stream("activation scratch", scratch, "scratch", gather=True))
+    if direction == "bwd":
+        streams.append(W.Stream("partial weight grads", items * params * 4, "hbm"))
+        if op == "soft":
+            streams.append(W.Stream("partial dz [E, B, L]", e * b * W.LATENT * 4 * 2, "hbm"))
+    per_program = items / programs * (e if (op == "soft" and direction == "fwd") else 1)
+    return W.Work(shape=f"B={b} E={e}" + (f" K={W.TOPK_K}" if op == "topk" else ""), programs=programs,
+                  stages=tuple(stages), streams=tuple(streams), serial_steps=per_program * 6,
+                  scratch_bytes=programs * bm * (7840 if direction == "bwd" else 3528) * 4 if kind == "lite" else 0,
+                  useful_flops=useful, compulsory_bytes=b * (W.LATENT * 4 + e * 4 + W.PIXELS * 4))
+
+
+def training_cases(arch: int, full: bool) -> list[Case]:
+    from smoe_fast.kernels import decoder_blocks, launch, tuning
+
+    experts_soft, experts_topk = kernel_module("experts_soft"), kernel_module("experts_topk")
+
+    cases = []
+    latent, hidden = W.LATENT, 256
+    for op, module in (("soft", experts_soft), ("topk", experts_topk)):
+        e = W.SOFT_E if op == "soft" else W.TOPK_E
+        for kind in ("lite", "mlp"):
+            is_mlp = kind == "mlp"
+            h = hidden if is_mlp else 1
+            for precision in ("ieee", "tf32"):
+                for direction in ("fwd", "bwd"):
+                    config = tuning.training_config(kind, direction, arch)
+                    name = f"_experts_{op}_{direction}_kernel"
+                    kernel = getattr(module, name)
+                    ptrs = {a: "*fp32" for a in arg_names(kernel) if a.startswith("p_")}
+                    ptrs.update({a: "*i32" for a in ("p_sorted", "p_eoff", "p_toff") if a in ptrs})
+                    scalars = dict(stride_zb=latent, stride_zl=1, stride_gb=e if op == "soft" else W.TOPK_K,
+                                   stride_ge=1, stride_gk=1, stride_dob=W.PIXELS, stride_dop=1, W_TOTAL=5000,
+                                   B=W.SOFT_B if op == "soft" else W.TOPK_B, L=latent, H=h, E=e, K=W.TOPK_K,
+                                   n_items=70, blocks_per_item=3)
+                    consts = dict(IS_MLP=is_mlp, LP=decoder_blocks.latent_pad(latent), HP=max(16, 1 << max(0, h - 1).bit_length()),
+                                  BM=config["BM"], BR=config["BR"], BN=config["BN"], PREC=precision)
+                    if op == "topk":
+                        consts["LOG_E"] = launch.log2_ceil(e)
+                    cases.append(Case(f"experts_{op}:{name}", f"{op} {direction} {kind}", f"{_fmt(config)},fp32/{precision}",
+                                      ptrs, {k: v for k, v in scalars.items() if k in arg_names(kernel)}, consts,
+                                      config["num_warps"], _training_work(op, kind, direction, config, hidden), precision))
+    w_total = 14_249
+    rows = launch.tile_bound(W.TOPK_B * W.TOPK_K, W.TOPK_E, decoder_blocks.BLOCK_M)
+    sum_work = W.Work(shape=f"E={W.TOPK_E} W={w_total}", programs=W.TOPK_E * W.cdiv(w_total, experts_topk._REDUCE_BLOCK),
+                      streams=(W.Stream("partials in, grads out", (rows + W.TOPK_E) * w_total * 4, "hbm"),),
+                      serial_steps=rows / W.TOPK_E, compulsory_bytes=(rows + W.TOPK_E) * w_total * 4)
+    cases.append(Case("decoder_blocks:_segment_sum_kernel", "segment sum", f"BLOCK={experts_topk._REDUCE_BLOCK}",
+                      {"p_part": "*fp32", "p_toff": "*i32", "p_out": "*fp32"}, dict(W_TOTAL=w_total),
+                      dict(BLOCK=experts_topk._REDUCE_BLOCK), 4, sum_work))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------
+# the medium decoder's grouped layers (soft and top-k training)
+# ----------------------------------------------------------------------------------------------------
+
+# (name, C_IN, C_OUT, KS, UP, H_IN, ACT, reads z through the row index)
+MEDIUM_LAYERS = [("fc", 32, 1568, 1, 1, 1, 0, True), ("conv1", 32, 64, 3, 2, 7, 1, False),
+                 ("conv2", 64, 32, 3, 2, 14, 1, False), ("conv3", 32, 1, 3, 1, 28, 2, False)]
+
+
+def grouped_cases(arch: int, full: bool) -> list[Case]:
+    from smoe_fast.kernels import grouped_layers as gl, launch, tuning
+
+    cases = []
+    e, rows = W.MEDIUM_E, W.MEDIUM_ROWS
+    tiles = launch.tile_bound(rows, e, gl.TILE_ROWS)
+    for precision in ("ieee", "tf32"):
+        for name, c_in, c_out, ks, up, hw, act, has_idx in MEDIUM_LAYERS:
+            pixels_in, pixels_out = hw * hw, (hw * up) ** 2
+            k_total = c_in * ks * ks
+            common = dict(E=e, C_IN=c_in, C_OUT=c_out, H_IN=hw, W_IN=hw)
+            base = dict(KS=ks, UP=up, ACT=act, LOG_E=launch.log2_ceil(e), TILE_ROWS=gl.TILE_ROWS, PREC=precision)
+            x_strides = dict(stride_xr=c_in * pixels_in, stride_xc=pixels_in, IDX_DIV=2 if has_idx else 1)
+            ptr_i32 = {"p_idx": "*i32", "p_eoff": "*i32", "p_toff": "*i32"}
+            # implicit GEMM: rows x pixels_out x C_OUT x (C_IN * taps), dgrad and wgrad the same size
+            flops = 2.0 * rows * pixels_out * c_out * k_total
+            act_bytes = rows * 4 * (c_in * pixels_in + c_out * pixels_out)
+            params = c_out * k_total + c_out
+            for kernel_name, role in (("fwd", "_grouped_conv_fwd_kernel"), ("dgrad", "_grouped_conv_dgrad_kernel"),
+                                      ("wgrad", "_grouped_conv_wgrad_kernel")):
+                config = tuning.grouped_layer_config(kernel_name, c_in, c_out, pixels_in, pixels_out, ks, arch)
+                kernel = getattr(gl, role)
+                ptrs = {a: "*fp32" for a in arg_names(kernel) if a.startswith("p_")}
+                ptrs.update({k: v for k, v in ptr_i32.items() if k in ptrs})
+                scalars = dict(common, **x_strides) if kernel_name != "dgrad" else dict(common)
+                consts = dict(base, BM=config["BM"], BN=config["BN"], BK=config["BK"])
+                if kernel_name != "dgrad":
+                    consts["HAS_IDX"] = has_idx
+                if kernel_name == "fwd":
+                    grid = tiles * W.cdiv(gl.TILE_ROWS * pixels_out, config["BM"]) * W.cdiv(c_out, config["BN"])
+                elif kernel_name == "dgrad":
+                    grid = tiles * W.cdiv(gl.TILE_ROWS * pixels_in, config["BM"]) * W.cdiv(c_in, config["BN"])
+                else:
+                    grid = tiles * W.cdiv(c_out, config["BM"]) * W.cdiv(k_total, config["BN"])
+                stage = W.Stage(name, flops, dot=role) if min(c_out, c_in) >= 16 and not (kernel_name != "wgrad" and c_out == 1) \
+                    else W.Stage(name, flops)
+                gathered = 9 if ks == 3 else 1
+                streams = (W.Stream("activations in/out", act_bytes, "hbm"),
+                           W.Stream("im2col gathers", rows * 4 * k_total * pixels_out * (gathered > 1), "l2", gather=True),
+                           W.Stream("weights per tile", grid * params * 4 / max(1, W.cdiv(c_out, config["BN"])), "l2"))
+                work = W.Work(shape=f"rows={rows} E={e}", programs=grid, stages=(stage,), streams=streams,
+                              serial_steps=W.cdiv(k_total if kernel_name != "wgrad" else gl.TILE_ROWS * pixels_out, config["BK"]),
+                              useful_flops=flops, compulsory_bytes=act_bytes)
+                cases.append(Case(f"grouped_layers:{role}", f"medium {kernel_name} {name}",
+                                  f"{_fmt(config)},fp32/{precision}",
+                                  ptrs, {k: v for k, v in scalars.items() if k in arg_names(kernel)},
+                                  {k: v for k, v in consts.items() if k in arg_names(kernel)}, config["num_warps"],
+                                  work, precision, config["num_stages"]))
+    return cases
+
+
+def all_cases(arch: int, full: bool = False) -> list[Case]:
+    """Every distinct compile of the launchers' configs for ``arch`` (duplicates removed)."""
+    seen, out = set(), []
+    for case in grouping_cases(arch, full) + hard_cases(arch, full) + training_cases(arch, full) + grouped_cases(arch, full):
+        if case.key() not in seen:
+            seen.add(case.key())
+            out.append(case)
+    return out

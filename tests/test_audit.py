@@ -1,0 +1,114 @@
+"""The audit's budgets, enforced on a machine without a GPU (they replace "it compiles").
+
+One audit run per session (``smoe_fast.audit.run_audit``: every config the launchers can choose,
+compiled ahead of time, cached under $SMOE_FAST_CACHE_DIR/audit) feeds every test here:
+
+- every kernel fits the per-block shared memory of every supported arch in every config tuning can
+  pick for it (sm_80, sm_86, sm_89, sm_90; CI compiles sm_90 and sm_86 and checks sm_80 and sm_89
+  with sm_86's compile: same tensor-core generation, the same configs from tuning, and an equal or
+  larger shared-memory limit, which ``test_covering_archs_choose_the_same_configs`` checks);
+- zero register spills in grouping;
+- every other kernel's spills within the written budget of kernels/tuning.py ``SPILL_BUDGET_BYTES``
+  (the hard-gated and training-kernel issues tighten it);
+- the table and the CSV carry the documented columns and label predictions as predictions.
+
+``SMOE_FAST_AUDIT_ARCHS=sm_80,sm_86,sm_89,sm_90`` compiles every arch instead.
+"""
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+
+from smoe_fast import audit
+from smoe_fast.audit import cases as audit_cases
+from smoe_fast.audit.hardware import ARCHS
+from smoe_fast.kernels import tuning
+
+COVERING_ARCHS = tuple(a for a in os.environ.get("SMOE_FAST_AUDIT_ARCHS", "sm_90,sm_86").split(","))
+# archs checked with another arch's compile (same lowering, same configs, limit at least as large)
+CHECKED_WITH = {80: 86, 89: 86}
+
+pytestmark = pytest.mark.skipif(not audit.can_compile(), reason="triton's ahead-of-time NVIDIA compiler is not available")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return audit.run_audit(archs=COVERING_ARCHS, gpu="h100")
+
+
+def _rows_for(rows, arch: int):
+    return [r for r in rows if r.arch == ARCHS[arch].name and not r.op.startswith("cuda")]
+
+
+def test_every_config_compiles(rows):
+    failed = [f"{r.op} [{r.config}] {r.arch}: {r.error}" for r in rows if r.error and not r.op.startswith("cuda")]
+    assert not failed, "\n".join(failed)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS), ids=[ARCHS[a].name for a in sorted(ARCHS)])
+def test_every_config_fits_the_shared_memory_of_every_arch(rows, arch):
+    compiled = {ARCHS[a].name for a in ARCHS} & {r.arch for r in rows}
+    source = arch if ARCHS[arch].name in compiled else CHECKED_WITH.get(arch)
+    if source is None or ARCHS[source].name not in compiled:
+        pytest.skip(f"{ARCHS[arch].name} was not compiled in this run (SMOE_FAST_AUDIT_ARCHS)")
+    limit = ARCHS[arch].shared_per_block
+    over = [f"{r.op} [{r.config}]: {r.shared_bytes} B > {limit} B" for r in _rows_for(rows, source)
+            if r.shared_bytes > limit]
+    assert not over, f"{len(over)} configs tuning can pick for {ARCHS[arch].name} exceed its shared memory:\n" + "\n".join(over)
+
+
+def test_covering_archs_choose_the_same_configs():
+    # what lets sm_86's compile stand for sm_80 and sm_89
+    for arch, source in CHECKED_WITH.items():
+        assert ARCHS[arch].shared_per_block >= ARCHS[source].shared_per_block
+        mine = sorted(c.key() for c in audit_cases.all_cases(arch, full=False))
+        theirs = sorted(c.key() for c in audit_cases.all_cases(source, full=False))
+        assert mine == theirs, f"tuning picks different configs for {ARCHS[arch].name} and {ARCHS[source].name}"
+
+
+def test_grouping_never_spills(rows):
+    spilling = [f"{r.op} [{r.config}] {r.arch}: {r.spill_bytes} B ({r.spill_kind})" for r in rows
+                if r.op in ("grouping count", "grouping scatter", "tile offsets") and r.spill_bytes != 0]
+    assert not spilling, "\n".join(spilling)
+
+
+def test_spills_within_the_written_budget(rows):
+    over = []
+    for r in rows:
+        if r.op.startswith("cuda"):
+            continue
+        budget = tuning.spill_budget(r.op)
+        if r.spill_bytes > budget:
+            over.append(f"{r.op} [{r.config}] {r.arch}: {r.spill_bytes} B spilled ({r.spill_kind}) > budget {budget} B")
+    assert not over, "\n".join(over)
+
+
+def test_rows_cover_every_kernel_the_launchers_use(rows):
+    ops = {r.op.split()[0] for r in rows}
+    assert {"grouping", "tile", "hard", "soft", "topk", "medium", "segment"} <= ops, ops
+    hard = [r for r in rows if r.op == "hard lite" and r.arch == "sm_90"]
+    assert {"fp32/ieee", "fp32/tf32", "bf16"} <= {r.config.rsplit(",", 1)[1] for r in hard}
+
+
+def test_table_and_csv(rows, tmp_path):
+    table = audit.format_table(rows)
+    assert "PREDICTED" in table and "not measured" in table
+    path = tmp_path / "audit.csv"
+    audit.write_csv(rows, str(path))
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        written = list(reader)
+    required = ("kernel,config,arch,num_warps,registers,spill_bytes,shared_bytes,shared_limit_bytes,ctas_per_sm,"
+                "mma_instructions,vector_access_fraction,predicted_us,bound").split(",")
+    assert set(required) <= set(header), set(required) - set(header)
+    assert len(written) == len(rows)
+    grouping = [r for r in written if r["op"] == "grouping count" and r["arch"] == "sm_90"]
+    assert grouping and all(float(r["predicted_us"]) > 0 for r in grouping)
+
+
+def test_a_repeat_run_reads_the_cache(rows):
+    again = audit.run_audit(archs=COVERING_ARCHS[:1], gpu="h100", cuda_sources=False)
+    assert again and all(r.cached for r in again if not r.error)
