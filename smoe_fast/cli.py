@@ -29,7 +29,7 @@ def _add_data_arguments(p: argparse.ArgumentParser, num_train: int | None, num_t
 
 
 def _load_data(args):
-    from .data import load_data
+    from .vae.data import load_data
 
     return load_data(args.data, root=args.root, fraction=args.fraction, seed=args.data_seed, download=args.download,
                      num_train=args.num_train, num_test=args.num_test)
@@ -73,7 +73,7 @@ def _train_parser(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from .train import NonFiniteLossError, TrainConfig, evaluate, resolve_device, train
+    from .vae.train import NonFiniteLossError, TrainConfig, evaluate, resolve_device, train
 
     device = resolve_device(args.device)
     config = TrainConfig(num_experts=args.experts, latent_dim=args.latent_dim, encoder=args.encoder,
@@ -142,8 +142,8 @@ def _eval_parser(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from .model import SMoEVAE
-    from .train import evaluate, load_checkpoint, resolve_device
+    from .vae.model import SMoEVAE
+    from .vae.train import evaluate, load_checkpoint, resolve_device
 
     device = resolve_device(args.device)
     try:
@@ -201,9 +201,13 @@ def _run_info(args) -> int:
     return 0
 
 
-def _delegated_parser(sub, name: str, module: str, help_text: str) -> None:
+# Commands whose arguments and runner live in their own module (add_arguments(parser), run(args)).
+DELEGATED_COMMANDS = {"profile": "smoe_fast.profile", "reproduce": "smoe_fast.vae.reproduce"}
+
+
+def _delegated_parser(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    importlib.import_module(f"smoe_fast.{module}").add_arguments(p)
+    importlib.import_module(DELEGATED_COMMANDS[name]).add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _info_parser(sub)
-    _delegated_parser(sub, "profile", "profile", "time the expert stage against the number of experts (table, CSV, plot)")
-    _delegated_parser(sub, "reproduce", "reproduce", "run the paper's experiments and write results.json and report.md")
+    _delegated_parser(sub, "profile", "time the expert stage against the number of experts (table, CSV, plot)")
+    _delegated_parser(sub, "reproduce", "run the paper's experiments and write results.json and report.md")
     return parser
 
 
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in runners:
             return runners[args.command](args)
-        return importlib.import_module(f"smoe_fast.{args.command}").run(args)
+        return importlib.import_module(DELEGATED_COMMANDS[args.command]).run(args)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

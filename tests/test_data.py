@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from smoe_fast import data
-from smoe_fast.data import (DATA_SOURCES, QUICKDRAW_CATEGORIES, ImageDataset, load_data, load_quickdraw_bitmaps,
+from smoe_fast.vae import data
+from smoe_fast.vae.data import (DATA_SOURCES, QUICKDRAW_CATEGORIES, ImageDataset, load_data, load_quickdraw_bitmaps,
                             load_quickdraw_strokes, rasterize_batch, rasterize_strokes, synthetic_sketches)
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-import smoe_fast.train as train_module
-from smoe_fast.data import ImageDataset
-from smoe_fast.train import NonFiniteLossError, TrainConfig, evaluate, load_checkpoint, train
+import smoe_fast.vae.train as train_module
+from smoe_fast.vae.data import ImageDataset
+from smoe_fast.vae.train import NonFiniteLossError, TrainConfig, evaluate, load_checkpoint, train
 
 
 def _blobs(n, seed):
@@ -112,8 +112,8 @@ def test_supervised_label_and_topk_runs_train():
 
 
 def test_revive_dead_experts_copies_the_busiest_expert():
-    from smoe_fast.model import SMoEVAE
-    from smoe_fast.train import revive_dead_experts
+    from smoe_fast import SMoEVAE
+    from smoe_fast.vae.train import revive_dead_experts
 
     model = SMoEVAE(num_experts=3, backend="reference")
     opt = torch.optim.Adam(model.parameters())
@@ -130,8 +130,8 @@ def test_bad_config(field, value):
 
 
 def test_revived_expert_takes_a_share_of_the_donors_images():
-    from smoe_fast.model import SMoEVAE
-    from smoe_fast.train import revive_dead_experts
+    from smoe_fast import SMoEVAE
+    from smoe_fast.vae.train import revive_dead_experts
 
     torch.manual_seed(0)
     model = SMoEVAE(num_experts=4, backend="reference")

@@ -11,7 +11,7 @@ Experiments (shared/PAPER.md), each a set of training runs on one data source:
 
 Layout of ``--out``::
 
-    runs/<run>/checkpoint.pt, metrics.jsonl, config.json   written by smoe_fast.train
+    runs/<run>/checkpoint.pt, metrics.jsonl, config.json   written by smoe_fast.vae.train
     runs/<run>/result.json                                 written atomically when the run is finished
     results.json, report.md, figures/*.png                 rewritten after every run and at the end
 
@@ -306,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     num_classes = data.get(max(plan.fractions))[0].num_classes
     specs = plan_runs(plan, num_classes)
     focus = RunSpec(max(plan.fractions), plan.analysis_experts, seed=plan.seeds[0])
-    from .backends import resolve_backend
+    from ..backends import resolve_backend
 
     backend = resolve_backend(plan.backend, plan.device).value
     print(f"smoe-fast reproduce: preset {plan.preset}, {plan.data} data, {len(specs)} runs of {plan.epochs} epochs, "
