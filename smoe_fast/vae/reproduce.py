@@ -259,7 +259,8 @@ def _comparable(config: dict) -> dict:
 def run_one(plan: Plan, spec: RunSpec, data: DataCache, focus: bool) -> dict[str, Any]:
     """Train (or resume, or skip) one run and return its result dict (also written to result.json)."""
     from .analysis import expert_report
-    from .train import CHECKPOINT_NAME, atomic_write_text, evaluate, train
+    from ..io import atomic_write_text
+    from .train import CHECKPOINT_NAME, evaluate, train
 
     run_dir = plan.out / "runs" / spec.name
     config = train_config(plan, spec)
@@ -326,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_results(plan: Plan, results: list[dict[str, Any]]) -> Path:
-    from .train import atomic_write_text
+    from ..io import atomic_write_text
 
     meta = {"preset": plan.preset, "data": plan.data, "epochs": plan.epochs, "encoder": plan.encoder,
             "decoder": plan.decoder, "fractions": list(plan.fractions), "experts": list(plan.experts),
@@ -493,7 +494,7 @@ def _f(value, digits: int = 2, pct: bool = False) -> str:
 
 def write_report(plan: Plan, results: list[dict[str, Any]], figures: dict[str, Path]) -> Path:
     """report.md: our numbers next to PAPER.md's, with the figures linked relatively."""
-    from .train import atomic_write_text
+    from ..io import atomic_write_text
 
     s = summarise(plan, results)
     synthetic = plan.data == "synthetic"
