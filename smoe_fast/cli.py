@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 from .backends import Backend
+from .vae.data import DATA_SOURCES
 
-DATA_CHOICES = ("synthetic", "quickdraw", "quickdraw-bitmap")
 
 
 def _add_data_arguments(p: argparse.ArgumentParser, num_train: int | None, num_test: int | None) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=DATA_CHOICES, default="synthetic",
+    g.add_argument("--data", choices=DATA_SOURCES, default="synthetic",
                    help="data source: the built-in synthetic sketches (default), QuickDraw sketch-rnn .npz stroke "
                         "files, or QuickDraw full_numpy_bitmap .npy files")
     g.add_argument("--root", type=Path, default=None, help="directory holding the QuickDraw files")

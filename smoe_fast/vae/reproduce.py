@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from .data import DATA_SOURCES
+
 # --------------------------------------------------------------------------- published numbers (PAPER.md)
 # Final test SSE per image by ACTIVE experts: fraction -> train size, 1 expert, 5 active, best (active, SSE).
 PUBLISHED_SSE = {
@@ -77,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=tuple(PRESETS), default="quick",
                         help="quick: synthetic data, small, a few CPU minutes; paper: PAPER.md's grid (20 epochs)")
     d = parser.add_argument_group("data")
-    d.add_argument("--data", choices=("synthetic", "quickdraw", "quickdraw-bitmap"), default=None,
+    d.add_argument("--data", choices=DATA_SOURCES, default=None,
                    help="data source (default: the preset's, synthetic); quickdraw needs --root")
     d.add_argument("--root", type=Path, default=None, help="directory holding the QuickDraw files")
     d.add_argument("--download", action="store_true", help="fetch missing QuickDraw files into --root")
