@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import pytest
 import torch
 
-from smoe_fast.backends import BackendUnavailableError, resolve_backend
+from smoe_fast import BackendUnavailableError, resolve_backend
 from smoe_fast.measure import synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
