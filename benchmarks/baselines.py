@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe_fast import reference
-from smoe_fast.authors import decoders_from_stacked, per_sample_loop, stacked_soft
+from smoe_fast.vae.authors import decoders_from_stacked, per_sample_loop, stacked_soft
 from smoe_fast.contract import IMAGE_SHAPE
 from smoe_fast.reference import decode
 
@@ -149,7 +149,7 @@ class AuthorsSMoEVAE(nn.Module):
         self.decoders = authors_decoders(model.experts.kind, {n: w.detach() for n, w in model.experts.weights().items()})
 
     def forward(self, x: torch.Tensor, sample: bool = True):
-        from smoe_fast.model import SMoEOutput
+        from smoe_fast import SMoEOutput
 
         mu, logvar = self.encoder(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu

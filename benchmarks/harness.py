@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 import pytest
 import torch
 
-from smoe_fast.backends import BackendUnavailableError, resolve_backend
-from smoe_fast.profile import synchronize
+from smoe_fast import BackendUnavailableError, resolve_backend
+from smoe_fast.measure import synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"

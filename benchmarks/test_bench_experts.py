@@ -21,7 +21,7 @@ from harness import (BACKENDS, DENSE_MAX_PAIRS, DENSE_TRAIN_MAX_PAIRS, DEVICE, E
                      authors_loop_tokens, require_backend, rotating, run_case, skip_if_too_many_pairs)
 from smoe_fast import ops, reference
 from smoe_fast.experts import random_weights
-from smoe_fast.profile import random_routing, stage_bytes, stage_flops
+from smoe_fast.measure import random_routing, stage_bytes, stage_flops
 
 HARD_IMPLS = (*BACKENDS, "authors_per_sample_loop", "per_expert_loop", "dense_gather")
 MLP_IMPLS = (*BACKENDS, "per_expert_loop", "dense_gather", "grouped_mm")

@@ -15,8 +15,8 @@ from . import ops
 from .backends import Backend, BackendUnavailableError, describe_backends, resolve_backend
 from .contract import Routing
 from .experts import StackedExperts
-from .loss import LossTerms, smoe_loss
-from .model import SMoEOutput, SMoEVAE
+from .vae.loss import LossTerms, smoe_loss
+from .vae.model import SMoEOutput, SMoEVAE
 
 __version__ = "0.1.0"
 
@@ -26,8 +26,12 @@ __all__ = [
 ]
 
 
+# The application's modules that the README documents as smoe_fast.<name>, loaded on first use only
+# (analysis and figures pull in scikit-learn and matplotlib, data pulls in Pillow).
+_APPLICATION_MODULES = {"analysis": ".vae.analysis", "data": ".vae.data", "figures": ".vae.figures"}
+
+
 def __getattr__(name: str):
-    # analysis pulls in scikit-learn and matplotlib: load it on first use only.
-    if name == "analysis":
-        return importlib.import_module(".analysis", __name__)
+    if name in _APPLICATION_MODULES:
+        return importlib.import_module(_APPLICATION_MODULES[name], __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

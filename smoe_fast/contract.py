@@ -57,17 +57,6 @@ def decoder_param_shapes(kind: str, latent_dim: int, hidden_dim: int = DEFAULT_M
     raise ValueError(f"unknown decoder kind {kind!r}; expected one of {DECODER_KINDS}")
 
 
-def decoder_flops_per_token(kind: str, latent_dim: int, hidden_dim: int = DEFAULT_MLP_HIDDEN) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one expert on one token."""
-    if kind == "mlp":
-        return 2 * (latent_dim * hidden_dim + hidden_dim * IMAGE_PIXELS)
-    if kind == "lite":
-        return 2 * (latent_dim * 392 + 14 * 14 * 16 * 8 * 9 + 28 * 28 * 1 * 16 * 9)
-    if kind == "medium":
-        return 2 * (latent_dim * 1568 + 14 * 14 * 64 * 32 * 9 + 28 * 28 * 32 * 64 * 9 + 28 * 28 * 32 * 9)
-    raise ValueError(f"unknown decoder kind {kind!r}; expected one of {DECODER_KINDS}")
-
-
 POISON_ENV = "SMOE_FAST_POISON_OUTPUTS"
 
 

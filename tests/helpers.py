@@ -1,4 +1,5 @@
-"""Shared test helpers: the one tolerance check, random expert weights, named routing cases."""
+"""Shared test helpers: the one tolerance check, the forward-and-every-gradient comparison, random expert
+weights, named routing cases."""
 from __future__ import annotations
 
 import torch
@@ -28,6 +29,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol_rms: float |
     max_abs = diff.abs().max().item()
     rel_rms = (diff.norm() / max(e.norm().item(), atol)).item()
     assert rel_rms <= rtol_rms, f"{name}: relative RMS error {rel_rms:.3e} > {rtol_rms:.1e} (max abs error {max_abs:.3e})"
+
+
+def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor, leaves: list[torch.Tensor], names: list[str],
+                       output_name: str = "x_hat", seed: int = 7) -> None:
+    """Compare a forward output with its reference, then the gradient with respect to every leaf.
+
+    Both outputs are back-propagated with the same random upstream gradient (seeded by ``seed``);
+    ``names[i]`` labels the gradient of ``leaves[i]`` in a failure (reported as ``d <name>``).
+
+    >>> assert_grads_close(experts_soft(z, gates, w, "lite"), reference.experts_soft(z, gates, w, "lite"),
+    ...                    [z, gates, *w.values()], ["z", "gates", *w])
+    """
+    assert len(names) == len(leaves), f"{len(names)} names for {len(leaves)} leaves"
+    assert_close(actual, expected, name=output_name)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed))
+    want = torch.autograd.grad(expected, leaves, grad_out)
+    got = torch.autograd.grad(actual, leaves, grad_out)
+    for name, g_actual, g_expected in zip(names, got, want):
+        assert_close(g_actual, g_expected, name=f"d {name}")
 
 
 def random_weights(kind: str, num_experts: int, latent_dim: int = 32, hidden_dim: int = 64, **kwargs):

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from smoe_fast import SMoEVAE, smoe_loss
-from smoe_fast.backends import resolve_backend
+from smoe_fast import SMoEVAE, resolve_backend, smoe_loss
 
 BACKENDS = ["triton", "cpp"]
 

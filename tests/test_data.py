@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from smoe_fast import data
-from smoe_fast.data import (DATA_SOURCES, QUICKDRAW_CATEGORIES, ImageDataset, load_data, load_quickdraw_bitmaps,
+from smoe_fast.vae.data import quickdraw, raster
+from smoe_fast.vae.data import synthetic as synthetic_module  # the fixture below is called synthetic
+from smoe_fast.vae.data import (DATA_SOURCES, QUICKDRAW_CATEGORIES, ImageDataset, load_data, load_quickdraw_bitmaps,
                             load_quickdraw_strokes, rasterize_batch, rasterize_strokes, synthetic_sketches)
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def test_synthetic_substyles_are_visually_distinct(synthetic):
 
 
 def test_synthetic_deterministic_by_seed_and_splits_disjoint(synthetic):
-    data._synthetic_cached.cache_clear()  # regenerate from scratch, not from the in-process cache
+    synthetic_module._synthetic_cached.cache_clear()  # regenerate from scratch, not from the in-process cache
     again = synthetic_sketches(num_train=1300, num_test=650, seed=0)
     for first, second in zip(synthetic, again):
         assert torch.equal(first.images, second.images)
@@ -173,7 +174,7 @@ def test_synthetic_returns_fresh_tensors():
 
 
 def test_synthetic_uses_the_rasterize_pipeline(monkeypatch):
-    monkeypatch.setattr(data, "_render_uint8", lambda strokes3: np.zeros((28, 28), np.uint8))
+    monkeypatch.setattr(raster, "_render_uint8", lambda strokes3: np.zeros((28, 28), np.uint8))
     train, _ = synthetic_sketches(num_train=7, num_test=3, seed=123)
     assert torch.all(train.images == 0)
 
@@ -247,9 +248,9 @@ def test_quickdraw_strokes_split_rule_and_label_order(stroke_root, tmp_path, fra
 
 def test_quickdraw_split_sizes_follow_paper():
     # PAPER.md: p=5% -> 3,500 train and 350 test per class; p=100% -> 70,000 and 2,500 (capped).
-    assert data._split_sizes(0.05, 5, None, None) == (3500, 350)
-    assert data._split_sizes(1.0, 5, None, None) == (70_000, 2_500)
-    assert data._split_sizes(1.0, 5, 1000, 52) == (200, 10)  # num_train/num_test cap the totals
+    assert quickdraw._split_sizes(0.05, 5, None, None) == (3500, 350)
+    assert quickdraw._split_sizes(1.0, 5, None, None) == (70_000, 2_500)
+    assert quickdraw._split_sizes(1.0, 5, 1000, 52) == (200, 10)  # num_train/num_test cap the totals
 
 
 def test_quickdraw_strokes_cache_hit_skips_rasterising(stroke_root, tmp_path, monkeypatch):
@@ -259,7 +260,7 @@ def test_quickdraw_strokes_cache_hit_skips_rasterising(stroke_root, tmp_path, mo
 
     def fail(strokes3):
         raise AssertionError("rasterised although the cache holds these images")
-    monkeypatch.setattr(data, "_render_uint8", fail)
+    monkeypatch.setattr(raster, "_render_uint8", fail)
     second = load_quickdraw_strokes(root, ("face", "cat"), 4e-4)
     assert torch.equal(first[0].images, second[0].images)
     assert torch.equal(first[1].images, second[1].images)
@@ -365,14 +366,14 @@ def test_download_fetches_official_url_atomically(tmp_path, monkeypatch):
     def fake_urlopen(url, timeout):
         requested.append((url, timeout))
         return FakeResponse(source.read_bytes())
-    monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(quickdraw.urllib.request, "urlopen", fake_urlopen)
     root = tmp_path / "new-root"  # does not exist yet
     train, _ = load_quickdraw_strokes(root, ("hot air balloon",), 4e-4, download=True)
     assert requested == [("https://storage.googleapis.com/quickdraw_dataset/sketchrnn/hot%20air%20balloon.npz",
-                          data.DOWNLOAD_TIMEOUT_S)]
+                          quickdraw.DOWNLOAD_TIMEOUT_S)]
     assert (root / "hot air balloon.npz").is_file() and train.num_images == 28
     assert not list(root.glob("*.part"))
-    assert data.quickdraw_url("hot air balloon", bitmap=True) == (
+    assert quickdraw.quickdraw_url("hot air balloon", bitmap=True) == (
         "https://storage.googleapis.com/quickdraw_dataset/full/numpy_bitmap/hot%20air%20balloon.npy")
 
 
@@ -380,7 +381,7 @@ def test_download_fetches_official_url_atomically(tmp_path, monkeypatch):
 def test_download_offline_error_names_url_and_manual_step(tmp_path, monkeypatch, source):
     def offline(url, timeout):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(quickdraw.urllib.request, "urlopen", offline)
     with pytest.raises(ConnectionError) as info:
         load_data(source, root=tmp_path, categories=("face",), download=True)
     message = str(info.value)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from smoe_fast import SMoEOutput, smoe_loss
-from smoe_fast.loss import PAPER_BATCH_SIZE
+from smoe_fast.vae.loss import PAPER_BATCH_SIZE
 
 
 def _output(batch=4, latent=3, experts=3, seed=0):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import smoe_fast
-from smoe_fast.authors import AuthorsVAE
+from smoe_fast.vae.authors import AuthorsVAE
 from helpers import assert_close
 from smoe_fast import BackendUnavailableError, SMoEVAE
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from smoe_fast import profile
+from smoe_fast import measure, profile
 
 
 def parse(argv):
@@ -64,11 +64,12 @@ def test_bad_arguments_are_reported(capsys):
 
 
 def test_work_model():
+    # smoe_fast.measure, shared by the profile and benchmarks/.
     # hard: z + int64 routing + the touched experts' weights + the output; training stages count gradients too.
-    per_expert = profile.expert_bytes("mlp", 32, 256)
+    per_expert = measure.expert_bytes("mlp", 32, 256)
     assert per_expert == 4 * (256 * 32 + 256 + 784 * 256 + 784)
-    assert profile.stage_bytes("hard", 10, 4, 3, "mlp") == 10 * 32 * 4 + 10 * 8 + 3 * per_expert + 10 * 784 * 4
-    assert profile.stage_bytes("soft", 10, 4, 4, "mlp") == 2 * (10 * 32 * 4 + 10 * 4 * 4 + 4 * per_expert + 10 * 784 * 4)
-    assert profile.stage_flops("topk", 10, 4, "lite", top_k=2) == 3 * 10 * 2 * profile.decoder_flops_per_token("lite", 32)
+    assert measure.stage_bytes("hard", 10, 4, 3, "mlp") == 10 * 32 * 4 + 10 * 8 + 3 * per_expert + 10 * 784 * 4
+    assert measure.stage_bytes("soft", 10, 4, 4, "mlp") == 2 * (10 * 32 * 4 + 10 * 4 * 4 + 4 * per_expert + 10 * 784 * 4)
+    assert measure.stage_flops("topk", 10, 4, "lite", top_k=2) == 3 * 10 * 2 * measure.decoder_flops_per_token("lite", 32)
     with pytest.raises(ValueError, match="unknown stage"):
-        profile.stage_bytes("dense", 1, 1, 1, "lite")
+        measure.stage_bytes("dense", 1, 1, 1, "lite")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import assert_close, random_weights, routing_case
-from smoe_fast.authors import decoders_from_stacked as build_decoders, per_sample_loop, stacked_soft
+from smoe_fast.vae.authors import decoders_from_stacked as build_decoders, per_sample_loop, stacked_soft
 from smoe_fast import reference
 
 KINDS = ["lite", "medium", "mlp"]

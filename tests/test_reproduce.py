@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from smoe_fast import reproduce
+from smoe_fast.vae import reproduce
 
 # A tiny quick preset: 300 synthetic training images, 1 epoch, E in {1, 3}, reference backend.
 TINY = ["--preset", "quick", "--num-train", "300", "--num-test", "100", "--epochs", "1", "--experts", "1", "3",
@@ -87,12 +87,12 @@ def test_tiny_run_writes_results_report_and_figures(tiny_run):
 
 
 def test_finished_runs_are_skipped(tiny_run, monkeypatch):
-    import smoe_fast.train
+    import smoe_fast.vae.train
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(smoe_fast.train, "train", no_training)
+    monkeypatch.setattr(smoe_fast.vae.train, "train", no_training)
     assert reproduce.run(_args(*TINY, "--out", str(tiny_run))) == 0
 
 

@@ -1,13 +1,14 @@
 """Training: the loss goes down, resume reproduces an uninterrupted run, failures stop cleanly."""
 import dataclasses
 import json
+import zipfile
 
 import pytest
 import torch
 
-import smoe_fast.train as train_module
-from smoe_fast.data import ImageDataset
-from smoe_fast.train import NonFiniteLossError, TrainConfig, evaluate, load_checkpoint, train
+import smoe_fast.vae.train as train_module
+from smoe_fast.vae.data import ImageDataset
+from smoe_fast.vae.train import NonFiniteLossError, TrainConfig, evaluate, load_checkpoint, train
 
 
 def _blobs(n, seed):
@@ -47,6 +48,18 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     assert _without_timing(resumed.history) == _without_timing(full.history)
     for name, p in full.model.state_dict().items():
         assert torch.equal(p, resumed.model.state_dict()[name]), name
+
+
+def test_checkpoint_names_no_module_of_ours(tmp_path):
+    # Only tensors and plain containers are pickled (it loads with weights_only=True), never a class or
+    # function of smoe_fast: moving or renaming our modules cannot break old checkpoints.
+    train(dataclasses.replace(CONFIG, epochs=1), TRAIN, TEST, out_dir=tmp_path / "run", progress=False)
+    with zipfile.ZipFile(tmp_path / "run" / "checkpoint.pt") as archive:
+        (pickle_name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        pickled = archive.read(pickle_name)
+    assert b"smoe_fast" not in pickled
+    model, _ = load_checkpoint(tmp_path / "run")
+    assert model.num_experts == CONFIG.num_experts
 
 
 def test_same_seed_same_run_and_evaluation_is_seeded():
@@ -112,8 +125,8 @@ def test_supervised_label_and_topk_runs_train():
 
 
 def test_revive_dead_experts_copies_the_busiest_expert():
-    from smoe_fast.model import SMoEVAE
-    from smoe_fast.train import revive_dead_experts
+    from smoe_fast import SMoEVAE
+    from smoe_fast.vae.train import revive_dead_experts
 
     model = SMoEVAE(num_experts=3, backend="reference")
     opt = torch.optim.Adam(model.parameters())
@@ -130,8 +143,8 @@ def test_bad_config(field, value):
 
 
 def test_revived_expert_takes_a_share_of_the_donors_images():
-    from smoe_fast.model import SMoEVAE
-    from smoe_fast.train import revive_dead_experts
+    from smoe_fast import SMoEVAE
+    from smoe_fast.vae.train import revive_dead_experts
 
     torch.manual_seed(0)
     model = SMoEVAE(num_experts=4, backend="reference")

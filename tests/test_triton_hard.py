@@ -162,7 +162,7 @@ def test_experts_hard_compiles_without_graph_breaks():
 
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("kind", ["lite", "medium", "mlp"])
-@pytest.mark.parametrize("num_experts", [1, 8, 257])
+@pytest.mark.parametrize("num_experts", [1, 8, 257], ids=["E1", "E8", "E257-prime"])
 def test_experts_hard_on_gpu(kind, num_experts):
     batch = 2048 if kind != "medium" else 256
     weights = random_weights(kind, num_experts, device="cuda")
@@ -172,7 +172,7 @@ def test_experts_hard_on_gpu(kind, num_experts):
 
 
 @pytest.mark.requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["lite", "mlp"])
 def test_experts_hard_under_autocast(kind, dtype):
     # DESIGN.md: at most 2x the error of the reference run in the same dtype, with a small floor

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_close, random_weights, routing_case
+from helpers import assert_close, assert_grads_close, random_weights, routing_case
 from smoe_fast import reference
 
 triton = pytest.importorskip("triton")
@@ -69,12 +69,7 @@ def test_forward_and_gradients_match_reference(kind, batch, num_experts, top_k, 
     z, idx, gates, weights, leaves = _inputs(kind, batch, num_experts, top_k, routing, strided)
     expected = reference.experts_topk(z, idx, gates, weights, kind)
     actual = experts_topk(z, idx, gates, weights, kind)
-    assert_close(actual, expected, name="x_hat")
-    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7))
-    want = torch.autograd.grad(expected, leaves, grad_out)
-    got = torch.autograd.grad(actual, leaves, grad_out)
-    for name, g_actual, g_expected in zip(["z", "topk_gates", *weights], got, want):
-        assert_close(g_actual, g_expected, name=f"d {name}")
+    assert_grads_close(actual, expected, leaves, ["z", "topk_gates", *weights])
 
 
 @pytest.mark.parametrize("kind", ["mlp", "lite"])

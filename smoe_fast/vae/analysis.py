@@ -26,7 +26,7 @@ easier to reach, so :func:`active_experts` on the full set can be higher than th
 Reports give both: ``active_experts`` (whole set) and ``active_experts_subsample`` (n = 6,700).
 
 >>> from smoe_fast import analysis
->>> ev = evaluate(model, test)                                   # smoe_fast.train.evaluate
+>>> ev = evaluate(model, test)                                   # smoe_fast.vae.train.evaluate
 >>> analysis.active_experts(ev.expert_idx, model.num_experts)    # whole test set
 >>> analysis.compare_experts_with_labels(ev.z, ev.expert_idx, ev.labels)["separability_experts"]
 """
@@ -348,7 +348,7 @@ def most_exciting_inputs(gates, expert_idx, k: int = 8) -> list[np.ndarray]:
 def expert_report(evaluation, num_experts: int, substyles=None, min_wins: int = 10,
                   subsample: int = AUTHORS_ACTIVE_SUBSAMPLE, seed: int = 0,
                   per_expert: bool = True) -> dict[str, Any]:
-    """Every measurement above for one :class:`smoe_fast.train.Evaluation`, as a JSON-ready dict.
+    """Every measurement above for one :class:`smoe_fast.vae.train.Evaluation`, as a JSON-ready dict.
 
     Keys: sse_per_image, kl_per_image, num_experts, active_experts (whole set),
     active_experts_subsample (authors' count on ``subsample`` shuffled images), network_sparsity,

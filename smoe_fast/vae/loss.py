@@ -55,7 +55,7 @@ def gate_entropy(gates: torch.Tensor) -> torch.Tensor:
 def smoe_loss(out, x: torch.Tensor, num_experts: int | None = None, *, routing: str = "unsupervised",
               labels: torch.Tensor | None = None, beta: float = 0.01, balance_weight: float = 200.0,
               entropy_weight: float = 400.0, ce_weight: float = 200.0, reduction: str = "paper") -> LossTerms:
-    """The paper's loss for one mini-batch of an :class:`~smoe_fast.model.SMoEOutput`.
+    """The paper's loss for one mini-batch of an :class:`~smoe_fast.vae.model.SMoEOutput`.
 
     >>> terms = smoe_loss(model(x), x, num_experts=7)
     >>> terms.total.backward()

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..io import atomic_save, atomic_write_text
 from .analysis import active_experts, expert_usage
 from .loss import smoe_loss
 from .model import SMoEVAE
@@ -140,27 +140,6 @@ def evaluate(model: SMoEVAE, data, batch_size: int = 500, seed: int = 0, sample:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device: str | None = None) -> tuple[SMoEVAE, dict]:
     """Load a smoe_fast training checkpoint -> (model, checkpoint dict). Uses ``weights_only=True``."""
     path = Path(path)

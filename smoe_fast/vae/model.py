@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import Backend, check_backend_exists, resolve_backend
-from .contract import DECODER_KINDS, DEFAULT_MLP_HIDDEN, IMAGE_SHAPE, decoder_param_shapes
-from .experts import StackedExperts
+from ..backends import Backend, check_backend_exists, resolve_backend
+from ..contract import DECODER_KINDS, DEFAULT_MLP_HIDDEN, IMAGE_SHAPE, decoder_param_shapes
+from ..experts import StackedExperts
 
 ENCODER_KINDS = ("medium", "lite")
 ROUTINGS = ("unsupervised", "supervised", "label")

@@ -1,0 +1,61 @@
+"""``smoe-fast train``: train an SMoE-VAE and print the summary table (:func:`smoe_fast.vae.train.train`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import add_data_arguments, add_runtime_arguments, auto_choice, load_data, print_summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``smoe-fast train``."""
+    p.description = ("Train an SMoE-VAE and print a summary table. With no arguments: a short run on the built-in "
+                     "synthetic sketches that finishes in a few minutes on 2 CPU cores.")
+    add_data_arguments(p, num_train=8000, num_test=2000)
+    m = p.add_argument_group("model")
+    m.add_argument("--experts", type=int, default=5, help="number of decoder experts E")
+    m.add_argument("--latent-dim", type=int, default=32)
+    m.add_argument("--encoder", choices=("medium", "lite"), default="medium")
+    m.add_argument("--decoder", choices=("lite", "medium", "mlp"), default="lite")
+    m.add_argument("--routing", choices=("unsupervised", "supervised", "label"), default="unsupervised")
+    m.add_argument("--gating", choices=("soft", "hard", "topk"), default=None,
+                   help="training gating override (default: soft for unsupervised, hard otherwise)")
+    m.add_argument("--top-k", type=int, default=2, help="experts per image with --gating topk")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=3)
+    o.add_argument("--batch-size", type=int, default=128)
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--beta", type=float, default=0.01, help="KL weight (the authors' code value)")
+    o.add_argument("--reduction", choices=("paper", "per_sample"), default="paper",
+                   help="loss normalisation: the paper's batch sums, or per-sample normalised")
+    o.add_argument("--revive-dead-experts", action="store_true",
+                   help="re-initialise experts that win < 10 training images in an epoch from the busiest one")
+    o.add_argument("--seed", type=int, default=0)
+    add_runtime_arguments(p)
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory (checkpoint, metrics.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import NonFiniteLossError, TrainConfig, evaluate, resolve_device, train
+
+    device = resolve_device(args.device)
+    config = TrainConfig(num_experts=args.experts, latent_dim=args.latent_dim, encoder=args.encoder,
+                         decoder=args.decoder, routing=args.routing, gating=args.gating, top_k=args.top_k,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
+                         reduction=args.reduction, seed=args.seed, backend=args.backend, device=str(device),
+                         revive_dead_experts=args.revive_dead_experts)
+    train_set, test_set = load_data(args)
+    print(f"training on {train_set.images.shape[0]:,} {args.data} images ({test_set.images.shape[0]:,} test), "
+          f"E={args.experts}, {args.epochs} epochs, device {device}, backend {args.backend}"
+          f"{'' if args.backend != 'auto' else ' -> ' + auto_choice(device)}")
+    try:
+        result = train(config, train_set, test_set, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_summary(result.model, evaluate(result.model, test_set, seed=config.seed), test_set,
+                  title=f"after {len(result.history)} epochs: {args.out}/checkpoint.pt")
+    return 0
