@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("smoe_fast.vae.commands.eval", "evaluate a checkpoint (ours, or the authors' .pth)"),
     "info": ("smoe_fast.info", "versions, devices and which backends are available (and why not)"),
     "profile": ("smoe_fast.profile", "time the expert stage against the number of experts (table, CSV, plot)"),
+    "audit": ("smoe_fast.audit", "compile every kernel config for sm_80/sm_90 without a GPU: registers, spills, "
+                                 "shared memory, tensor cores, PREDICTED time"),
     "reproduce": ("smoe_fast.vae.reproduce", "run the paper's experiments and write results.json and report.md"),
 }
 
