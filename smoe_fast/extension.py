@@ -47,7 +47,7 @@ __all__ = ["ExtensionBuildError", "problem", "load", "status", "cache_dir",
 
 EXTENSION_NAME = "smoe_fast_ext"
 CPU_SOURCES = ("torch_bindings.cpp", "experts_cpu.cpp")
-CUDA_SOURCES = ("experts_cuda.cu", "experts_cuda_glue.cpp")
+CUDA_SOURCES = ("grouping_cuda.cu", "experts_cuda.cu", "wgrad_reduce_cuda.cu", "experts_cuda_glue.cpp")
 # (weight, bias) pairs in the order the C++ decoder plans take them (csrc/decoder_plan.h).
 LAYERS = {"lite": ("fc", "conv1", "conv2"), "medium": ("fc", "conv1", "conv2", "conv3"), "mlp": ("fc1", "fc2")}
 
