@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Compile-only checks of the CUDA code in csrc/ (nothing can run it on a machine without a GPU):
-#  1. every .cu file with nvcc for sm_80 and sm_90 (they include CUDA headers only, no torch);
+#  1. every .cu file with nvcc for sm_80, sm_86, sm_89 and sm_90 (CUDA headers only, no torch), with
+#     ptxas's resource report: a table per kernel (registers, spill bytes, static shared memory), and
+#     a failure on any spill or on static shared memory over 48 KB (dynamic shared memory is sized at
+#     run time to the device's opt-in limit, see plan_experts_launch);
 #  2. the torch glue (experts_cuda_glue.cpp) syntax-checked with the C++ compiler against the
 #     installed torch's CUDA headers, when that torch ships them (a CPU wheel may lack a generated
 #     header, which is stubbed here; the glue's real build happens on first use on a CUDA machine).
@@ -16,11 +19,31 @@ fi
 out=$(mktemp -d /tmp/smoe_fast_nvcc.XXXXXX)
 trap 'rm -rf "$out"' EXIT
 status=0
+printf '%-6s %-44s %5s %12s %11s\n' arch kernel regs spill_bytes static_smem
 for src in csrc/*.cu; do
-    for arch in sm_80 sm_90; do
-        if "$NVCC" -c -std=c++17 -O3 -arch="$arch" -Werror all-warnings -Icsrc "$src" -o "$out/$(basename "$src" .cu).$arch.o"; then
-            echo "ok   $src ($arch)"
+    for arch in sm_80 sm_86 sm_89 sm_90; do
+        log="$out/$(basename "$src" .cu).$arch.log"
+        if "$NVCC" -c -std=c++17 -O3 -arch="$arch" -Werror all-warnings -Xptxas -v -Icsrc "$src" \
+               -o "$out/$(basename "$src" .cu).$arch.o" 2>"$log"; then
+            # ptxas -v: "Compiling entry function 'NAME'", then "N bytes spill stores, M bytes spill loads",
+            # then "Used R registers, ... S bytes smem".
+            if ! awk -v arch="$arch" '
+                /Compiling entry function/ { match($0, /\x27[^\x27]+\x27/); name = substr($0, RSTART + 1, RLENGTH - 2) }
+                /spill stores/ { spill = $5 + $9 }
+                /Used [0-9]+ registers/ {
+                    regs = $5; smem = 0
+                    if (match($0, /[0-9]+ bytes smem/)) smem = substr($0, RSTART, RLENGTH) + 0
+                    cmd = "c++filt " name; cmd | getline pretty; close(cmd)
+                    sub(/^void /, "", pretty); gsub(/\(anonymous namespace\)::|smoe_fast::/, "", pretty); sub(/\(.*$/, "", pretty)
+                    printf "%-6s %-44s %5d %12d %11d\n", arch, pretty, regs, spill, smem
+                    if (spill > 0 || smem > 49152) bad = 1
+                }
+                END { exit bad }' "$log"; then
+                echo "FAIL $src ($arch): register spills or static shared memory over 48 KB" >&2
+                status=1
+            fi
         else
+            cat "$log" >&2
             echo "FAIL $src ($arch)" >&2
             status=1
         fi

@@ -1,6 +1,18 @@
-// CUDA kernels of the smoe_fast ops and their launchers; CUDA headers only (no torch), so this file
-// compiles with plain nvcc (.ci/check_cuda_sources.sh). Glue: experts_cuda_glue.cpp.
+// Expert tiles on the GPU: forward and backward of one phase (slot) per launch, launchers in
+// experts_cuda.h; CUDA headers only, so plain nvcc compiles it (.ci/check_cuda_sources.sh).
+//
+// Grid: args.grid blocks of kThreads; block i takes chunks i, i + grid, ... of the phase's rows,
+// walks each chunk's runs of one expert, and decodes a run kTileTokens tokens at a time: a tile.
+// Mirrors experts_cpu.cpp: activations token-major per tile ([T][C][H][W] here, the CPU keeps the
+// token innermost for its vector lanes), phase-split ("folded") 3x3 convolutions of the upsampled
+// maps, per-run weight-gradient accumulation. Each layer's weights go through a shared-memory stage
+// (chunks of rows / output channels; convolutions folded while staging), read from global memory
+// with consecutive threads on consecutive addresses. Activations live in shared memory behind the
+// stage when they fit (args.shared_bytes), else in the block's slice of a global workspace.
 #include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
 
 #include "experts_cuda.h"
 
@@ -8,91 +20,29 @@ namespace smoe_fast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kGroupThreads = 1024;
+constexpr int T = kTileTokens;
+// Weight stage in scalars; also the conv weight-gradient scratch (kThreads * (16 folded taps + bias)).
+constexpr int kStageScalars = kThreads * 18;
 
-// ------------------------------------------------------------------------------------------------
-// Grouping: launch 1 counts, launch 2 (one block) scans the counts and scatters stably.
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-__global__ void group_count_kernel(const int64_t* expert_idx, int64_t n, int64_t num_experts, int32_t* counts) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = expert_idx[i];
-    if (e >= 0 && e < num_experts) atomicAdd(counts + e, 1);  // ops.py range-checks; never write out of bounds
-  }
-}
-
-__global__ void group_scatter_kernel(const int64_t* expert_idx, int64_t n, int64_t num_experts, const int32_t* counts,
-                                     int32_t* offsets, int32_t* cursor, int32_t* sorted_token_idx,
-                                     int32_t* token_sorted_pos) {
-  __shared__ int32_t scan[kGroupThreads];
-  __shared__ int32_t carry;
-  const int tid = threadIdx.x;
-  if (tid == 0) carry = 0;
-  __syncthreads();
-  // Exclusive scan of counts, one tile of blockDim experts at a time.
-  for (int64_t base = 0; base < num_experts; base += blockDim.x) {
-    const int64_t e = base + tid;
-    const int32_t count = e < num_experts ? counts[e] : 0;
-    scan[tid] = count;
-    __syncthreads();
-    for (int step = 1; step < blockDim.x; step <<= 1) {
-      const int32_t add = tid >= step ? scan[tid - step] : 0;
-      __syncthreads();
-      scan[tid] += add;
-      __syncthreads();
-    }
-    if (e < num_experts) {
-      offsets[e] = carry + scan[tid] - count;
-      cursor[e] = carry + scan[tid] - count;
-    }
-    __syncthreads();
-    if (tid == blockDim.x - 1) carry += scan[tid];
-    __syncthreads();
-  }
-  if (tid == 0) offsets[num_experts] = carry;
-  __syncthreads();
-  // Stable scatter: tiles in order, warps of a tile in order; within a warp, lanes with the same
-  // expert take consecutive slots in lane order.
-  const int lane = tid & 31, warp = tid >> 5, num_warps = blockDim.x >> 5;
-  for (int64_t base = 0; base < n; base += blockDim.x) {
-    const int64_t i = base + tid;
-    const bool valid = i < n && expert_idx[i] >= 0 && expert_idx[i] < num_experts;
-    const long long e = valid ? expert_idx[i] : -1;
-    for (int w = 0; w < num_warps; ++w) {
-      if (warp == w) {
-        const unsigned active = __ballot_sync(0xffffffffu, valid);
-        if (valid) {
-          const unsigned peers = __match_any_sync(active, e);
-          const int leader = __ffs(peers) - 1;
-          const int rank = __popc(peers & ((1u << lane) - 1u));
-          int32_t start = 0;
-          if (lane == leader) {
-            start = cursor[e];
-            cursor[e] = start + __popc(peers);
-          }
-          start = __shfl_sync(peers, start, leader);
-          sorted_token_idx[start + rank] = static_cast<int32_t>(i);
-          token_sorted_pos[i] = start + rank;
-        }
-      }
-      __syncthreads();
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Experts: one thread block decodes one (token, slot) at a time; activations [C][H][W] in workspace.
+// NaN in, NaN out for every activation (comparisons are false for NaN; exp/expm1 keep it).
+__device__ __forceinline__ float exp_of(float x) { return expf(x); }
+__device__ __forceinline__ double exp_of(double x) { return exp(x); }
+__device__ __forceinline__ float expm1_of(float x) { return expm1f(x); }
+__device__ __forceinline__ double expm1_of(double x) { return expm1(x); }
 
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t activate(scalar_t x, Activation act) {
   switch (act) {
     case Activation::kRelu: return x < scalar_t(0) ? scalar_t(0) : x;  // NaN stays NaN, like torch.relu
-    case Activation::kElu: return x > scalar_t(0) ? x : expm1(x);
-    case Activation::kSigmoid: return scalar_t(1) / (scalar_t(1) + exp(-x));
+    case Activation::kElu: return x > scalar_t(0) ? x : expm1_of(x);
+    case Activation::kSigmoid: return scalar_t(1) / (scalar_t(1) + exp_of(-x));
     default: return x;
   }
 }
 
+// d(activation)/d(input), written in terms of the activation's output a (as experts_cpu.cpp).
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t activation_grad(scalar_t a, Activation act) {
   switch (act) {
@@ -103,228 +53,591 @@ __device__ __forceinline__ scalar_t activation_grad(scalar_t a, Activation act) 
   }
 }
 
-// Offsets of the layer-boundary activations act[0] (z) .. act[num_layers] (x_hat) in a block's workspace.
-__device__ __forceinline__ int64_t act_offset(const DecoderPlan& plan, int boundary) {
-  int64_t offset = 0;
-  for (int i = 0; i < boundary; ++i) offset += i == 0 ? plan.layers[0].in_size() : plan.layers[i - 1].out_size();
-  return offset;
+// Weight-gradient targets are block-private: the expert's gradient (accumulate) or a partial slot
+// (overwritten by the run's first tile, then accumulated).
+template <typename scalar_t>
+__device__ __forceinline__ void add_to(scalar_t* p, scalar_t v, bool overwrite) {
+  *p = overwrite ? v : *p + v;
 }
 
-__host__ __device__ inline int64_t activations_size(const DecoderPlan& plan) {
-  int64_t size = plan.layers[0].in_size();
-  for (int i = 0; i < plan.num_layers; ++i) size += plan.layers[i].out_size();
+__host__ __device__ inline int boundary_size(const DecoderPlan& plan, int i) {
+  return i == 0 ? plan.layers[0].in_size() : plan.layers[i - 1].out_size();
+}
+
+// Largest boundary of each parity: forward ping-pongs activations (and backward their gradients)
+// between two buffers, boundary i in buffer i % 2.
+__host__ __device__ inline int parity_size(const DecoderPlan& plan, int parity) {
+  int size = 0;
+  for (int i = parity; i <= plan.num_layers; i += 2) size = size > boundary_size(plan, i) ? size : boundary_size(plan, i);
   return size;
 }
 
-// Value of the upsampled-by-`up` input at (ci, uy, ux), zero outside (the conv's padding).
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t upsampled(const Layer& layer, const scalar_t* in, int ci, int uy, int ux) {
-  if (uy < 0 || ux < 0 || uy >= layer.out_h || ux >= layer.out_w) return scalar_t(0);
-  return in[(ci * layer.in_h + uy / layer.up) * layer.in_w + ux / layer.up];
+__host__ __device__ inline int64_t all_boundaries_size(const DecoderPlan& plan) {
+  int64_t size = 0;
+  for (int i = 0; i <= plan.num_layers; ++i) size += boundary_size(plan, i);
+  return size;
 }
 
+// 3x3 tap k of output phase 0 or 1 -> its folded tap (experts_cpu.cpp's folded_tap).
+__device__ __forceinline__ int folded_tap(int phase, int k) { return phase == 0 ? (k == 0 ? 0 : 1) : (k == 2 ? 1 : 0); }
+
+// ------------------------------------------------------------------------------------------------
+// Layers on a tile. in: [T][in_size], out: [T][out_size]; weight, bias: this expert's.
+
+// out[t][o] = act(bias[o] + sum_k W[o,k] in[t][k]). Rows of W staged with stride K + 1 (no bank
+// conflicts); threads on (t, o) with o fastest.
 template <typename scalar_t>
-__device__ void layer_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias,
-                          scalar_t* out) {
-  const int n = layer.out_size();
-  for (int o = threadIdx.x; o < n; o += blockDim.x) {
-    scalar_t acc;
-    if (layer.is_conv) {
-      const int hw = layer.out_h * layer.out_w;
-      const int co = o / hw, y = (o % hw) / layer.out_w, x = o % layer.out_w;
-      acc = bias[co];
-      for (int ci = 0; ci < layer.in_c; ++ci) {
-        const scalar_t* w = weight + (co * layer.in_c + ci) * 9;
-        for (int kh = 0; kh < 3; ++kh)
-          for (int kw = 0; kw < 3; ++kw) acc += w[kh * 3 + kw] * upsampled(layer, in, ci, y + kh - 1, x + kw - 1);
-      }
-    } else {
-      acc = bias[o];
-      const scalar_t* w = weight + static_cast<int64_t>(o) * layer.in_c;
-      for (int k = 0; k < layer.in_c; ++k) acc += w[k] * in[k];
+__device__ void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias,
+                           scalar_t* out, scalar_t* stage) {
+  const int K = layer.in_c, N = layer.out_size(), ld = K + 1;
+  const int rows = kStageScalars / ld;
+  for (int o0 = 0; o0 < N; o0 += rows) {
+    const int nr = min(rows, N - o0);
+    for (int j = threadIdx.x; j < nr * K; j += blockDim.x) stage[(j / K) * ld + j % K] = weight[static_cast<int64_t>(o0) * K + j];
+    __syncthreads();
+    for (int j = threadIdx.x; j < T * nr; j += blockDim.x) {
+      const int t = j / nr, o = j % nr;
+      const scalar_t* w = stage + o * ld;
+      const scalar_t* x = in + t * K;
+      scalar_t acc = bias[o0 + o];
+      for (int k = 0; k < K; ++k) acc += w[k] * x[k];
+      out[t * N + o0 + o] = activate(acc, layer.act);
     }
-    out[o] = activate(acc, layer.act);
-  }
-  __syncthreads();
-}
-
-// Decode z[token] through `expert` into the workspace activations.
-template <typename scalar_t>
-__device__ void decode_token(const ExpertsCudaArgs<scalar_t>& args, int64_t token, int64_t expert, scalar_t* acts) {
-  const DecoderPlan& plan = args.plan;
-  for (int l = threadIdx.x; l < args.latent; l += blockDim.x) acts[l] = args.z[token * args.latent + l];
-  __syncthreads();
-  for (int i = 0; i < plan.num_layers; ++i) {
-    const Layer& layer = plan.layers[i];
-    layer_fwd(layer, acts + act_offset(plan, i), args.weight[i] + expert * layer.weight_size(),
-              args.bias[i] + expert * layer.bias_size(), acts + act_offset(plan, i + 1));
-  }
-}
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) experts_fwd_kernel(ExpertsCudaArgs<scalar_t> args) {
-  scalar_t* acts = args.workspace + blockIdx.x * args.workspace_per_block;
-  const scalar_t* y = acts + act_offset(args.plan, args.plan.num_layers);
-  for (int64_t token = blockIdx.x; token < args.num_tokens; token += gridDim.x) {
-    for (int64_t k = 0; k < args.slots; ++k) {
-      const int64_t row = token * args.slots + k;
-      const int64_t expert = args.expert_idx ? args.expert_idx[row] : k;
-      const scalar_t gate = args.gates ? args.gates[row] : scalar_t(1);
-      decode_token(args, token, expert, acts);
-      scalar_t* dst = args.out + token * kImagePixels;
-      for (int pix = threadIdx.x; pix < kImagePixels; pix += blockDim.x)
-        dst[pix] = (k == 0 ? scalar_t(0) : dst[pix]) + gate * y[pix];
-      __syncthreads();
-    }
-  }
-}
-
-template <typename scalar_t>
-__device__ scalar_t block_sum(scalar_t value, scalar_t* shared) {
-  shared[threadIdx.x] = value;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
     __syncthreads();
   }
-  const scalar_t total = shared[0];
-  __syncthreads();
-  return total;
 }
 
-// grad_in = d(layer)/d(in)^T grad_pre; weight and bias gradients added atomically.
+// grad_in[t][k] = sum_o W[o,k] d[t][o]; weight and bias gradients summed over the tile's n tokens.
 template <typename scalar_t>
-__device__ void layer_bwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* grad_pre,
-                          scalar_t* grad_in, scalar_t* grad_weight, scalar_t* grad_bias) {
-  const int n_in = layer.in_size(), n_out = layer.out_size();
-  if (layer.is_conv) {
-    const int hw_in = layer.in_h * layer.in_w, hw_out = layer.out_h * layer.out_w;
-    for (int j = threadIdx.x; j < n_in; j += blockDim.x) {  // gather over the outputs each input feeds
-      const int ci = j / hw_in, iy = (j % hw_in) / layer.in_w, ix = j % layer.in_w;
+__device__ void linear_bwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* d, int n,
+                           scalar_t* grad_in, scalar_t* grad_weight, scalar_t* grad_bias, bool overwrite,
+                           scalar_t* stage) {
+  const int K = layer.in_c, N = layer.out_size(), ld = K + 1;
+  const int rows = kStageScalars / ld;
+  for (int j = threadIdx.x; j < T * K; j += blockDim.x) grad_in[j] = scalar_t(0);  // each j keeps its thread
+  for (int o0 = 0; o0 < N; o0 += rows) {
+    const int nr = min(rows, N - o0);
+    for (int j = threadIdx.x; j < nr * K; j += blockDim.x) stage[(j / K) * ld + j % K] = weight[static_cast<int64_t>(o0) * K + j];
+    __syncthreads();
+    for (int j = threadIdx.x; j < T * K; j += blockDim.x) {
+      const int t = j / K, k = j % K;
+      const scalar_t* g = d + t * N + o0;
       scalar_t acc = 0;
-      for (int a = 0; a < layer.up; ++a)
-        for (int c = 0; c < layer.up; ++c) {
-          const int uy = iy * layer.up + a, ux = ix * layer.up + c;
-          for (int co = 0; co < layer.out_c; ++co) {
-            const scalar_t* w = weight + (co * layer.in_c + ci) * 9;
-            const scalar_t* g = grad_pre + co * hw_out;
-            for (int kh = 0; kh < 3; ++kh) {
-              const int oy = uy - kh + 1;
-              if (oy < 0 || oy >= layer.out_h) continue;
-              for (int kw = 0; kw < 3; ++kw) {
-                const int ox = ux - kw + 1;
-                if (ox >= 0 && ox < layer.out_w) acc += w[kh * 3 + kw] * g[oy * layer.out_w + ox];
-              }
+      for (int o = 0; o < nr; ++o) acc += stage[o * ld + k] * g[o];
+      grad_in[j] += acc;
+    }
+    __syncthreads();
+  }
+  for (int64_t j = threadIdx.x; j < static_cast<int64_t>(N) * K; j += blockDim.x) {
+    const int o = static_cast<int>(j / K), k = static_cast<int>(j % K);
+    scalar_t acc = 0;
+    for (int t = 0; t < n; ++t) acc += d[t * N + o] * in[t * K + k];
+    add_to(grad_weight + j, acc, overwrite);
+  }
+  for (int o = threadIdx.x; o < N; o += blockDim.x) {
+    scalar_t acc = 0;
+    for (int t = 0; t < n; ++t) acc += d[t * N + o];
+    add_to(grad_bias + o, acc, overwrite);
+  }
+  __syncthreads();
+}
+
+// A 3x3, padding-1 conv of the input upsampled by UP, per output phase (a, c) as in experts_cpu.cpp:
+// output (p*UP + a, q*UP + c) reads low-res (p + a - 1 + r, q + c - 1 + s), r, s < R, with the
+// folded kernel F[co][phase][ci][r][s] (UP = 1: one phase, F = the 3x3 kernel).
+template <int UP>
+struct Folding {
+  static constexpr int R = UP == 2 ? 2 : 3, RR = R * R, PH = UP * UP;
+};
+
+// Stages F for output channels [co0, co0 + nco): stage[((col * PH + ph) * Cin + ci) * RR + r * R + s].
+template <int UP, typename scalar_t>
+__device__ void stage_folded(const Layer& layer, const scalar_t* weight, int co0, int nco, scalar_t* stage) {
+  using F = Folding<UP>;
+  const int Cin = layer.in_c;
+  for (int j = threadIdx.x; j < nco * F::PH * Cin * F::RR; j += blockDim.x) {
+    const int s = j % F::R, r = (j / F::R) % F::R, ci = (j / F::RR) % Cin, ph = (j / (F::RR * Cin)) % F::PH;
+    const int col = j / (F::RR * Cin * F::PH);
+    const scalar_t* w = weight + (static_cast<int64_t>(co0 + col) * Cin + ci) * 9;
+    scalar_t v = 0;
+    if (UP == 1) {
+      v = w[r * 3 + s];
+    } else {
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw)
+          if (folded_tap(ph / 2, kh) == r && folded_tap(ph % 2, kw) == s) v += w[kh * 3 + kw];
+    }
+    stage[j] = v;
+  }
+}
+
+template <int UP>
+__host__ __device__ inline int channels_per_stage(const Layer& layer) {
+  const int per_channel = Folding<UP>::PH * layer.in_c * Folding<UP>::RR;
+  return kStageScalars / per_channel < layer.out_c ? kStageScalars / per_channel : layer.out_c;
+}
+
+// Threads on (output channel, pixel), pixel fastest; the tile's T tokens in registers.
+template <int UP, typename scalar_t>
+__device__ void conv_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias,
+                         scalar_t* out, scalar_t* stage) {
+  using F = Folding<UP>;
+  const int Cin = layer.in_c, H = layer.in_h, W = layer.in_w, Wo = layer.out_w, HWo = layer.out_h * Wo;
+  const int in_size = layer.in_size(), out_size = layer.out_size();
+  const int nco_max = channels_per_stage<UP>(layer);
+  for (int co0 = 0; co0 < layer.out_c; co0 += nco_max) {
+    const int nco = min(nco_max, layer.out_c - co0);
+    stage_folded<UP>(layer, weight, co0, nco, stage);
+    __syncthreads();
+    for (int o = threadIdx.x; o < nco * HWo; o += blockDim.x) {
+      const int col = o / HWo, pix = o % HWo, y = pix / Wo, x = pix % Wo;
+      const int p = y / UP, a = y % UP, q = x / UP, c = x % UP;
+      const scalar_t* wf = stage + (col * F::PH + a * UP + c) * Cin * F::RR;
+      scalar_t acc[T];
+      for (int t = 0; t < T; ++t) acc[t] = bias[co0 + col];
+      for (int ci = 0; ci < Cin; ++ci) {
+        const scalar_t* src = in + ci * H * W;
+#pragma unroll
+        for (int r = 0; r < F::R; ++r) {
+          const int iy = p + a - 1 + r;
+          if (iy < 0 || iy >= H) continue;
+#pragma unroll
+          for (int s = 0; s < F::R; ++s) {
+            const int ix = q + c - 1 + s;
+            if (ix < 0 || ix >= W) continue;
+            const scalar_t wv = wf[ci * F::RR + r * F::R + s];
+#pragma unroll
+            for (int t = 0; t < T; ++t) acc[t] += wv * src[t * in_size + iy * W + ix];
+          }
+        }
+      }
+      for (int t = 0; t < T; ++t) out[t * out_size + (co0 + col) * HWo + pix] = activate(acc[t], layer.act);
+    }
+    __syncthreads();
+  }
+}
+
+// The folded-tap gradients acc[phase][r][s] (then the bias) of one (co, ci) pair, mapped back to
+// its 3x3 taps (the transpose of the fold, experts_cpu.cpp's unfold_conv_grad) and added.
+template <int UP, typename scalar_t>
+__device__ __forceinline__ void unfold_add(const scalar_t* acc, scalar_t* grad_weight, scalar_t* grad_bias,
+                                           bool overwrite) {
+  constexpr int NF = Folding<UP>::PH * Folding<UP>::RR;
+#pragma unroll
+  for (int kh = 0; kh < 3; ++kh)
+#pragma unroll
+    for (int kw = 0; kw < 3; ++kw) {
+      scalar_t sum = 0;
+      if (UP == 1) {
+        sum = acc[kh * 3 + kw];
+      } else {
+#pragma unroll
+        for (int ph = 0; ph < 4; ++ph) sum += acc[ph * 4 + folded_tap(ph / 2, kh) * 2 + folded_tap(ph % 2, kw)];
+      }
+      add_to(grad_weight + kh * 3 + kw, sum, overwrite);
+    }
+  if (grad_bias != nullptr) add_to(grad_bias, acc[NF], overwrite);
+}
+
+// grad_in = conv^T(d) (threads on input pixels); weight gradients folded per (co, ci) pair in
+// registers, then unfolded to the 3x3 taps (experts_cpu.cpp's unfold_conv_grad).
+template <int UP, typename scalar_t>
+__device__ void conv_bwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* d, int n,
+                         scalar_t* grad_in, scalar_t* grad_weight, scalar_t* grad_bias, bool overwrite,
+                         scalar_t* stage) {
+  using F = Folding<UP>;
+  const int Cin = layer.in_c, Cout = layer.out_c, H = layer.in_h, W = layer.in_w, HW = H * W;
+  const int Wo = layer.out_w, HWo = layer.out_h * Wo;
+  const int in_size = layer.in_size(), out_size = layer.out_size();
+  const int nco_max = channels_per_stage<UP>(layer);
+  for (int j = threadIdx.x; j < Cin * HW; j += blockDim.x)
+    for (int t = 0; t < T; ++t) grad_in[t * in_size + j] = scalar_t(0);
+  for (int co0 = 0; co0 < Cout; co0 += nco_max) {
+    const int nco = min(nco_max, Cout - co0);
+    stage_folded<UP>(layer, weight, co0, nco, stage);
+    __syncthreads();
+    for (int j = threadIdx.x; j < Cin * HW; j += blockDim.x) {
+      const int ci = j / HW, iy = (j % HW) / W, ix = j % W;
+      scalar_t acc[T] = {};
+      for (int col = 0; col < nco; ++col)
+        for (int ph = 0; ph < F::PH; ++ph) {
+          const int a = ph / UP, c = ph % UP;
+          const scalar_t* wf = stage + ((col * F::PH + ph) * Cin + ci) * F::RR;
+          const scalar_t* g = d + (co0 + col) * HWo;
+#pragma unroll
+          for (int r = 0; r < F::R; ++r) {
+            const int p = iy - a + 1 - r;
+            if (p < 0 || p >= H) continue;
+#pragma unroll
+            for (int s = 0; s < F::R; ++s) {
+              const int q = ix - c + 1 - s;
+              if (q < 0 || q >= W) continue;
+              const scalar_t wv = wf[r * F::R + s];
+              const int o = (p * UP + a) * Wo + q * UP + c;
+#pragma unroll
+              for (int t = 0; t < T; ++t) acc[t] += wv * g[t * out_size + o];
             }
           }
         }
-      grad_in[j] = acc;
+      for (int t = 0; t < T; ++t) grad_in[t * in_size + j] += acc[t];
     }
-    for (int j = threadIdx.x; j < layer.weight_size(); j += blockDim.x) {
-      const int co = j / (layer.in_c * 9), ci = (j / 9) % layer.in_c, kh = (j % 9) / 3, kw = j % 3;
-      const scalar_t* g = grad_pre + co * hw_out;
-      scalar_t acc = 0;
-      for (int oy = 0; oy < layer.out_h; ++oy)
-        for (int ox = 0; ox < layer.out_w; ++ox)
-          acc += g[oy * layer.out_w + ox] * upsampled(layer, in, ci, oy + kh - 1, ox + kw - 1);
-      atomicAdd(grad_weight + j, acc);
+    __syncthreads();
+  }
+  // Weight and bias gradients: work item (pair, g) sums low-res positions g, g + G, ...; with G > 1
+  // the G partial sums of a pair are added in g order through the stage.
+  constexpr int NF = F::PH * F::RR;
+  const int pairs = Cout * Cin, G = max(1, static_cast<int>(blockDim.x) / pairs);
+  for (int item = threadIdx.x; item < pairs * G; item += blockDim.x) {
+    const int pair = item / G, g = item % G, co = pair / Cin, ci = pair % Cin;
+    scalar_t acc[NF + 1] = {};  // folded taps, then the bias
+    for (int t = 0; t < n; ++t) {
+      const scalar_t* src = in + t * in_size + ci * HW;
+      const scalar_t* grad = d + t * out_size + co * HWo;
+      for (int pos = g; pos < HW; pos += G) {
+        const int p = pos / W, q = pos % W;
+        scalar_t patch[9];  // low-res rows p - 1 .. p + 1, columns q - 1 .. q + 1, zero outside
+#pragma unroll
+        for (int u = 0; u < 3; ++u)
+#pragma unroll
+          for (int v = 0; v < 3; ++v) {
+            const int iy = p + u - 1, ix = q + v - 1;
+            patch[u * 3 + v] = iy >= 0 && iy < H && ix >= 0 && ix < W ? src[iy * W + ix] : scalar_t(0);
+          }
+#pragma unroll
+        for (int ph = 0; ph < F::PH; ++ph) {
+          const int a = ph / UP, c = ph % UP;
+          const scalar_t dv = grad[(p * UP + a) * Wo + q * UP + c];
+          acc[NF] += dv;
+#pragma unroll
+          for (int r = 0; r < F::R; ++r)
+#pragma unroll
+            for (int s = 0; s < F::R; ++s) acc[ph * F::RR + r * F::R + s] += dv * patch[(a + r) * 3 + c + s];
+        }
+      }
     }
-    for (int co = threadIdx.x; co < layer.out_c; co += blockDim.x) {
-      scalar_t acc = 0;
-      for (int p = 0; p < hw_out; ++p) acc += grad_pre[co * hw_out + p];
-      atomicAdd(grad_bias + co, acc);
+    if (G == 1) {
+      unfold_add<UP>(acc, grad_weight + static_cast<int64_t>(pair) * 9, ci == 0 ? grad_bias + co : nullptr, overwrite);
+    } else {
+#pragma unroll
+      for (int f = 0; f <= NF; ++f) stage[item * (NF + 1) + f] = acc[f];
     }
-  } else {
-    for (int k = threadIdx.x; k < n_in; k += blockDim.x) {
-      scalar_t acc = 0;
-      for (int o = 0; o < n_out; ++o) acc += weight[static_cast<int64_t>(o) * n_in + k] * grad_pre[o];
-      grad_in[k] = acc;
+  }
+  if (G > 1) {
+    __syncthreads();
+    for (int pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
+      const int co = pair / Cin, ci = pair % Cin;
+      scalar_t acc[NF + 1] = {};
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int f = 0; f <= NF; ++f) acc[f] += stage[(pair * G + g) * (NF + 1) + f];
+      unfold_add<UP>(acc, grad_weight + static_cast<int64_t>(pair) * 9, ci == 0 ? grad_bias + co : nullptr, overwrite);
     }
-    for (int64_t j = threadIdx.x; j < static_cast<int64_t>(n_out) * n_in; j += blockDim.x)
-      atomicAdd(grad_weight + j, grad_pre[j / n_in] * in[j % n_in]);
-    for (int o = threadIdx.x; o < n_out; o += blockDim.x) atomicAdd(grad_bias + o, grad_pre[o]);
   }
   __syncthreads();
 }
 
+// ------------------------------------------------------------------------------------------------
+// Tiles, runs and chunks.
+
+// Where a tile's activations live in the block's region: forward keeps boundary i in buffer i % 2;
+// backward keeps every boundary (act) and ping-pongs their gradients (grad).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) experts_bwd_kernel(ExpertsCudaArgs<scalar_t> args) {
-  __shared__ scalar_t reduce[kThreads];
+struct TileBuffers {
+  scalar_t* base;
+  const DecoderPlan* plan;
+  bool backward;
+  __device__ scalar_t* act(int i) const {
+    if (!backward) return base + (i % 2 == 0 ? 0 : T * parity_size(*plan, 0));
+    int64_t offset = 0;
+    for (int j = 0; j < i; ++j) offset += boundary_size(*plan, j);
+    return base + T * offset;
+  }
+  __device__ scalar_t* grad(int i) const {
+    return base + T * (all_boundaries_size(*plan) + (i % 2 == 0 ? 0 : parity_size(*plan, 0)));
+  }
+};
+
+// The tile's rows: flat index (token * K + slot) and token, set by the first T threads.
+struct TileRows {
+  int64_t flat[T];
+  int64_t token[T];
+};
+
+// A run: the rows [row, end) of one expert within a chunk. continues: the expert's rows began in an
+// earlier chunk, so its weight gradients go to the chunk's partial slot.
+struct Run {
+  int64_t expert, end;
+  bool continues;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ void phase_rows(const ExpertsCudaArgs<scalar_t>& args, int64_t* begin, int64_t* end) {
+  if (args.key_offsets == nullptr) {  // soft: phase k is every token, in order, for expert k
+    *begin = 0;
+    *end = args.num_tokens;
+    return;
+  }
+  const int64_t k0 = args.phase * args.num_experts;
+  *begin = args.key_offsets[k0];
+  *end = args.key_offsets[k0 + args.num_experts];
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ Run find_run(const ExpertsCudaArgs<scalar_t>& args, int64_t row, int64_t chunk_begin,
+                                        int64_t chunk_end) {
+  if (args.key_offsets == nullptr) return Run{args.phase, chunk_end, chunk_begin > 0};
+  const int64_t k0 = args.phase * args.num_experts;
+  const int64_t key = find_key(args.key_offsets, k0, k0 + args.num_experts, row);
+  return Run{key - k0, min64(chunk_end, args.key_offsets[key + 1]), args.key_offsets[key] < chunk_begin};
+}
+
+template <typename scalar_t>
+__device__ void load_tile_rows(const ExpertsCudaArgs<scalar_t>& args, int64_t r0, int n, TileRows& rows) {
+  if (threadIdx.x < n) {
+    const int64_t r = r0 + threadIdx.x;
+    const int64_t flat = args.sorted_rows != nullptr ? args.sorted_rows[r] : r * args.slots + args.phase;
+    rows.flat[threadIdx.x] = flat;
+    rows.token[threadIdx.x] = flat / args.slots;
+  }
+  __syncthreads();
+}
+
+// Decodes the tile's z through `expert`: buffers.act(0) .. act(num_layers).
+template <typename scalar_t>
+__device__ void decode_tile(const ExpertsCudaArgs<scalar_t>& args, int64_t expert, const TileRows& rows, int n,
+                            const TileBuffers<scalar_t>& buffers, scalar_t* stage) {
   const DecoderPlan& plan = args.plan;
-  const int nl = plan.num_layers;
-  const int64_t act_size = activations_size(plan);
-  scalar_t* acts = args.workspace + blockIdx.x * args.workspace_per_block;
-  scalar_t* grads = acts + act_size;  // same layout as acts
-  for (int64_t token = blockIdx.x; token < args.num_tokens; token += gridDim.x) {
-    for (int64_t k = 0; k < args.slots; ++k) {
-      const int64_t row = token * args.slots + k;
-      const int64_t expert = args.expert_idx ? args.expert_idx[row] : k;
-      const scalar_t gate = args.gates ? args.gates[row] : scalar_t(1);
-      decode_token(args, token, expert, acts);
-      const scalar_t* y = acts + act_offset(plan, nl);
-      scalar_t* dy = grads + act_offset(plan, nl);
-      const scalar_t* g = args.grad_out + token * kImagePixels;
-      scalar_t dgate = 0;
-      for (int pix = threadIdx.x; pix < kImagePixels; pix += blockDim.x) {
-        dgate += g[pix] * y[pix];
-        dy[pix] = gate * g[pix];
-      }
-      dgate = block_sum(dgate, reduce);
-      if (threadIdx.x == 0 && args.grad_gates) args.grad_gates[row] = dgate;
-      for (int i = nl - 1; i >= 0; --i) {
-        const Layer& layer = plan.layers[i];
-        scalar_t* d = grads + act_offset(plan, i + 1);
-        const scalar_t* a = acts + act_offset(plan, i + 1);
-        for (int j = threadIdx.x; j < layer.out_size(); j += blockDim.x) d[j] *= activation_grad(a[j], layer.act);
-        __syncthreads();
-        layer_bwd(layer, acts + act_offset(plan, i), args.weight[i] + expert * layer.weight_size(), d,
-                  grads + act_offset(plan, i), args.grad_weight[i] + expert * layer.weight_size(),
-                  args.grad_bias[i] + expert * layer.bias_size());
-      }
-      scalar_t* dz = args.grad_z + token * args.latent;
-      for (int l = threadIdx.x; l < args.latent; l += blockDim.x) dz[l] = (k == 0 ? scalar_t(0) : dz[l]) + grads[l];
-      __syncthreads();
+  const int L = static_cast<int>(args.latent);
+  scalar_t* z = buffers.act(0);
+  for (int j = threadIdx.x; j < T * L; j += blockDim.x) {
+    const int t = j / L;
+    z[j] = t < n ? args.z[rows.token[t] * L + j % L] : scalar_t(0);  // unused lanes decode zeros
+  }
+  __syncthreads();
+  for (int i = 0; i < plan.num_layers; ++i) {
+    const Layer& layer = plan.layers[i];
+    const scalar_t* weight = args.weight[i] + expert * layer.weight_size();
+    const scalar_t* bias = args.bias[i] + expert * layer.bias_size();
+    if (!layer.is_conv) {
+      linear_fwd(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
+    } else if (layer.up == 2) {
+      conv_fwd<2>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
+    } else {
+      conv_fwd<1>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
     }
   }
+}
+
+// Every tile of the block's chunks, in order: body(expert, r0, n, chunk, continues, first tile of run).
+template <typename scalar_t, typename Body>
+__device__ void for_each_tile(const ExpertsCudaArgs<scalar_t>& args, Body& body) {
+  int64_t phase_begin, phase_end;
+  phase_rows(args, &phase_begin, &phase_end);
+  for (int64_t chunk = blockIdx.x;; chunk += gridDim.x) {
+    const int64_t chunk_begin = phase_begin + chunk * args.rows_per_chunk;
+    if (chunk_begin >= phase_end) break;
+    const int64_t chunk_end = min64(chunk_begin + args.rows_per_chunk, phase_end);
+    for (int64_t row = chunk_begin; row < chunk_end;) {
+      const Run run = find_run(args, row, chunk_begin, chunk_end);
+      for (int64_t r0 = row; r0 < run.end; r0 += T)
+        body(run.expert, r0, static_cast<int>(min64(T, run.end - r0)), chunk, run.continues, r0 == row);
+      row = run.end;
+    }
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t* block_region(const ExpertsCudaArgs<scalar_t>& args, scalar_t* stage) {
+  return args.workspace != nullptr ? args.workspace + blockIdx.x * args.acts_per_block : stage + kStageScalars;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernels.
+
+template <typename scalar_t>
+struct ForwardTile {
+  const ExpertsCudaArgs<scalar_t>& args;
+  TileBuffers<scalar_t> buffers;
+  scalar_t* stage;
+  TileRows& rows;
+  __device__ void operator()(int64_t expert, int64_t r0, int n, int64_t, bool, bool) {
+    load_tile_rows(args, r0, n, rows);
+    decode_tile(args, expert, rows, n, buffers, stage);
+    const scalar_t* y = buffers.act(args.plan.num_layers);  // [T][784]
+    for (int pix = threadIdx.x; pix < kImagePixels; pix += blockDim.x)
+      for (int t = 0; t < n; ++t) {
+        const scalar_t gate = args.gates != nullptr ? args.gates[rows.flat[t]] : scalar_t(1);
+        scalar_t* dst = args.out + rows.token[t] * kImagePixels + pix;
+        *dst = args.phase == 0 ? gate * y[t * kImagePixels + pix] : *dst + gate * y[t * kImagePixels + pix];
+      }
+    __syncthreads();
+  }
+};
+
+// Grid: args.grid blocks of kThreads (see the file comment); out[b] (+)= gate * D_e(z[b]) for phase k.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 1) experts_fwd_kernel(const __grid_constant__ ExpertsCudaArgs<scalar_t> args) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  __shared__ TileRows rows;
+  scalar_t* stage = reinterpret_cast<scalar_t*>(shared_raw);
+  ForwardTile<scalar_t> body{args, TileBuffers<scalar_t>{block_region(args, stage), &args.plan, false}, stage, rows};
+  for_each_tile(args, body);
+}
+
+template <typename scalar_t>
+struct BackwardTile {
+  const ExpertsCudaArgs<scalar_t>& args;
+  TileBuffers<scalar_t> buffers;
+  scalar_t* stage;
+  TileRows& rows;
+  __device__ void operator()(int64_t expert, int64_t r0, int n, int64_t chunk, bool continues, bool first_tile) {
+    const DecoderPlan& plan = args.plan;
+    const int nl = plan.num_layers;
+    load_tile_rows(args, r0, n, rows);
+    decode_tile(args, expert, rows, n, buffers, stage);
+    // dy = gate * grad_out; grad_gates = <grad_out, y> per token (a fixed-order block reduction).
+    const scalar_t* y = buffers.act(nl);
+    scalar_t* dy = buffers.grad(nl);
+    scalar_t dgate[T];
+    for (int t = 0; t < T; ++t) {
+      dgate[t] = 0;
+      const scalar_t gate = t < n ? args.gates[rows.flat[t]] : scalar_t(0);
+      for (int pix = threadIdx.x; pix < kImagePixels; pix += blockDim.x) {
+        const scalar_t g = t < n ? args.grad_out[rows.token[t] * kImagePixels + pix] : scalar_t(0);
+        dy[t * kImagePixels + pix] = gate * g;
+        dgate[t] += g * y[t * kImagePixels + pix];
+      }
+      stage[t * blockDim.x + threadIdx.x] = dgate[t];
+    }
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+      if (threadIdx.x < stride)
+        for (int t = 0; t < T; ++t) stage[t * blockDim.x + threadIdx.x] += stage[t * blockDim.x + threadIdx.x + stride];
+      __syncthreads();
+    }
+    if (threadIdx.x < n) args.grad_gates[rows.flat[threadIdx.x]] = stage[threadIdx.x * blockDim.x];
+    __syncthreads();
+    const bool overwrite = continues && first_tile;
+    scalar_t* partial = args.partials + chunk * args.params;
+    for (int i = nl - 1; i >= 0; --i) {
+      const Layer& layer = plan.layers[i];
+      scalar_t* d = buffers.grad(i + 1);
+      const scalar_t* a = buffers.act(i + 1);
+      for (int j = threadIdx.x; j < T * layer.out_size(); j += blockDim.x) d[j] *= activation_grad(a[j], layer.act);
+      __syncthreads();
+      const scalar_t* weight = args.weight[i] + expert * layer.weight_size();
+      scalar_t* gw = continues ? partial + param_offset(plan, i) : args.grad_weight[i] + expert * layer.weight_size();
+      scalar_t* gb = continues ? gw + layer.weight_size() : args.grad_bias[i] + expert * layer.bias_size();
+      if (!layer.is_conv) {
+        linear_bwd(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage);
+      } else if (layer.up == 2) {
+        conv_bwd<2>(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage);
+      } else {
+        conv_bwd<1>(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage);
+      }
+    }
+    const int L = static_cast<int>(args.latent);
+    const scalar_t* dz = buffers.grad(0);
+    for (int j = threadIdx.x; j < n * L; j += blockDim.x) {
+      scalar_t* dst = args.grad_z + rows.token[j / L] * L + j % L;
+      *dst = args.phase == 0 ? dz[j] : *dst + dz[j];
+    }
+    __syncthreads();
+  }
+};
+
+// Grid: args.grid blocks of kThreads; phase k's grad_z (+)=, grad_gates, weight gradients.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 1) experts_bwd_kernel(const __grid_constant__ ExpertsCudaArgs<scalar_t> args) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  __shared__ TileRows rows;
+  scalar_t* stage = reinterpret_cast<scalar_t*>(shared_raw);
+  BackwardTile<scalar_t> body{args, TileBuffers<scalar_t>{block_region(args, stage), &args.plan, true}, stage, rows};
+  for_each_tile(args, body);
+}
+
+// Grid: ceil(B * K / 256) blocks, one row each thread. NaN for rows with an out-of-range expert.
+template <typename scalar_t>
+__global__ void experts_mark_invalid_kernel(ExpertsCudaArgs<scalar_t> args, bool backward) {
+  const int64_t f = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (f >= args.num_tokens * args.slots) return;
+  const int64_t e = args.expert_idx[f];
+  if (e >= 0 && e < args.num_experts) return;
+  const scalar_t nan = static_cast<scalar_t>(NAN);
+  const int64_t token = f / args.slots;
+  if (!backward) {
+    for (int pix = 0; pix < kImagePixels; ++pix) args.out[token * kImagePixels + pix] = nan;
+  } else {
+    for (int64_t l = 0; l < args.latent; ++l) args.grad_z[token * args.latent + l] = nan;
+    args.grad_gates[f] = nan;
+  }
+}
+
+template <typename Kernel>
+cudaError_t set_shared(Kernel kernel, int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
 }  // namespace
 
-cudaError_t group_by_expert_cuda(const int64_t* expert_idx, int64_t n, int64_t num_experts, int32_t* counts,
-                                 int32_t* offsets, int32_t* sorted_token_idx, int32_t* token_sorted_pos,
-                                 int32_t* cursor, cudaStream_t stream) {
-  cudaError_t err = cudaMemsetAsync(counts, 0, num_experts * sizeof(int32_t), stream);
-  if (err != cudaSuccess) return err;
-  if (n > 0) {
-    const int blocks = static_cast<int>((n + kThreads - 1) / kThreads < 4096 ? (n + kThreads - 1) / kThreads : 4096);
-    group_count_kernel<<<blocks, kThreads, 0, stream>>>(expert_idx, n, num_experts, counts);
-  }
-  group_scatter_kernel<<<1, kGroupThreads, 0, stream>>>(expert_idx, n, num_experts, counts, offsets, cursor,
-                                                         sorted_token_idx, token_sorted_pos);
-  return cudaGetLastError();
-}
-
-int64_t experts_workspace_per_block(const DecoderPlan& plan, bool backward) {
-  return activations_size(plan) * (backward ? 2 : 1);
+template <typename scalar_t>
+int64_t plan_experts_launch(ExpertsCudaArgs<scalar_t>& args, bool backward, int max_shared_bytes, int num_sms) {
+  const DecoderPlan& plan = args.plan;
+  args.params = param_offset(plan, plan.num_layers);
+  // About 8 chunks per SM (load balance under skewed routing); backward's partial slots kept <= 2^24 scalars.
+  int64_t chunks = 8 * static_cast<int64_t>(num_sms);
+  if (backward) chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (int64_t{1} << 24) / args.params));
+  const int64_t B = std::max<int64_t>(args.num_tokens, 1);
+  args.rows_per_chunk = ((B + chunks - 1) / chunks + T - 1) / T * T;
+  args.num_chunks = (B + args.rows_per_chunk - 1) / args.rows_per_chunk;
+  const int64_t per_token = backward ? all_boundaries_size(plan) + parity_size(plan, 0) + parity_size(plan, 1)
+                                     : parity_size(plan, 0) + parity_size(plan, 1);
+  args.acts_per_block = T * per_token;
+  const int64_t stage_bytes = kStageScalars * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t acts_bytes = args.acts_per_block * static_cast<int64_t>(sizeof(scalar_t));
+  const bool in_shared = stage_bytes + acts_bytes + 1024 <= max_shared_bytes;  // 1 KB: static shared
+  args.shared_bytes = static_cast<int>(in_shared ? stage_bytes + acts_bytes : stage_bytes);
+  int64_t grid = std::min<int64_t>(args.num_chunks, 2 * static_cast<int64_t>(num_sms));
+  if (!in_shared) grid = std::min<int64_t>(grid, std::max<int64_t>(1, (int64_t{1} << 28) / acts_bytes));  // <= 256 MB
+  args.grid = static_cast<int>(grid);
+  return in_shared ? 0 : grid * args.acts_per_block;
 }
 
 template <typename scalar_t>
 cudaError_t experts_fwd_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream) {
   if (args.num_tokens == 0) return cudaSuccess;
-  experts_fwd_kernel<scalar_t><<<args.grid, kThreads, 0, stream>>>(args);
+  cudaError_t err = set_shared(experts_fwd_kernel<scalar_t>, args.shared_bytes);
+  if (err != cudaSuccess) return err;
+  experts_fwd_kernel<scalar_t><<<args.grid, kThreads, args.shared_bytes, stream>>>(args);
   return cudaGetLastError();
 }
 
 template <typename scalar_t>
 cudaError_t experts_bwd_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream) {
   if (args.num_tokens == 0) return cudaSuccess;
-  experts_bwd_kernel<scalar_t><<<args.grid, kThreads, 0, stream>>>(args);
+  cudaError_t err = set_shared(experts_bwd_kernel<scalar_t>, args.shared_bytes);
+  if (err != cudaSuccess) return err;
+  experts_bwd_kernel<scalar_t><<<args.grid, kThreads, args.shared_bytes, stream>>>(args);
   return cudaGetLastError();
 }
 
-template cudaError_t experts_fwd_cuda<float>(const ExpertsCudaArgs<float>&, cudaStream_t);
-template cudaError_t experts_fwd_cuda<double>(const ExpertsCudaArgs<double>&, cudaStream_t);
-template cudaError_t experts_bwd_cuda<float>(const ExpertsCudaArgs<float>&, cudaStream_t);
-template cudaError_t experts_bwd_cuda<double>(const ExpertsCudaArgs<double>&, cudaStream_t);
+template <typename scalar_t>
+cudaError_t experts_mark_invalid_cuda(const ExpertsCudaArgs<scalar_t>& args, bool backward, cudaStream_t stream) {
+  const int64_t rows = args.num_tokens * args.slots;
+  if (rows == 0 || args.expert_idx == nullptr) return cudaSuccess;
+  const int64_t blocks = (rows + 255) / 256;
+  experts_mark_invalid_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(args, backward);
+  return cudaGetLastError();
+}
+
+#define SMOE_FAST_INSTANTIATE(scalar_t)                                                                           \
+  template int64_t plan_experts_launch<scalar_t>(ExpertsCudaArgs<scalar_t>&, bool, int, int);                    \
+  template cudaError_t experts_fwd_cuda<scalar_t>(const ExpertsCudaArgs<scalar_t>&, cudaStream_t);               \
+  template cudaError_t experts_bwd_cuda<scalar_t>(const ExpertsCudaArgs<scalar_t>&, cudaStream_t);               \
+  template cudaError_t experts_mark_invalid_cuda<scalar_t>(const ExpertsCudaArgs<scalar_t>&, bool, cudaStream_t);
+SMOE_FAST_INSTANTIATE(float)
+SMOE_FAST_INSTANTIATE(double)
+#undef SMOE_FAST_INSTANTIATE
 
 }  // namespace smoe_fast

@@ -1,5 +1,23 @@
-// Launchers of the CUDA kernels (experts_cuda.cu). Plain C++ with CUDA runtime types only: raw
+// Launchers of the CUDA kernels: grouping_cuda.cu (stable grouping), experts_cuda.cu (expert tiles),
+// wgrad_reduce_cuda.cu (weight-gradient segment sums). Plain C++ with CUDA runtime types only: raw
 // pointers, sizes and a stream in, a cudaError_t back. The torch glue is experts_cuda_glue.cpp.
+//
+// Expert work is laid out as on the CPU (experts_cpu.cpp): rows (token, slot) are grouped by the key
+// slot * E + expert, so slot k's rows form phase k and every token appears once per phase. One launch
+// per phase, so outputs and grad_z accumulate over slots in slot order without races. A phase's rows
+// are cut into chunks of `rows_per_chunk` (one thread block each); a block walks its chunk's runs of
+// one expert in tiles of kTileTokens tokens, staging that expert's weights in shared memory.
+//
+// Weight gradients (bitwise reproducible, no float atomics): the run holding an expert's first row of
+// the phase adds straight into the expert's gradient; a run that continues an expert from an earlier
+// chunk c writes partial slot c. After each phase, experts_wgrad_reduce_cuda adds every expert's
+// partial slots in chunk order.
+//
+// Out-of-range expert indices (ops.py's check_indices=False): never read or written out of bounds.
+// Grouping sorts such rows after every key (rows offsets[num_keys] .. n, stable), so sorted_token_idx
+// stays a permutation and counts leave them out. The expert ops write NaN for them: the token's whole
+// output, its grad_z and that slot's gate gradient are NaN, and no weight gradient is touched. (The
+// CPU backend raises instead; a GPU kernel cannot raise without a host synchronisation.)
 #pragma once
 
 #include <cstdint>
@@ -10,21 +28,28 @@
 
 namespace smoe_fast {
 
-// Stable grouping in two launches, no host synchronisation. expert_idx [n] int64 (flat b * K + k);
-// outputs int32: counts [E], offsets [E + 1], sorted_token_idx [n], token_sorted_pos [n]; cursor [E] is scratch.
-cudaError_t group_by_expert_cuda(const int64_t* expert_idx, int64_t n, int64_t num_experts, int32_t* counts,
-                                 int32_t* offsets, int32_t* sorted_token_idx, int32_t* token_sorted_pos,
-                                 int32_t* cursor, cudaStream_t stream);
+constexpr int kTileTokens = 4;  // tokens of one expert decoded together (register accumulators per thread)
 
-// One token per thread block at a time (grid-stride over tokens); its K slots in order, so outputs and
-// dz accumulate without races and deterministically. Activations live in `workspace`
-// ([grid][workspace_per_block]). Weight gradients accumulate with atomics.
+// Scratch of group_by_expert_cuda, in int32 elements, for n rows and num_keys keys.
+int64_t group_workspace_size(int64_t n, int64_t num_keys);
+
+// Stable grouping of n rows by key = (row % slots) * num_experts + expert_idx[row], in two launches
+// (count + last-block scan, scatter), no host synchronisation. num_keys = slots * num_experts.
+// counts [num_keys] (may be nullptr), offsets [num_keys + 1], sorted_rows [n], row_sorted_pos [n]
+// (may be nullptr), int32; workspace: group_workspace_size(n, num_keys) int32.
+cudaError_t group_by_expert_cuda(const int64_t* expert_idx, int64_t n, int64_t slots, int64_t num_experts,
+                                 int32_t* counts, int32_t* offsets, int32_t* sorted_rows, int32_t* row_sorted_pos,
+                                 int32_t* workspace, cudaStream_t stream);
+
 template <typename scalar_t>
 struct ExpertsCudaArgs {
   DecoderPlan plan;
   int64_t num_tokens, latent, slots, num_experts;
+  int64_t phase;               // slot k of this launch
   const scalar_t* z;           // [B, L]
-  const int64_t* expert_idx;   // [B, K]; nullptr: soft (K = E, slot k is expert k)
+  const int64_t* expert_idx;   // [B, K]; nullptr: soft (K = E, slot k is expert k, no grouping)
+  const int32_t* sorted_rows;  // [B * K] flat rows b * K + k grouped by key (nullptr: soft)
+  const int32_t* key_offsets;  // [K * E + 1] (nullptr: soft)
   const scalar_t* gates;       // [B, K]; nullptr: hard (gate 1)
   const scalar_t* weight[kMaxLayers];
   const scalar_t* bias[kMaxLayers];
@@ -34,18 +59,57 @@ struct ExpertsCudaArgs {
   scalar_t* grad_gates;        // [B, K]
   scalar_t* grad_weight[kMaxLayers];  // zero-initialised, [E, ...]
   scalar_t* grad_bias[kMaxLayers];
-  scalar_t* workspace;
-  int64_t workspace_per_block;
-  int grid;
+  scalar_t* partials;          // [num_chunks, params]: per-chunk weight-gradient partials
+  int64_t params;              // one expert's parameter count (all layers' weights and biases)
+  int64_t rows_per_chunk;      // a multiple of kTileTokens
+  int64_t num_chunks;          // ceil(B / rows_per_chunk): chunks of one phase
+  int grid;                    // blocks (each loops over chunks)
+  scalar_t* workspace;         // activations, [grid][acts_per_block], when they do not fit shared memory
+  int64_t acts_per_block;
+  int shared_bytes;            // dynamic shared memory per block: the weight stage (+ activations if they fit)
+  bool allow_tf32;             // torch's TF32 matmul setting (the FMA kernels compute IEEE fp32 either way)
 };
 
-// Scalars of workspace one block needs: activations (and, for backward, their gradients).
-int64_t experts_workspace_per_block(const DecoderPlan& plan, bool backward);
+// The launch plan: rows per chunk, chunks, grid, activation size, shared memory and whether the
+// activations live in shared memory; fills those fields of args. max_shared_bytes: the device's
+// opt-in shared memory per block; num_sms: its multiprocessors. Returns the workspace size (scalars).
+template <typename scalar_t>
+int64_t plan_experts_launch(ExpertsCudaArgs<scalar_t>& args, bool backward, int max_shared_bytes, int num_sms);
 
+// Where layer `layer`'s weight starts in one expert's parameters (weight, bias per layer, in order);
+// param_offset(plan, num_layers) is the expert's parameter count. The partial slots use this layout.
+SMOE_FAST_HOST_DEVICE inline int64_t param_offset(const DecoderPlan& plan, int layer) {
+  int64_t offset = 0;
+  for (int i = 0; i < layer; ++i) offset += plan.layers[i].weight_size() + plan.layers[i].bias_size();
+  return offset;
+}
+
+// Phase args.phase of the forward: out[b] (+)= gate * D_e(z[b]) for the phase's rows.
 template <typename scalar_t>
 cudaError_t experts_fwd_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream);
 
+// Phase args.phase of the backward: grad_z (+)=, grad_gates, weight gradients (direct or partial slots).
 template <typename scalar_t>
 cudaError_t experts_bwd_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream);
+
+// After the last phase: NaN into out (forward) or grad_z / grad_gates (backward) of out-of-range rows.
+template <typename scalar_t>
+cudaError_t experts_mark_invalid_cuda(const ExpertsCudaArgs<scalar_t>& args, bool backward, cudaStream_t stream);
+
+// After phase args.phase of the backward: add each expert's partial slots, in chunk order, into its gradient.
+template <typename scalar_t>
+cudaError_t experts_wgrad_reduce_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream);
+
+#if defined(__CUDACC__)
+// The key in [lo, hi) whose rows hold `row`: the last key with offsets[key] <= row (empty keys skipped).
+// Requires offsets[lo] <= row < offsets[hi]. Shared by the expert tiles and the segment sums.
+__device__ __forceinline__ int64_t find_key(const int32_t* offsets, int64_t lo, int64_t hi, int64_t row) {
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (offsets[mid] <= row) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+#endif
 
 }  // namespace smoe_fast

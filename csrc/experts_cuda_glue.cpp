@@ -1,5 +1,10 @@
 // CUDA implementations of the smoe_fast ops: tensor checks, device guard, current stream, then the
-// raw-pointer launchers of experts_cuda.cu. Compiled only when torch has CUDA (smoe_fast/extension.py).
+// raw-pointer launchers of experts_cuda.h (grouping_cuda.cu, experts_cuda.cu, wgrad_reduce_cuda.cu).
+// Compiled only when torch has CUDA (smoe_fast/extension.py). Same schemas and checks as the CPU ops;
+// out-of-range expert indices give NaN rows here (the CPU raises), see experts_cuda.h.
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -18,6 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_expert_cuda_
   CHECK_CUDA(expert_idx_in);
   CHECK_INDEX(expert_idx_in);
   TORCH_CHECK(num_experts >= 1, "num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(num_experts < std::numeric_limits<int32_t>::max(), "num_experts must be < 2^31 - 1, got ", num_experts);
   const c10::cuda::CUDAGuard guard(expert_idx_in.device());
   const at::Tensor expert_idx = expert_idx_in.to(at::kLong).contiguous();
   const int64_t n = expert_idx.numel();
@@ -27,40 +33,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_expert_cuda_
   at::Tensor offsets = alloc_output({num_experts + 1}, int_options);
   at::Tensor sorted_token_idx = alloc_output({n}, int_options);
   at::Tensor token_sorted_pos = alloc_output({n}, int_options);
-  at::Tensor cursor = at::empty({num_experts}, int_options);
-  CHECK_LAUNCH(group_by_expert_cuda(expert_idx.data_ptr<int64_t>(), n, num_experts, counts.data_ptr<int32_t>(),
+  at::Tensor workspace = at::empty({group_workspace_size(n, num_experts)}, int_options);
+  CHECK_LAUNCH(group_by_expert_cuda(expert_idx.data_ptr<int64_t>(), n, 1, num_experts, counts.data_ptr<int32_t>(),
                                     offsets.data_ptr<int32_t>(), sorted_token_idx.data_ptr<int32_t>(),
-                                    token_sorted_pos.data_ptr<int32_t>(), cursor.data_ptr<int32_t>(),
+                                    token_sorted_pos.data_ptr<int32_t>(), workspace.data_ptr<int32_t>(),
                                     c10::cuda::getCurrentCUDAStream()));
   return {counts, offsets, sorted_token_idx, token_sorted_pos};
-}
-
-// Common set-up: contiguous inputs, the plan, pointers; idx undefined for soft, gates undefined for hard.
-template <typename scalar_t>
-ExpertsCudaArgs<scalar_t> make_args(const DecoderPlan& plan, const at::Tensor& z, const at::Tensor& idx,
-                                    const at::Tensor& gates, int64_t slots, int64_t num_experts,
-                                    const std::vector<at::Tensor>& weights, bool backward, at::Tensor& workspace) {
-  ExpertsCudaArgs<scalar_t> args{};
-  args.plan = plan;
-  args.num_tokens = z.size(0);
-  args.latent = z.size(1);
-  args.slots = slots;
-  args.num_experts = num_experts;
-  args.z = z.data_ptr<scalar_t>();
-  args.expert_idx = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
-  args.gates = gates.defined() ? gates.data_ptr<scalar_t>() : nullptr;
-  for (int i = 0; i < plan.num_layers; ++i) {
-    args.weight[i] = weights[2 * i].data_ptr<scalar_t>();
-    args.bias[i] = weights[2 * i + 1].data_ptr<scalar_t>();
-  }
-  int num_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, z.get_device()));
-  const int64_t max_blocks = 4 * static_cast<int64_t>(num_sms);  // a few blocks per SM; each loops over tokens
-  args.grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(args.num_tokens, max_blocks)));
-  args.workspace_per_block = experts_workspace_per_block(plan, backward);
-  workspace = at::empty({args.grid * args.workspace_per_block}, z.options());
-  args.workspace = workspace.data_ptr<scalar_t>();
-  return args;
 }
 
 struct Prepared {
@@ -86,6 +64,12 @@ Prepared prepare(const at::Tensor& z, const at::Tensor& idx, const at::Tensor& g
     p.idx = idx.to(at::kLong).contiguous();
   }
   p.slots = soft ? p.num_experts : (idx.dim() == 2 ? idx.size(1) : 1);
+  TORCH_CHECK(p.z.size(0) * p.slots < std::numeric_limits<int32_t>::max() &&
+                  p.slots * p.num_experts < std::numeric_limits<int32_t>::max(),
+              "B * K (", p.z.size(0) * p.slots, ") and K * E (", p.slots * p.num_experts, ") must be < 2^31 - 1 (int32 routing)");
+  for (int i = 0; i < p.plan.num_layers; ++i)
+    TORCH_CHECK(p.plan.layers[i].is_conv || p.plan.layers[i].in_c <= 4095, "the CUDA kernels take linear layers with at most ",
+                "4095 inputs (they stage whole weight rows), got ", p.plan.layers[i].in_c);
   if (gates.defined()) {
     CHECK_DEVICE(gates, z.device());
     CHECK_SAME_DTYPE(gates, z);
@@ -95,16 +79,71 @@ Prepared prepare(const at::Tensor& z, const at::Tensor& idx, const at::Tensor& g
   return p;
 }
 
+// Everything a phase launch needs, with its scratch tensors: the (slot, expert) grouping (not for soft),
+// the activation workspace (when the activations do not fit shared memory) and the partial slots.
+template <typename scalar_t>
+struct Launch {
+  ExpertsCudaArgs<scalar_t> args{};
+  at::Tensor sorted_rows, key_offsets, workspace, partials;
+
+  Launch(const Prepared& p, bool backward, cudaStream_t stream) {
+    args.plan = p.plan;
+    args.num_tokens = p.z.size(0);
+    args.latent = p.z.size(1);
+    args.slots = p.slots;
+    args.num_experts = p.num_experts;
+    args.z = p.z.data_ptr<scalar_t>();
+    args.gates = p.gates.defined() ? p.gates.data_ptr<scalar_t>() : nullptr;
+    for (int i = 0; i < p.plan.num_layers; ++i) {
+      args.weight[i] = p.weights[2 * i].data_ptr<scalar_t>();
+      args.bias[i] = p.weights[2 * i + 1].data_ptr<scalar_t>();
+    }
+    // TF32 follows torch (torch.backends.cuda.matmul.allow_tf32 / fp32_precision), read per call.
+    args.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+    const auto int_options = p.z.options().dtype(at::kInt);
+    if (p.idx.defined()) {
+      const int64_t rows = args.num_tokens * args.slots, keys = args.slots * args.num_experts;
+      args.expert_idx = p.idx.data_ptr<int64_t>();
+      sorted_rows = at::empty({rows}, int_options);
+      key_offsets = at::empty({keys + 1}, int_options);
+      at::Tensor group_workspace = at::empty({group_workspace_size(rows, keys)}, int_options);
+      CHECK_LAUNCH(group_by_expert_cuda(args.expert_idx, rows, args.slots, args.num_experts, nullptr,
+                                        key_offsets.data_ptr<int32_t>(), sorted_rows.data_ptr<int32_t>(), nullptr,
+                                        group_workspace.data_ptr<int32_t>(), stream));
+      args.sorted_rows = sorted_rows.data_ptr<int32_t>();
+      args.key_offsets = key_offsets.data_ptr<int32_t>();
+    }
+    const int device = p.z.get_device();
+    int max_shared = 0, num_sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+    const int64_t workspace_size = plan_experts_launch(args, backward, max_shared, num_sms);
+    if (workspace_size > 0) {
+      workspace = at::empty({workspace_size}, p.z.options());
+      args.workspace = workspace.data_ptr<scalar_t>();
+    }
+    if (backward) {
+      partials = at::empty({args.num_chunks * args.params}, p.z.options());
+      args.partials = partials.data_ptr<scalar_t>();
+    }
+  }
+};
+
 at::Tensor experts_fwd_cuda_op(const at::Tensor& z_in, const at::Tensor& idx_in, const at::Tensor& gates_in,
                                at::TensorList weights_in, c10::string_view kind, bool soft) {
   const c10::cuda::CUDAGuard guard(z_in.device());
   Prepared p = prepare(z_in, idx_in, gates_in, weights_in, kind, soft);
   at::Tensor out = alloc_output({p.z.size(0), 1, 28, 28}, p.z.options());
+  if (p.z.size(0) == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "cpp_experts_fwd_cuda", [&] {
-    at::Tensor workspace;
-    auto args = make_args<scalar_t>(p.plan, p.z, p.idx, p.gates, p.slots, p.num_experts, p.weights, false, workspace);
-    args.out = out.data_ptr<scalar_t>();
-    CHECK_LAUNCH(experts_fwd_cuda(args, c10::cuda::getCurrentCUDAStream()));
+    Launch<scalar_t> launch(p, false, stream);
+    launch.args.out = out.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < p.slots; ++k) {  // one launch per slot: outputs accumulate in slot order
+      launch.args.phase = k;
+      CHECK_LAUNCH(experts_fwd_cuda(launch.args, stream));
+    }
+    CHECK_LAUNCH(experts_mark_invalid_cuda(launch.args, false, stream));
   });
   return out;
 }
@@ -123,9 +162,11 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> experts_bwd_cuda_op(
   at::Tensor grad_gates = alloc_output(p.gates.sizes(), p.gates.options());
   std::vector<at::Tensor> grad_weights;
   for (const auto& w : p.weights) grad_weights.push_back(at::zeros_like(w));
+  if (p.z.size(0) == 0) return {grad_z, grad_gates, grad_weights};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "cpp_experts_bwd_cuda", [&] {
-    at::Tensor workspace;
-    auto args = make_args<scalar_t>(p.plan, p.z, p.idx, p.gates, p.slots, p.num_experts, p.weights, true, workspace);
+    Launch<scalar_t> launch(p, true, stream);
+    auto& args = launch.args;
     args.grad_out = grad_out.data_ptr<scalar_t>();
     args.grad_z = grad_z.data_ptr<scalar_t>();
     args.grad_gates = grad_gates.data_ptr<scalar_t>();
@@ -133,7 +174,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> experts_bwd_cuda_op(
       args.grad_weight[i] = grad_weights[2 * i].data_ptr<scalar_t>();
       args.grad_bias[i] = grad_weights[2 * i + 1].data_ptr<scalar_t>();
     }
-    CHECK_LAUNCH(experts_bwd_cuda(args, c10::cuda::getCurrentCUDAStream()));
+    for (int64_t k = 0; k < p.slots; ++k) {  // per slot: the tiles, then the partial slots' segment sums
+      args.phase = k;
+      CHECK_LAUNCH(experts_bwd_cuda(args, stream));
+      CHECK_LAUNCH(experts_wgrad_reduce_cuda(args, stream));
+    }
+    CHECK_LAUNCH(experts_mark_invalid_cuda(args, true, stream));
   });
   return {grad_z, grad_gates, grad_weights};
 }

@@ -15,7 +15,7 @@ compiler output goes to ``<cache>/ext/<key>.build.log``.
 
 Supported: float32 and float64; decoder kinds "lite", "medium" and "mlp"; CPU tensors (C++,
 multithreaded with at::parallel_for) and, when torch has CUDA and a GPU is visible at build time,
-CUDA tensors. CPU weight gradients are deterministic; CUDA weight gradients use atomics.
+CUDA tensors. Weight gradients are deterministic on both (the CUDA kernels reduce per-expert partials in a fixed order, no float atomics).
 
 Importing this module compiles nothing and touches no GPU; :func:`problem`, :func:`load` and the
 dispatch functions build on first call.
@@ -41,7 +41,7 @@ __all__ = ["ExtensionBuildError", "problem", "load", "status", "cache_dir",
 
 EXTENSION_NAME = "smoe_fast_ext"
 CPU_SOURCES = ("torch_bindings.cpp", "experts_cpu.cpp")
-CUDA_SOURCES = ("experts_cuda.cu", "experts_cuda_glue.cpp")
+CUDA_SOURCES = ("grouping_cuda.cu", "experts_cuda.cu", "wgrad_reduce_cuda.cu", "experts_cuda_glue.cpp")
 
 
 class ExtensionBuildError(RuntimeError):
