@@ -93,6 +93,7 @@ def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor
         BN=block_n,
         PREC=dot_precision(z.dtype),
         num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return out
 
@@ -132,6 +133,7 @@ def experts_soft_bwd(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tenso
         BN=config["BN"],
         PREC=dot_precision(z.dtype),
         num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     weight_grads = unpack_partials(partials.view(num_experts, runs, -1).sum(1), ws, kind, latent, hidden)
     return [dz_partial.sum(0).to(z.dtype), dgates] + weight_grads

@@ -101,6 +101,7 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
         BN=block_n,
         PREC=dot_precision(z.dtype),
         num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return y_slots.view(batch, top_k, PIXELS).sum(1).to(out_dtype)
 
@@ -137,6 +138,7 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
         BN=config["BN"],
         PREC=dot_precision(z.dtype),
         num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     flat = alloc_output((num_experts, sum(sizes)), like=z, dtype=torch.float32)
     _segment_sum_kernel[(num_experts, triton.cdiv(sum(sizes), _REDUCE_BLOCK))](

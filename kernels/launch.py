@@ -124,11 +124,8 @@ def _tile_offsets_kernel(p_counts, p_toff, E, block_m, BLOCK: tl.constexpr):
 TILE_SCAN_BLOCK = 1024
 
 
-def tile_offsets(expert_counts: torch.Tensor, block_m: int) -> torch.Tensor:
-    """[E+1] int32 exclusive scan of cdiv(expert_counts, block_m): expert e owns tiles
-    ``tile_offsets[e]:tile_offsets[e+1]`` (none when empty). One launch, no host synchronisation."""
-    if block_m < 1:
-        raise ValueError(f"block_m must be >= 1, got {block_m}")
+@torch.library.custom_op("smoe_fast::triton_tile_offsets", mutates_args=())
+def _tile_offsets_op(expert_counts: torch.Tensor, block_m: int) -> torch.Tensor:
     num_experts = expert_counts.shape[0]
     out = torch.empty(num_experts + 1, dtype=torch.int32, device=expert_counts.device)
     with device_guard(expert_counts):
@@ -140,6 +137,20 @@ def tile_offsets(expert_counts: torch.Tensor, block_m: int) -> torch.Tensor:
             BLOCK=TILE_SCAN_BLOCK,
         )
     return out
+
+
+@_tile_offsets_op.register_fake
+def _(expert_counts, block_m):
+    return expert_counts.new_empty(expert_counts.shape[0] + 1, dtype=torch.int32)
+
+
+def tile_offsets(expert_counts: torch.Tensor, block_m: int) -> torch.Tensor:
+    """[E+1] int32 exclusive scan of cdiv(expert_counts, block_m): expert e owns tiles
+    ``tile_offsets[e]:tile_offsets[e+1]`` (none when empty). One launch, no host synchronisation; a
+    custom op, so ``torch.compile`` traces through it."""
+    if block_m < 1:
+        raise ValueError(f"block_m must be >= 1, got {block_m}")
+    return _tile_offsets_op(expert_counts, block_m)
 
 
 @triton.jit

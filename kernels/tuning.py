@@ -142,8 +142,7 @@ def forced_experts_hard_config(kind: str, **config: int):
 TRAIN_BLOCK_M = 16     # rows per block: the smallest tl.dot M
 TRAIN_CONV_BLOCK_R = 64  # gathered conv rows per tl.dot
 TRAIN_MLP_BLOCK_N = 64   # output pixels per mlp tile
-# archs whose per-block shared memory is too small for the mlp tiles above (audit: BN=64 needs
-# 194-215 KB on sm_80/sm_90, BN=32 fits 101 KB)
+# the mlp pixel tile on archs with less shared memory than sm_90 (see training_config)
 _SMALL_SHARED_MLP_BLOCK_N = 32
 
 
@@ -151,13 +150,17 @@ def training_config(kind: str, direction: str, arch: int) -> dict[str, int]:
     """Tiles of the fused soft / top-k kernels (``direction`` "fwd" or "bwd") for ``arch``.
 
     BM rows per block, BR gathered conv rows per step, BN output pixels per mlp tile (the lite
-    forward keeps all 784 pixels of a block in one [BM, 1024] tile)."""
+    forward keeps all 784 pixels of a block in one [BM, 1024] tile). The audit (sm_90) reports the
+    mlp kernels at 190-210 KB of shared memory with BN=64 and 3 pipelining stages, and 122-150 KB on
+    sm_86 with BN=32: archs with less shared memory than sm_90 get BN=32 and no pipelining."""
     block_n = TRAIN_MLP_BLOCK_N
-    if kind == "mlp" and arch != 0 and SHARED_LIMIT_BYTES.get(arch, 0) < 232_448:
+    small = arch != 0 and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]
+    if kind == "mlp" and small:
         block_n = _SMALL_SHARED_MLP_BLOCK_N
     if kind != "mlp" and direction == "fwd":
         block_n = 1024
-    return {"BM": TRAIN_BLOCK_M, "BR": TRAIN_CONV_BLOCK_R, "BN": block_n, "num_warps": 8}
+    return {"BM": TRAIN_BLOCK_M, "BR": TRAIN_CONV_BLOCK_R, "BN": block_n, "num_warps": 8,
+            "num_stages": 1 if small else 3}
 
 
 GROUPED_TILE_ROWS = 16   # sorted rows of one expert per grouped-layer tile
@@ -185,6 +188,9 @@ def grouped_layer_config(kernel: str, c_in: int, c_out: int, pixels_in: int, pix
     else:
         raise ValueError(f"unknown grouped-layer kernel {kernel!r}")
     config.update(num_warps=4, num_stages=3)
+    if arch != 0 and kernel == "wgrad":
+        # 64 x 128 operand tiles in 3 stages took 224 KB on sm_90, 3 KB short of its limit
+        config["BK"] = 64
     if arch != 0 and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]:
         config.update(BM=min(config["BM"], 64), BK=min(config["BK"], 64), num_stages=2)
     return config

@@ -98,12 +98,12 @@ def test_weight_gradients_are_deterministic(kind, batch, num_experts, top_k):
 
 def test_opcheck():
     # schema, fake tensor, autograd registration and AOT dispatch of the custom op
-    from smoe_fast.kernels.decoder_blocks import kernel_weights
-    from smoe_fast.kernels.experts_topk import tile_offsets
+    from smoe_fast.kernels.decoder_blocks import BLOCK_M, kernel_weights
+    from smoe_fast.kernels.launch import tile_offsets
     z, idx, gates, weights, _ = _inputs("mlp", 3, 2, 2, "uniform", False)
     routing = reference.group_by_expert(idx, 2)
     ws = [w.detach().requires_grad_(True) for w in kernel_weights(weights, "mlp")]
-    args = (z, gates, routing.sorted_token_idx, routing.expert_offsets, tile_offsets(routing.expert_counts), ws, "mlp")
+    args = (z, gates, routing.sorted_token_idx, routing.expert_offsets, tile_offsets(routing.expert_counts, BLOCK_M), ws, "mlp")
     torch.library.opcheck(torch.ops.smoe_fast.triton_experts_topk.default, args)
 
 
