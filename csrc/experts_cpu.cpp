@@ -308,9 +308,11 @@ inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar
   constexpr int T = kLanes<scalar_t>;
   const int K = layer.in_c;
   Vec<scalar_t> acc[OB];
+  SMOE_FAST_UNROLL
   for (int ob = 0; ob < OB; ++ob) acc[ob] = broadcast(bias[o0 + ob]);
   for (int k = 0; k < K; ++k) {
     const Vec<scalar_t> src = load(in + k * T);
+    SMOE_FAST_UNROLL
     for (int ob = 0; ob < OB; ++ob) acc[ob] += weight[static_cast<int64_t>(o0 + ob) * K + k] * src;
   }
   for (int ob = 0; ob < OB; ++ob) {
@@ -324,6 +326,8 @@ void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, 
                 int out_pad) {
   const int N = layer.out_size();
   int o = 0;
+  // 24 accumulators: each weight is used once per block, so the tile only needs to hide FMA latency.
+  for (; o + 24 <= N; o += 24) linear_fwd_tile<scalar_t, 24>(layer, in, weight, bias, o, out, out_pad);
   for (; o + kOutBlock <= N; o += kOutBlock) linear_fwd_tile<scalar_t, kOutBlock>(layer, in, weight, bias, o, out, out_pad);
   for (; o < N; ++o) linear_fwd_tile<scalar_t, 1>(layer, in, weight, bias, o, out, out_pad);
 }
@@ -435,16 +439,59 @@ void conv_fwd_taps(const Layer& layer, const scalar_t* in, const Vec<scalar_t>* 
   }
 }
 
-// The four phases of an up == 2 conv for NP low-res pixels of one output channel, all in registers
-// (4 x NP accumulators): the 3x3 padded neighbourhood of a pixel is loaded once per input channel and
-// feeds every phase that reads it (16 multiply-adds per 9 loads), and each folded weight is broadcast
-// once for the NP pixels. The input is [Cin][W + 2][W + 2][lanes] (square, W a template constant so
-// that every tap is an immediate displacement); in_off[j]: pixel j's top-left tap, out_off[j]: its
-// phase-(0, 0) output, in units of lanes. packed: [co][ci][phase][r][s] (pack_conv_up2).
+// Forward micro-kernels of the up == 2 convs. The input is [Cin][W + 2][W + 2][lanes] (square, pad 1,
+// W a template constant so that every tap is an immediate displacement); a folded 2x2 tap (r, s) of
+// output phase (a, c) at low-res pixel (p, q) reads padded (p + a + r, q + c + s). Both kernels keep
+// the accumulators in registers and load at most one input vector or weight per 2 multiply-adds
+// (the sgemm micro-kernel's 4x6 tile loads 10 per 24); the previous one-channel tile loaded 17 per
+// 24 and ran at 55% of a 4x6 sgemm micro-kernel measured next to it.
+
+// One phase, OB output channels x NP low-res pixels (any pixels: in_off[j] is pixel j's padded top-left
+// tap, out_off[j] its phase-(0, 0) output, in lanes). packed_cog: [ci][r][s][OB] of this phase and
+// channel group (pack_conv_up2).
+template <typename scalar_t, int OB, int NP, int W>
+inline void conv_up2_phase_tile(int Cin, const scalar_t* in, const scalar_t* packed_cog, const scalar_t* bias,
+                                const int32_t* in_off, const int32_t* out_off, int64_t out_channel, Activation act,
+                                scalar_t* out) {
+  constexpr int T = kLanes<scalar_t>;
+  constexpr int in_w = W + 2;
+  constexpr int64_t in_channel = static_cast<int64_t>(in_w) * in_w * T;
+  Vec<scalar_t> acc[OB][NP];
+  SMOE_FAST_UNROLL
+  for (int ob = 0; ob < OB; ++ob)
+    SMOE_FAST_UNROLL
+    for (int j = 0; j < NP; ++j) acc[ob][j] = broadcast(bias[ob]);
+  const scalar_t* src[NP];
+  SMOE_FAST_UNROLL
+  for (int j = 0; j < NP; ++j) src[j] = in + static_cast<int64_t>(in_off[j]) * T;
+  for (int ci = 0; ci < Cin; ++ci) {
+    const scalar_t* w_c = packed_cog + ci * 4 * OB;
+    SMOE_FAST_UNROLL
+    for (int tap = 0; tap < 4; ++tap) {
+      Vec<scalar_t> w[OB];
+      SMOE_FAST_UNROLL
+      for (int ob = 0; ob < OB; ++ob) w[ob] = broadcast(w_c[tap * OB + ob]);
+      SMOE_FAST_UNROLL
+      for (int j = 0; j < NP; ++j) {
+        const Vec<scalar_t> x = load(src[j] + ci * in_channel + ((tap / 2) * in_w + tap % 2) * T);
+        SMOE_FAST_UNROLL
+        for (int ob = 0; ob < OB; ++ob) acc[ob][j] += w[ob] * x;
+      }
+    }
+  }
+  activate_tile<scalar_t, OB * NP>(&acc[0][0], act);
+  SMOE_FAST_UNROLL
+  for (int ob = 0; ob < OB; ++ob)
+    SMOE_FAST_UNROLL
+    for (int j = 0; j < NP; ++j) store(out + ob * out_channel + static_cast<int64_t>(out_off[j]) * T, acc[ob][j]);
+}
+
+// All four phases of one output channel for NP consecutive low-res pixels of a row (for out_c not a
+// multiple of kPhaseTileChannels, e.g. the lite decoder's last conv): each input vector feeds every
+// phase and pixel that reads it. src: the row's (padded) top-left tap; packed_co: [ci][phase][r][s].
 template <typename scalar_t, int NP, int W>
-inline void conv_up2_fwd_tile(int Cin, const scalar_t* in, const scalar_t* packed_co, scalar_t bias,
-                              const int32_t* in_off, const int32_t* out_off, int out_w, Activation act,
-                              scalar_t* out_co) {
+inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* packed_co, scalar_t bias, int out_w,
+                              Activation act, scalar_t* out) {
   constexpr int T = kLanes<scalar_t>;
   constexpr int in_w = W + 2;
   constexpr int64_t in_channel = static_cast<int64_t>(in_w) * in_w * T;
@@ -453,30 +500,28 @@ inline void conv_up2_fwd_tile(int Cin, const scalar_t* in, const scalar_t* packe
   for (int ph = 0; ph < 4; ++ph)
     SMOE_FAST_UNROLL
     for (int j = 0; j < NP; ++j) acc[ph][j] = broadcast(bias);
-  const scalar_t* src[NP];
-  SMOE_FAST_UNROLL
-  for (int j = 0; j < NP; ++j) src[j] = in + static_cast<int64_t>(in_off[j]) * T;
   for (int ci = 0; ci < Cin; ++ci) {
     const scalar_t* w_c = packed_co + ci * 16;
+    const scalar_t* src_c = src + ci * in_channel;
     SMOE_FAST_UNROLL
-    for (int dy = 0; dy < 3; ++dy)
+    for (int a = 0; a < 2; ++a)
       SMOE_FAST_UNROLL
-      for (int dx = 0; dx < 3; ++dx) {
-        Vec<scalar_t> x[NP];
+      for (int r = 0; r < 2; ++r) {
+        Vec<scalar_t> w[2][2];  // [c][s]
         SMOE_FAST_UNROLL
-        for (int j = 0; j < NP; ++j) x[j] = load(src[j] + ci * in_channel + (dy * in_w + dx) * T);
-        SMOE_FAST_UNROLL
-        for (int a = 0; a < 2; ++a) {
-          const int r = dy - a;
-          if (r < 0 || r > 1) continue;
+        for (int c = 0; c < 2; ++c)
           SMOE_FAST_UNROLL
-          for (int c = 0; c < 2; ++c) {
-            const int s = dx - c;
-            if (s < 0 || s > 1) continue;
-            const Vec<scalar_t> w = broadcast(w_c[(a * 2 + c) * 4 + r * 2 + s]);
+          for (int s = 0; s < 2; ++s) w[c][s] = broadcast(w_c[(a * 2 + c) * 4 + r * 2 + s]);
+        SMOE_FAST_UNROLL
+        for (int u = 0; u < NP + 2; ++u) {
+          const Vec<scalar_t> x = load(src_c + ((a + r) * in_w + u) * T);
+          SMOE_FAST_UNROLL
+          for (int c = 0; c < 2; ++c)
             SMOE_FAST_UNROLL
-            for (int j = 0; j < NP; ++j) acc[a * 2 + c][j] += w * x[j];
-          }
+            for (int s = 0; s < 2; ++s) {
+              const int j = u - c - s;
+              if (j >= 0 && j < NP) acc[a * 2 + c][j] += w[c][s] * x;
+            }
         }
       }
   }
@@ -484,39 +529,87 @@ inline void conv_up2_fwd_tile(int Cin, const scalar_t* in, const scalar_t* packe
   SMOE_FAST_UNROLL
   for (int ph = 0; ph < 4; ++ph)
     SMOE_FAST_UNROLL
-    for (int j = 0; j < NP; ++j) store(out_co + (static_cast<int64_t>(out_off[j]) + (ph / 2) * out_w + ph % 2) * T, acc[ph][j]);
+    for (int j = 0; j < NP; ++j) store(out + (static_cast<int64_t>(ph / 2) * out_w + 2 * j + ph % 2) * T, acc[ph][j]);
 }
 
-constexpr int kConvPixels = 6;  // low-res pixels per up == 2 tile: 24 accumulators + 6 inputs + 1 weight registers
+constexpr int kPhaseTileChannels = 4;  // OB of conv_up2_phase_tile
+constexpr int kPhaseTilePixels = 6;    // NP: 24 accumulators + 4 weights + 1 input of 32 vector registers
 
-// packed[co][ci][phase][r][s] from the folded weights folded[phase][co][ci][r][s] (fold_conv_weight).
+// Packed weights of an up == 2 conv, from the folded weights folded[phase][co][ci][r][s]:
+// out_c % 4 == 0: [phase][co / 4][ci][r][s][co % 4] (phase tiles); else [co][ci][phase][r][s] (row tiles).
 template <typename scalar_t>
 void pack_conv_up2(const Layer& layer, const scalar_t* folded, scalar_t* packed) {
-  const int64_t n = static_cast<int64_t>(layer.out_c) * layer.in_c;
-  for (int64_t j = 0; j < n; ++j)
-    for (int ph = 0; ph < 4; ++ph)
-      for (int t = 0; t < 4; ++t) packed[j * 16 + ph * 4 + t] = folded[(ph * n + j) * 4 + t];
+  const int Cout = layer.out_c, Cin = layer.in_c;
+  const int64_t n = static_cast<int64_t>(Cout) * Cin;
+  constexpr int OB = kPhaseTileChannels;
+  for (int ph = 0; ph < 4; ++ph)
+    for (int co = 0; co < Cout; ++co)
+      for (int ci = 0; ci < Cin; ++ci)
+        for (int t = 0; t < 4; ++t) {
+          const scalar_t w = folded[(ph * n + static_cast<int64_t>(co) * Cin + ci) * 4 + t];
+          if (Cout % OB == 0) {
+            packed[(((static_cast<int64_t>(ph) * (Cout / OB) + co / OB) * Cin + ci) * 4 + t) * OB + co % OB] = w;
+          } else {
+            packed[(static_cast<int64_t>(co) * Cin + ci) * 16 + ph * 4 + t] = w;
+          }
+        }
+}
+
+template <typename scalar_t, int NP, int W>
+inline void conv_up2_row_tiles_from(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias,
+                                    scalar_t* out, int out_pad, int q0) {
+  constexpr int T = kLanes<scalar_t>;
+  const int out_w = layer.out_w + 2 * out_pad;
+  const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
+  for (int co = 0; co < layer.out_c; ++co)
+    for (int p = 0; p < W; ++p)
+      conv_up2_row_tile<scalar_t, NP, W>(layer.in_c, in + (static_cast<int64_t>(p) * (W + 2) + q0) * T,
+                                         packed + static_cast<int64_t>(co) * layer.in_c * 16, bias[co], out_w, layer.act,
+                                         out + co * out_channel + ((2 * p + out_pad) * static_cast<int64_t>(out_w) + 2 * q0 + out_pad) * T);
 }
 
 template <typename scalar_t, int W>
 void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias, scalar_t* out,
                   int out_pad) {
-  constexpr int NP = kConvPixels;
-  const int pixels = W * W;
-  const int padded = (pixels + NP - 1) / NP * NP;
-  // Pixel tables padded to a multiple of NP by repeating the last pixel (it is recomputed and stored twice).
-  int32_t in_off[(W * W + NP - 1) / NP * NP], out_off[(W * W + NP - 1) / NP * NP];
+  constexpr int T = kLanes<scalar_t>;
   const int out_w = layer.out_w + 2 * out_pad;
-  for (int m = 0; m < padded; ++m) {
-    const int px = std::min(m, pixels - 1), p = px / W, q = px % W;
+  const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
+  if (layer.out_c % kPhaseTileChannels != 0) {
+    // Row tiles: W = 7 as 4 + 3 pixels, W = 14 as 5 + 5 + 4.
+    if (W == 7) {
+      conv_up2_row_tiles_from<scalar_t, 4, W>(layer, in, packed, bias, out, out_pad, 0);
+      conv_up2_row_tiles_from<scalar_t, 3, W>(layer, in, packed, bias, out, out_pad, 4);
+    } else {
+      conv_up2_row_tiles_from<scalar_t, 5, W>(layer, in, packed, bias, out, out_pad, 0);
+      conv_up2_row_tiles_from<scalar_t, 5, W>(layer, in, packed, bias, out, out_pad, 5);
+      conv_up2_row_tiles_from<scalar_t, 4, W>(layer, in, packed, bias, out, out_pad, 10);
+    }
+    return;
+  }
+  constexpr int OB = kPhaseTileChannels, NP = kPhaseTilePixels;
+  constexpr int pixels = W * W, full = pixels / NP * NP;
+  int32_t in_off[pixels], out_off[pixels];
+  for (int m = 0; m < pixels; ++m) {
+    const int p = m / W, q = m % W;
     in_off[m] = p * (W + 2) + q;
     out_off[m] = (2 * p + out_pad) * out_w + 2 * q + out_pad;
   }
-  const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * kLanes<scalar_t>;
-  for (int co = 0; co < layer.out_c; ++co)
-    for (int m = 0; m < padded; m += NP)
-      conv_up2_fwd_tile<scalar_t, NP, W>(layer.in_c, in, packed + static_cast<int64_t>(co) * layer.in_c * 16, bias[co],
-                                         in_off + m, out_off + m, out_w, layer.act, out + co * out_channel);
+  const int Cin = layer.in_c, groups = layer.out_c / OB;
+  for (int ph = 0; ph < 4; ++ph) {
+    const int a = ph / 2, c = ph % 2;
+    const scalar_t* in_ph = in + (a * (W + 2) + c) * T;
+    scalar_t* out_ph = out + (a * out_w + c) * T;
+    for (int g = 0; g < groups; ++g) {
+      const scalar_t* w = packed + (static_cast<int64_t>(ph) * groups + g) * Cin * 4 * OB;
+      scalar_t* out_g = out_ph + g * OB * out_channel;
+      for (int m = 0; m < full; m += NP)
+        conv_up2_phase_tile<scalar_t, OB, NP, W>(Cin, in_ph, w, bias + g * OB, in_off + m, out_off + m, out_channel,
+                                                 layer.act, out_g);
+      for (int m = full; m < pixels; ++m)
+        conv_up2_phase_tile<scalar_t, OB, 1, W>(Cin, in_ph, w, bias + g * OB, in_off + m, out_off + m, out_channel,
+                                                layer.act, out_g);
+    }
+  }
 }
 
 // Whether conv_up2_fwd has an instance for this layer (the decoders' up == 2 layers all do).
@@ -673,6 +766,64 @@ void fold_item_weights(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s,
   }
 }
 
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+// In-register transpose of 16 x 16 floats: r[i][t] -> r[t][i].
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// The block's outputs y [784][16 lanes] to out[token] (token-major), times the gates, = or +=.
+// Measured: the scalar strided loop below took 15% of the hard lite decoder's time.
+inline void write_block_output(const float* y, int n, const int64_t* tokens, const float* gate, bool accumulate,
+                               float* out) {
+  static_assert(kImagePixels % 16 == 0, "the transpose works on 16 pixels at a time");
+  for (int pix = 0; pix < kImagePixels; pix += 16) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(y + (pix + i) * 16);
+    transpose16(r);
+    for (int t = 0; t < n; ++t) {
+      float* dst = out + tokens[t] * kImagePixels + pix;
+      const __m512 v = _mm512_mul_ps(_mm512_set1_ps(gate[t]), r[t]);
+      _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), v) : v);
+    }
+  }
+}
+#endif
+
+template <typename scalar_t>
+void write_block_output(const scalar_t* y, int n, const int64_t* tokens, const scalar_t* gate, bool accumulate,
+                        scalar_t* out) {
+  constexpr int T = kLanes<scalar_t>;
+  for (int t = 0; t < n; ++t) {
+    scalar_t* dst = out + tokens[t] * kImagePixels;
+    if (accumulate) {
+      for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] += gate[t] * y[pix * T + t];
+    } else {
+      for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] = gate[t] * y[pix * T + t];
+    }
+  }
+}
+
 // out[b] = sum_k gate[b, k] * D_{expert(b, k)}(z[b]), slot by slot.
 template <typename scalar_t>
 void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
@@ -687,16 +838,9 @@ void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
         for (int64_t r0 = item.row_begin; r0 < item.row_end; r0 += T) {
           const int n = static_cast<int>(std::min<int64_t>(T, item.row_end - r0));
           decode_block(pb, s, item.expert, r0, n, tokens);
-          const scalar_t* y = s.act[pb.plan.num_layers].data();  // [784][T]
-          for (int t = 0; t < n; ++t) {
-            const scalar_t gate = pb.gates ? pb.gates[pb.rows[r0 + t]] : scalar_t(1);
-            scalar_t* dst = out + tokens[t] * kImagePixels;
-            if (k == 0) {
-              for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] = gate * y[pix * T + t];
-            } else {
-              for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] += gate * y[pix * T + t];
-            }
-          }
+          scalar_t gate[T];
+          for (int t = 0; t < n; ++t) gate[t] = pb.gates ? pb.gates[pb.rows[r0 + t]] : scalar_t(1);
+          write_block_output(s.act[pb.plan.num_layers].data(), n, tokens, gate, k > 0, out);
         }
       }
     });
