@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -146,6 +147,28 @@ inline void store(scalar_t* p, const Vec<scalar_t>& v) {
 template <typename scalar_t>
 inline Vec<scalar_t> broadcast(scalar_t x) {
   return x - Vec<scalar_t>{};  // x - 0 == x for every x (x + 0 is not, for -0), so this compiles to one broadcast
+}
+
+// The weights of NE experts whose tokens share a block (lane t belongs to expert t % NE), interleaved
+// in memory as p[0 .. NE): vbroadcastss / vbroadcastsd / vbroadcastf32x4 for NE = 1 / 2 / 4.
+template <int NE, typename scalar_t>
+inline Vec<scalar_t> bcast(const scalar_t* p) {
+  if constexpr (NE == 1) {
+    return broadcast(*p);
+  } else {
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+    if constexpr (std::is_same<scalar_t, float>::value && NE == 2) {
+      double pair;
+      std::memcpy(&pair, p, sizeof(pair));
+      return _mm512_castpd_ps(_mm512_set1_pd(pair));
+    } else if constexpr (std::is_same<scalar_t, float>::value && NE == 4) {
+      return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+    }
+#endif
+    Vec<scalar_t> v;
+    for (int t = 0; t < kLanes<scalar_t>; ++t) v[t] = p[t % NE];
+    return v;
+  }
 }
 
 template <typename scalar_t>
@@ -301,19 +324,20 @@ inline int64_t pixel_offset(const Layer& layer, int o, int pad) {
   return (static_cast<int64_t>(c) * (layer.out_h + 2 * pad) + y + pad) * (layer.out_w + 2 * pad) + x + pad;
 }
 
-// out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB.
-template <typename scalar_t, int OB>
+// out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB (weights and biases of NE
+// experts interleaved, see bcast).
+template <typename scalar_t, int OB, int NE>
 inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias,
                             int o0, scalar_t* out, int out_pad) {
   constexpr int T = kLanes<scalar_t>;
   const int K = layer.in_c;
   Vec<scalar_t> acc[OB];
   SMOE_FAST_UNROLL
-  for (int ob = 0; ob < OB; ++ob) acc[ob] = broadcast(bias[o0 + ob]);
+  for (int ob = 0; ob < OB; ++ob) acc[ob] = bcast<NE>(bias + (o0 + ob) * NE);
   for (int k = 0; k < K; ++k) {
     const Vec<scalar_t> src = load(in + k * T);
     SMOE_FAST_UNROLL
-    for (int ob = 0; ob < OB; ++ob) acc[ob] += weight[static_cast<int64_t>(o0 + ob) * K + k] * src;
+    for (int ob = 0; ob < OB; ++ob) acc[ob] += bcast<NE>(weight + (static_cast<int64_t>(o0 + ob) * K + k) * NE) * src;
   }
   for (int ob = 0; ob < OB; ++ob) {
     activate(acc[ob], layer.act);
@@ -321,15 +345,15 @@ inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int NE = 1>
 void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias, scalar_t* out,
                 int out_pad) {
   const int N = layer.out_size();
   int o = 0;
   // 24 accumulators: each weight is used once per block, so the tile only needs to hide FMA latency.
-  for (; o + 24 <= N; o += 24) linear_fwd_tile<scalar_t, 24>(layer, in, weight, bias, o, out, out_pad);
-  for (; o + kOutBlock <= N; o += kOutBlock) linear_fwd_tile<scalar_t, kOutBlock>(layer, in, weight, bias, o, out, out_pad);
-  for (; o < N; ++o) linear_fwd_tile<scalar_t, 1>(layer, in, weight, bias, o, out, out_pad);
+  for (; o + 24 <= N; o += 24) linear_fwd_tile<scalar_t, 24, NE>(layer, in, weight, bias, o, out, out_pad);
+  for (; o + kOutBlock <= N; o += kOutBlock) linear_fwd_tile<scalar_t, kOutBlock, NE>(layer, in, weight, bias, o, out, out_pad);
+  for (; o < N; ++o) linear_fwd_tile<scalar_t, 1, NE>(layer, in, weight, bias, o, out, out_pad);
 }
 
 // grad_in = W^T grad_out; per-lane weight and bias gradients accumulate (summed over lanes later).
@@ -449,7 +473,7 @@ void conv_fwd_taps(const Layer& layer, const scalar_t* in, const Vec<scalar_t>* 
 // One phase, OB output channels x NP low-res pixels (any pixels: in_off[j] is pixel j's padded top-left
 // tap, out_off[j] its phase-(0, 0) output, in lanes). packed_cog: [ci][r][s][OB] of this phase and
 // channel group (pack_conv_up2).
-template <typename scalar_t, int OB, int NP, int W>
+template <typename scalar_t, int OB, int NP, int W, int NE>
 inline void conv_up2_phase_tile(int Cin, const scalar_t* in, const scalar_t* packed_cog, const scalar_t* bias,
                                 const int32_t* in_off, const int32_t* out_off, int64_t out_channel, Activation act,
                                 scalar_t* out) {
@@ -460,17 +484,17 @@ inline void conv_up2_phase_tile(int Cin, const scalar_t* in, const scalar_t* pac
   SMOE_FAST_UNROLL
   for (int ob = 0; ob < OB; ++ob)
     SMOE_FAST_UNROLL
-    for (int j = 0; j < NP; ++j) acc[ob][j] = broadcast(bias[ob]);
+    for (int j = 0; j < NP; ++j) acc[ob][j] = bcast<NE>(bias + ob * NE);
   const scalar_t* src[NP];
   SMOE_FAST_UNROLL
   for (int j = 0; j < NP; ++j) src[j] = in + static_cast<int64_t>(in_off[j]) * T;
   for (int ci = 0; ci < Cin; ++ci) {
-    const scalar_t* w_c = packed_cog + ci * 4 * OB;
+    const scalar_t* w_c = packed_cog + ci * 4 * OB * NE;
     SMOE_FAST_UNROLL
     for (int tap = 0; tap < 4; ++tap) {
       Vec<scalar_t> w[OB];
       SMOE_FAST_UNROLL
-      for (int ob = 0; ob < OB; ++ob) w[ob] = broadcast(w_c[tap * OB + ob]);
+      for (int ob = 0; ob < OB; ++ob) w[ob] = bcast<NE>(w_c + (tap * OB + ob) * NE);
       SMOE_FAST_UNROLL
       for (int j = 0; j < NP; ++j) {
         const Vec<scalar_t> x = load(src[j] + ci * in_channel + ((tap / 2) * in_w + tap % 2) * T);
@@ -489,8 +513,8 @@ inline void conv_up2_phase_tile(int Cin, const scalar_t* in, const scalar_t* pac
 // All four phases of one output channel for NP consecutive low-res pixels of a row (for out_c not a
 // multiple of kPhaseTileChannels, e.g. the lite decoder's last conv): each input vector feeds every
 // phase and pixel that reads it. src: the row's (padded) top-left tap; packed_co: [ci][phase][r][s].
-template <typename scalar_t, int NP, int W>
-inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* packed_co, scalar_t bias, int out_w,
+template <typename scalar_t, int NP, int W, int NE>
+inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* packed_co, const scalar_t* bias, int out_w,
                               Activation act, scalar_t* out) {
   constexpr int T = kLanes<scalar_t>;
   constexpr int in_w = W + 2;
@@ -499,9 +523,9 @@ inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* pack
   SMOE_FAST_UNROLL
   for (int ph = 0; ph < 4; ++ph)
     SMOE_FAST_UNROLL
-    for (int j = 0; j < NP; ++j) acc[ph][j] = broadcast(bias);
+    for (int j = 0; j < NP; ++j) acc[ph][j] = bcast<NE>(bias);
   for (int ci = 0; ci < Cin; ++ci) {
-    const scalar_t* w_c = packed_co + ci * 16;
+    const scalar_t* w_c = packed_co + ci * 16 * NE;
     const scalar_t* src_c = src + ci * in_channel;
     SMOE_FAST_UNROLL
     for (int a = 0; a < 2; ++a)
@@ -511,7 +535,7 @@ inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* pack
         SMOE_FAST_UNROLL
         for (int c = 0; c < 2; ++c)
           SMOE_FAST_UNROLL
-          for (int s = 0; s < 2; ++s) w[c][s] = broadcast(w_c[(a * 2 + c) * 4 + r * 2 + s]);
+          for (int s = 0; s < 2; ++s) w[c][s] = bcast<NE>(w_c + ((a * 2 + c) * 4 + r * 2 + s) * NE);
         SMOE_FAST_UNROLL
         for (int u = 0; u < NP + 2; ++u) {
           const Vec<scalar_t> x = load(src_c + ((a + r) * in_w + u) * T);
@@ -555,7 +579,7 @@ void pack_conv_up2(const Layer& layer, const scalar_t* folded, scalar_t* packed)
         }
 }
 
-template <typename scalar_t, int NP, int W>
+template <typename scalar_t, int NP, int W, int NE>
 inline void conv_up2_row_tiles_from(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias,
                                     scalar_t* out, int out_pad, int q0) {
   constexpr int T = kLanes<scalar_t>;
@@ -563,12 +587,12 @@ inline void conv_up2_row_tiles_from(const Layer& layer, const scalar_t* in, cons
   const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
   for (int co = 0; co < layer.out_c; ++co)
     for (int p = 0; p < W; ++p)
-      conv_up2_row_tile<scalar_t, NP, W>(layer.in_c, in + (static_cast<int64_t>(p) * (W + 2) + q0) * T,
-                                         packed + static_cast<int64_t>(co) * layer.in_c * 16, bias[co], out_w, layer.act,
+      conv_up2_row_tile<scalar_t, NP, W, NE>(layer.in_c, in + (static_cast<int64_t>(p) * (W + 2) + q0) * T,
+                                             packed + static_cast<int64_t>(co) * layer.in_c * 16 * NE, bias + co * NE, out_w, layer.act,
                                          out + co * out_channel + ((2 * p + out_pad) * static_cast<int64_t>(out_w) + 2 * q0 + out_pad) * T);
 }
 
-template <typename scalar_t, int W>
+template <typename scalar_t, int W, int NE>
 void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias, scalar_t* out,
                   int out_pad) {
   constexpr int T = kLanes<scalar_t>;
@@ -577,12 +601,12 @@ void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed
   if (layer.out_c % kPhaseTileChannels != 0) {
     // Row tiles: W = 7 as 4 + 3 pixels, W = 14 as 5 + 5 + 4.
     if (W == 7) {
-      conv_up2_row_tiles_from<scalar_t, 4, W>(layer, in, packed, bias, out, out_pad, 0);
-      conv_up2_row_tiles_from<scalar_t, 3, W>(layer, in, packed, bias, out, out_pad, 4);
+      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 0);
+      conv_up2_row_tiles_from<scalar_t, 3, W, NE>(layer, in, packed, bias, out, out_pad, 4);
     } else {
-      conv_up2_row_tiles_from<scalar_t, 5, W>(layer, in, packed, bias, out, out_pad, 0);
-      conv_up2_row_tiles_from<scalar_t, 5, W>(layer, in, packed, bias, out, out_pad, 5);
-      conv_up2_row_tiles_from<scalar_t, 4, W>(layer, in, packed, bias, out, out_pad, 10);
+      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 0);
+      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 5);
+      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 10);
     }
     return;
   }
@@ -600,14 +624,14 @@ void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed
     const scalar_t* in_ph = in + (a * (W + 2) + c) * T;
     scalar_t* out_ph = out + (a * out_w + c) * T;
     for (int g = 0; g < groups; ++g) {
-      const scalar_t* w = packed + (static_cast<int64_t>(ph) * groups + g) * Cin * 4 * OB;
+      const scalar_t* w = packed + (static_cast<int64_t>(ph) * groups + g) * Cin * 4 * OB * NE;
       scalar_t* out_g = out_ph + g * OB * out_channel;
       for (int m = 0; m < full; m += NP)
-        conv_up2_phase_tile<scalar_t, OB, NP, W>(Cin, in_ph, w, bias + g * OB, in_off + m, out_off + m, out_channel,
-                                                 layer.act, out_g);
+        conv_up2_phase_tile<scalar_t, OB, NP, W, NE>(Cin, in_ph, w, bias + g * OB * NE, in_off + m, out_off + m,
+                                                     out_channel, layer.act, out_g);
       for (int m = full; m < pixels; ++m)
-        conv_up2_phase_tile<scalar_t, OB, 1, W>(Cin, in_ph, w, bias + g * OB, in_off + m, out_off + m, out_channel,
-                                                layer.act, out_g);
+        conv_up2_phase_tile<scalar_t, OB, 1, W, NE>(Cin, in_ph, w, bias + g * OB * NE, in_off + m, out_off + m,
+                                                    out_channel, layer.act, out_g);
     }
   }
 }
@@ -617,13 +641,16 @@ inline bool has_up2_kernel(const Layer& layer) {
   return layer.is_conv && layer.up == 2 && layer.in_h == layer.in_w && (layer.in_w == 7 || layer.in_w == 14);
 }
 
-template <typename scalar_t>
+// NE > 1 (several experts' tokens in one block) only for layers with an up == 2 kernel.
+template <typename scalar_t, int NE = 1>
 void conv_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const Vec<scalar_t>* folded_vec,
               const scalar_t* bias, scalar_t* out, int out_pad) {
   if (has_up2_kernel(layer) && layer.in_w == 7) {
-    conv_up2_fwd<scalar_t, 7>(layer, in, packed, bias, out, out_pad);
+    conv_up2_fwd<scalar_t, 7, NE>(layer, in, packed, bias, out, out_pad);
   } else if (has_up2_kernel(layer)) {
-    conv_up2_fwd<scalar_t, 14>(layer, in, packed, bias, out, out_pad);
+    conv_up2_fwd<scalar_t, 14, NE>(layer, in, packed, bias, out, out_pad);
+  } else if (NE > 1) {
+    TORCH_CHECK(false, "internal: shared-expert blocks need an up == 2 conv kernel");
   } else if (layer.up == 2) {
     conv_fwd_taps<scalar_t, 2>(layer, in, folded_vec, bias, out, out_pad);
   } else {
@@ -878,6 +905,8 @@ template <typename scalar_t>
 struct Scratch {
   // phase_grad: conv_up2_bwd's per-phase output gradients, one per layer (their borders must stay zero).
   std::vector<std::vector<scalar_t>> act, grad, folded, packed, packed_t, phase_grad, grad_weight, grad_bias;
+  // Weights of the experts of a shared block, interleaved (bcast): per layer linear weight or packed conv, and bias.
+  std::vector<std::vector<scalar_t>> shared_weight, shared_bias;
 
   std::vector<std::vector<Vec<scalar_t>>> folded_vec, grad_weight_lanes, grad_bias_lanes;
   int pad[kMaxLayers + 1];
@@ -989,16 +1018,18 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-// The block's outputs y [784][16 lanes] to out[token] (token-major), times the gates, = or +=.
+// The block's outputs y [784][16 lanes] to out[token] (token-major; lanes with token -1 are skipped),
+// times the gates, = or +=.
 // Measured: the scalar strided loop below took 15% of the hard lite decoder's time.
-inline void write_block_output(const float* y, int n, const int64_t* tokens, const float* gate, bool accumulate,
+inline void write_block_output(const float* y, const int64_t* tokens, const float* gate, bool accumulate,
                                float* out) {
   static_assert(kImagePixels % 16 == 0, "the transpose works on 16 pixels at a time");
   for (int pix = 0; pix < kImagePixels; pix += 16) {
     __m512 r[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(y + (pix + i) * 16);
     transpose16(r);
-    for (int t = 0; t < n; ++t) {
+    for (int t = 0; t < 16; ++t) {
+      if (tokens[t] < 0) continue;
       float* dst = out + tokens[t] * kImagePixels + pix;
       const __m512 v = _mm512_mul_ps(_mm512_set1_ps(gate[t]), r[t]);
       _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), v) : v);
@@ -1008,10 +1039,11 @@ inline void write_block_output(const float* y, int n, const int64_t* tokens, con
 #endif
 
 template <typename scalar_t>
-void write_block_output(const scalar_t* y, int n, const int64_t* tokens, const scalar_t* gate, bool accumulate,
+void write_block_output(const scalar_t* y, const int64_t* tokens, const scalar_t* gate, bool accumulate,
                         scalar_t* out) {
   constexpr int T = kLanes<scalar_t>;
-  for (int t = 0; t < n; ++t) {
+  for (int t = 0; t < T; ++t) {
+    if (tokens[t] < 0) continue;
     scalar_t* dst = out + tokens[t] * kImagePixels;
     if (accumulate) {
       for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] += gate[t] * y[pix * T + t];
@@ -1021,23 +1053,143 @@ void write_block_output(const scalar_t* y, int n, const int64_t* tokens, const s
   }
 }
 
-// out[b] = sum_k gate[b, k] * D_{expert(b, k)}(z[b]), slot by slot.
+// A block whose lanes hold the last few tokens of NE experts (lane t: expert slot t % NE, its
+// (t / NE)-th token). With many experts most tokens are in such tails (E = 8,192 at B = 65,536: about 8
+// tokens per expert), which one-expert blocks of 16 lanes would leave half empty.
+struct SharedBlock {
+  int ne;
+  int64_t expert[4], row_begin[4];
+  int count[4];  // <= 16 / ne; 0 for an unused slot (its expert repeats slot 0's)
+};
+
+// Whether blocks may hold several experts: 16 lanes (AVX-512 float) and an up == 2 kernel for every conv.
+template <typename scalar_t>
+bool can_share_blocks(const DecoderPlan& plan) {
+  if (kLanes<scalar_t> != 16) return false;
+  for (int i = 0; i < plan.num_layers; ++i)
+    if (plan.layers[i].is_conv && !has_up2_kernel(plan.layers[i])) return false;
+  return true;
+}
+
+// Moves the tails (1 .. 8 rows past the last full block) of the items[begin, end) of one phase into
+// shared blocks: tails of <= 4 rows four to a block, of 5 .. 8 rows two to a block, in expert order.
+inline void share_tails(std::vector<WorkItem>& items, int64_t begin, int64_t end, int lanes,
+                        std::vector<SharedBlock>& shared) {
+  std::vector<SharedBlock> open(2);  // [0]: filling with ne = 4, [1]: with ne = 2
+  open[0].ne = 4;
+  open[1].ne = 2;
+  int used[2] = {0, 0};
+  auto flush = [&](int which) {
+    SharedBlock b = open[which];
+    for (int e = used[which]; e < b.ne; ++e) {
+      b.expert[e] = b.expert[0];
+      b.row_begin[e] = b.row_begin[0];
+      b.count[e] = 0;
+    }
+    shared.push_back(b);
+    used[which] = 0;
+  };
+  for (int64_t i = begin; i < end; ++i) {
+    WorkItem& item = items[i];
+    const bool last_of_expert = i + 1 == end || items[i + 1].expert != item.expert;
+    const int tail = static_cast<int>((item.row_end - item.row_begin) % lanes);
+    if (!last_of_expert || tail == 0 || tail > lanes / 2) continue;
+    const int which = tail <= lanes / 4 ? 0 : 1;
+    item.row_end -= tail;
+    SharedBlock& b = open[which];
+    b.expert[used[which]] = item.expert;
+    b.row_begin[used[which]] = item.row_end;
+    b.count[used[which]] = tail;
+    if (++used[which] == b.ne) flush(which);
+  }
+  for (int which = 0; which < 2; ++which)
+    if (used[which] > 0) flush(which);
+}
+
+// Decodes a shared block: interleaves its experts' weights (bcast) and runs the layers with NE.
+template <typename scalar_t, int NE>
+void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s, const SharedBlock& b,
+                         int64_t* tokens, scalar_t* gate) {
+  constexpr int T = kLanes<scalar_t>;
+  const DecoderPlan& plan = pb.plan;
+  const int64_t L = pb.latent;
+  scalar_t* zt = s.act[0].data();
+  for (int t = 0; t < T; ++t) {
+    const int e = t % NE, j = t / NE;
+    const bool valid = j < b.count[e];
+    const int64_t row = valid ? pb.rows[b.row_begin[e] + j] : -1;
+    tokens[t] = valid ? row / pb.slots : -1;
+    gate[t] = valid && pb.gates ? pb.gates[row] : scalar_t(1);
+    for (int64_t l = 0; l < L; ++l) zt[l * T + t] = valid ? pb.z[tokens[t] * L + l] : scalar_t(0);
+  }
+  for (int e = 0; e < NE; ++e) {
+    fold_item_weights(pb, s, b.expert[e]);
+    for (int i = 0; i < plan.num_layers; ++i) {
+      const Layer& layer = plan.layers[i];
+      const scalar_t* w = layer.is_conv ? s.packed[i].data() : pb.weight[i] + b.expert[e] * layer.weight_size();
+      const int64_t nw = layer.is_conv ? folded_size(layer) : layer.weight_size();
+      const scalar_t* bias = pb.bias[i] + b.expert[e] * layer.bias_size();
+      scalar_t* sw = s.shared_weight[i].data();
+      scalar_t* sb = s.shared_bias[i].data();
+      for (int64_t j = 0; j < nw; ++j) sw[j * NE + e] = w[j];
+      for (int j = 0; j < layer.bias_size(); ++j) sb[j * NE + e] = bias[j];
+    }
+  }
+  for (int i = 0; i < plan.num_layers; ++i) {
+    const Layer& layer = plan.layers[i];
+    if (layer.is_conv) {
+      conv_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), nullptr, s.shared_bias[i].data(),
+                             s.act[i + 1].data(), s.pad[i + 1]);
+    } else {
+      linear_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), s.shared_bias[i].data(),
+                               s.act[i + 1].data(), s.pad[i + 1]);
+    }
+  }
+}
+
+// out[b] = sum_k gate[b, k] * D_{expert(b, k)}(z[b]), slot by slot. Within a slot every token is in
+// exactly one block, so blocks write their tokens' outputs without races and in a fixed order.
 template <typename scalar_t>
 void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
   constexpr int T = kLanes<scalar_t>;
+  const bool share = can_share_blocks<scalar_t>(pb.plan);
+  std::vector<WorkItem> items = pb.items;
   for (int64_t k = 0; k < pb.slots; ++k) {
-    at::parallel_for(pb.phase_begin[k], pb.phase_begin[k + 1], 1, [&](int64_t i0, int64_t i1) {
+    std::vector<SharedBlock> shared;
+    if (share) share_tails(items, pb.phase_begin[k], pb.phase_begin[k + 1], T, shared);
+    const int64_t num_items = pb.phase_begin[k + 1] - pb.phase_begin[k];
+    at::parallel_for(0, num_items + static_cast<int64_t>(shared.size()), 1, [&](int64_t i0, int64_t i1) {
       Scratch<scalar_t> s(pb.plan, false);
+      if (share) {
+        s.shared_weight.resize(pb.plan.num_layers);
+        s.shared_bias.resize(pb.plan.num_layers);
+        for (int i = 0; i < pb.plan.num_layers; ++i) {
+          const Layer& layer = pb.plan.layers[i];
+          s.shared_weight[i].resize(4 * (layer.is_conv ? folded_size(layer) : layer.weight_size()));
+          s.shared_bias[i].resize(4 * layer.bias_size());
+        }
+      }
       int64_t tokens[T];
+      scalar_t gate[T];
       for (int64_t i = i0; i < i1; ++i) {
-        const WorkItem& item = pb.items[i];
+        if (i >= num_items) {
+          const SharedBlock& b = shared[i - num_items];
+          if (b.ne == 4) {
+            decode_shared_block<scalar_t, 4>(pb, s, b, tokens, gate);
+          } else {
+            decode_shared_block<scalar_t, 2>(pb, s, b, tokens, gate);
+          }
+          write_block_output(s.act[pb.plan.num_layers].data(), tokens, gate, k > 0, out);
+          continue;
+        }
+        const WorkItem& item = items[pb.phase_begin[k] + i];
+        if (item.row_begin == item.row_end) continue;
         fold_item_weights(pb, s, item.expert);
         for (int64_t r0 = item.row_begin; r0 < item.row_end; r0 += T) {
           const int n = static_cast<int>(std::min<int64_t>(T, item.row_end - r0));
           decode_block(pb, s, item.expert, r0, n, tokens);
-          scalar_t gate[T];
           for (int t = 0; t < n; ++t) gate[t] = pb.gates ? pb.gates[pb.rows[r0 + t]] : scalar_t(1);
-          write_block_output(s.act[pb.plan.num_layers].data(), n, tokens, gate, k > 0, out);
+          write_block_output(s.act[pb.plan.num_layers].data(), tokens, gate, k > 0, out);
         }
       }
     });
