@@ -358,7 +358,7 @@ void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, 
 
 // grad_in = W^T grad_out; per-lane weight and bias gradients accumulate (summed over lanes later).
 template <typename scalar_t>
-void linear_bwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* grad_out, int out_pad,
+__attribute__((noinline)) void linear_bwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* grad_out, int out_pad,
                 scalar_t* grad_in, Vec<scalar_t>* grad_weight_lanes, Vec<scalar_t>* grad_bias_lanes) {
   constexpr int T = kLanes<scalar_t>;
   const int K = layer.in_c, N = layer.out_size();
@@ -791,7 +791,7 @@ inline void conv_up2_grad_weight_1co(const scalar_t* gph_co, int64_t gph_phase_s
 // folded-weight and bias gradients of an up == 2 conv. gph: scratch of 4 * Cout * (W + 2)^2 lanes
 // whose border is zero (only its interior is ever written).
 template <typename scalar_t, int W>
-void conv_up2_bwd(const Layer& layer, const scalar_t* in, const scalar_t* packed_t, const scalar_t* grad_out,
+__attribute__((noinline)) void conv_up2_bwd(const Layer& layer, const scalar_t* in, const scalar_t* packed_t, const scalar_t* grad_out,
                   int out_pad, scalar_t* gph, scalar_t* grad_in, Vec<scalar_t>* grad_folded_lanes,
                   Vec<scalar_t>* grad_bias_lanes) {
   constexpr int T = kLanes<scalar_t>;
@@ -1122,17 +1122,33 @@ void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& 
     gate[t] = valid && pb.gates ? pb.gates[row] : scalar_t(1);
     for (int64_t l = 0; l < L; ++l) zt[l * T + t] = valid ? pb.z[tokens[t] * L + l] : scalar_t(0);
   }
+  // Linear weights and all biases: expert-innermost copies (vectorised as interleaving stores).
+  for (int i = 0; i < plan.num_layers; ++i) {
+    const Layer& layer = plan.layers[i];
+    const scalar_t* bias[NE];
+    const scalar_t* w[NE];
+    for (int e = 0; e < NE; ++e) {
+      bias[e] = pb.bias[i] + b.expert[e] * layer.bias_size();
+      w[e] = pb.weight[i] + b.expert[e] * layer.weight_size();
+    }
+    scalar_t* sb = s.shared_bias[i].data();
+    for (int j = 0; j < layer.bias_size(); ++j)
+      SMOE_FAST_UNROLL
+      for (int e = 0; e < NE; ++e) sb[j * NE + e] = bias[e][j];
+    if (layer.is_conv) continue;
+    scalar_t* sw = s.shared_weight[i].data();
+    for (int64_t j = 0; j < layer.weight_size(); ++j)
+      SMOE_FAST_UNROLL
+      for (int e = 0; e < NE; ++e) sw[j * NE + e] = w[e][j];
+  }
   for (int e = 0; e < NE; ++e) {
     fold_item_weights(pb, s, b.expert[e]);
     for (int i = 0; i < plan.num_layers; ++i) {
       const Layer& layer = plan.layers[i];
-      const scalar_t* w = layer.is_conv ? s.packed[i].data() : pb.weight[i] + b.expert[e] * layer.weight_size();
-      const int64_t nw = layer.is_conv ? folded_size(layer) : layer.weight_size();
-      const scalar_t* bias = pb.bias[i] + b.expert[e] * layer.bias_size();
+      if (!layer.is_conv) continue;
+      const scalar_t* w = s.packed[i].data();
       scalar_t* sw = s.shared_weight[i].data();
-      scalar_t* sb = s.shared_bias[i].data();
-      for (int64_t j = 0; j < nw; ++j) sw[j * NE + e] = w[j];
-      for (int j = 0; j < layer.bias_size(); ++j) sb[j * NE + e] = bias[j];
+      for (int64_t j = 0; j < folded_size(layer); ++j) sw[j * NE + e] = w[j];
     }
   }
   for (int i = 0; i < plan.num_layers; ++i) {
