@@ -4,8 +4,13 @@
 // slot k forms phase k, so within a phase every token appears once and outputs / dz can be written
 // or accumulated without races and in a fixed order. A phase's rows of one expert are split into
 // chunks (work items, at::parallel_for); an item decodes its rows in blocks of `kLanes` tokens held
-// token-innermost ([C][H][W][lanes]), so every multiply-add is a contiguous, vectorisable loop over
-// the lanes. Weight gradients: an item accumulates privately, then adds into the expert's gradient
+// token-innermost ([C][H][W][lanes]), so every multiply-add is a vector over the lanes. In the
+// forward (16 lanes, AVX-512 float), the last 1-8 rows of an expert share a block with other experts'
+// tails (SharedBlock: lane t belongs to expert t % NE, weights interleaved), so that many experts
+// with few tokens each do not leave most lanes empty.
+// The up == 2 convolutions run phase-split (the nearest upsampling folded into four 2x2 kernels) as
+// register-tiled micro-kernels (conv_up2_*), forward and backward, with the folded weights packed
+// once per item. Weight gradients: an item accumulates per lane, then adds into the expert's gradient
 // (its first item) or into its own partial slot; partial slots are added in item order at the end,
 // so the result does not depend on the thread count or timing.
 #include <algorithm>
@@ -790,6 +795,7 @@ inline void conv_up2_grad_weight_1co(const scalar_t* gph_co, int64_t gph_phase_s
 // grad_in (padded like in; only the interior is written, the border stays as it was) and the per-lane
 // folded-weight and bias gradients of an up == 2 conv. gph: scratch of 4 * Cout * (W + 2)^2 lanes
 // whose border is zero (only its interior is ever written).
+// Out of line (as linear_bwd) so that profiles show the backward layers apart from the engine.
 template <typename scalar_t, int W>
 __attribute__((noinline)) void conv_up2_bwd(const Layer& layer, const scalar_t* in, const scalar_t* packed_t, const scalar_t* grad_out,
                   int out_pad, scalar_t* gph, scalar_t* grad_in, Vec<scalar_t>* grad_folded_lanes,
