@@ -4,14 +4,24 @@
 // slot k forms phase k, so within a phase every token appears once and outputs / dz can be written
 // or accumulated without races and in a fixed order. A phase's rows of one expert are split into
 // chunks (work items, at::parallel_for); an item decodes its rows in blocks of `kLanes` tokens held
-// token-innermost ([C][H][W][lanes]), so every multiply-add is a contiguous, vectorisable loop over
-// the lanes. Weight gradients: an item accumulates privately, then adds into the expert's gradient
+// token-innermost ([C][H][W][lanes]), so every multiply-add is a vector over the lanes. In the
+// forward (16 lanes, AVX-512 float), the last 1-8 rows of an expert share a block with other experts'
+// tails (SharedBlock: lane t belongs to expert t % NE, weights interleaved), so that many experts
+// with few tokens each do not leave most lanes empty.
+// The up == 2 convolutions run phase-split (the nearest upsampling folded into four 2x2 kernels) as
+// register-tiled micro-kernels (conv_up2_*), forward and backward, with the folded weights packed
+// once per item. Weight gradients: an item accumulates per lane, then adds into the expert's gradient
 // (its first item) or into its own partial slot; partial slots are added in item order at the end,
 // so the result does not depend on the thread count or timing.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -117,6 +127,14 @@ template <typename scalar_t> using Vec = typename VecOf<scalar_t>::type;
 
 template <typename scalar_t>
 constexpr int kLanes = kVecBytes / sizeof(scalar_t);
+
+// Register tiles need their loops fully unrolled so that the accumulators stay in registers.
+#define SMOE_FAST_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define SMOE_FAST_UNROLL SMOE_FAST_PRAGMA(unroll)
+#else
+#define SMOE_FAST_UNROLL SMOE_FAST_PRAGMA(GCC unroll 32)
+#endif
 constexpr int kOutBlock = 8;                     // output channels per register tile
 
 template <typename scalar_t>
@@ -133,7 +151,29 @@ inline void store(scalar_t* p, const Vec<scalar_t>& v) {
 
 template <typename scalar_t>
 inline Vec<scalar_t> broadcast(scalar_t x) {
-  return Vec<scalar_t>{} + x;
+  return x - Vec<scalar_t>{};  // x - 0 == x for every x (x + 0 is not, for -0), so this compiles to one broadcast
+}
+
+// The weights of NE experts whose tokens share a block (lane t belongs to expert t % NE), interleaved
+// in memory as p[0 .. NE): vbroadcastss / vbroadcastsd / vbroadcastf32x4 for NE = 1 / 2 / 4.
+template <int NE, typename scalar_t>
+inline Vec<scalar_t> bcast(const scalar_t* p) {
+  if constexpr (NE == 1) {
+    return broadcast(*p);
+  } else {
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+    if constexpr (std::is_same<scalar_t, float>::value && NE == 2) {
+      double pair;
+      std::memcpy(&pair, p, sizeof(pair));
+      return _mm512_castpd_ps(_mm512_set1_pd(pair));
+    } else if constexpr (std::is_same<scalar_t, float>::value && NE == 4) {
+      return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+    }
+#endif
+    Vec<scalar_t> v;
+    for (int t = 0; t < kLanes<scalar_t>; ++t) v[t] = p[t % NE];
+    return v;
+  }
 }
 
 template <typename scalar_t>
@@ -176,7 +216,64 @@ inline VecFloat expm1_vec(VecFloat x) {
   return (x > -0.25f && x < 0.25f) ? taylor : via_exp;
 }
 
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+// AVX-512 forms of ELU and sigmoid (16 lanes): vscalefps applies 2^n without integer tricks, and the
+// max/min operand order keeps NaN (the second operand is returned when either is NaN). ELU costs
+// 17 instructions instead of 33 (expm1 and exp evaluated separately and blended): in the lite
+// decoder it runs on as many vectors as 1/32 of conv1's multiply-adds.
+inline __m512 expm1_avx512(__m512 x) {  // x <= 0 (or anything: only the ELU's negative side is used)
+  x = _mm512_max_ps(_mm512_set1_ps(-100.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);  // |r| <= ln(2) / 2
+  // expm1(r) = r + r^2 (1/2 + r/6 + ... + r^5/5040): Taylor to degree 7, relative error < 4e-8 here.
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  const __m512 em = _mm512_fmadd_ps(_mm512_mul_ps(r, r), p, r);
+  // expm1(x) = 2^n expm1(r) + (2^n - 1): exact in n = 0, no cancellation near 0.
+  const __m512 scale = _mm512_scalef_ps(_mm512_set1_ps(1.0f), n);
+  return _mm512_fmadd_ps(scale, em, _mm512_sub_ps(scale, _mm512_set1_ps(1.0f)));
+}
+
+inline __m512 sigmoid_avx512(__m512 x) {
+  // u = -x clamped to [-87, 87] (exp(u) and its reciprocal stay normal floats; NaN passes through).
+  __m512 u = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_sub_ps(_mm512_setzero_ps(), x));
+  u = _mm512_min_ps(_mm512_set1_ps(87.0f), u);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(u, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), u);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);  // Cephes expf polynomial
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
+  // 1 / d: rcp14 and one Newton step (relative error ~2^-28).
+  const __m512 e = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(e, _mm512_fnmadd_ps(d, e, _mm512_set1_ps(2.0f)));
+}
+#endif
+
 inline void activate(VecFloat& v, Activation act) {
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+  if (act == Activation::kElu) {
+    const __m512 x = v;
+    v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), expm1_avx512(x), x);
+    return;
+  }
+  if (act == Activation::kSigmoid) {
+    v = sigmoid_avx512(v);
+    return;
+  }
+#endif
   switch (act) {
     case Activation::kRelu: v = v < 0.0f ? 0.0f : v; break;  // NaN stays NaN, like torch.relu
     case Activation::kElu: v = v > 0.0f ? v : expm1_vec(v); break;
@@ -195,6 +292,17 @@ inline void activate(VecDouble& v, Activation act) {
       case Activation::kSigmoid: v[t] = 1.0 / (1.0 + std::exp(-x)); break;
       default: break;
     }
+  }
+}
+
+// act over n vectors, the switch hoisted out of the loop.
+template <typename scalar_t, int N>
+inline void activate_tile(Vec<scalar_t>* v, Activation act) {
+  switch (act) {
+    case Activation::kNone: break;
+    case Activation::kRelu: SMOE_FAST_UNROLL for (int i = 0; i < N; ++i) activate(v[i], Activation::kRelu); break;
+    case Activation::kElu: SMOE_FAST_UNROLL for (int i = 0; i < N; ++i) activate(v[i], Activation::kElu); break;
+    case Activation::kSigmoid: SMOE_FAST_UNROLL for (int i = 0; i < N; ++i) activate(v[i], Activation::kSigmoid); break;
   }
 }
 
@@ -221,17 +329,20 @@ inline int64_t pixel_offset(const Layer& layer, int o, int pad) {
   return (static_cast<int64_t>(c) * (layer.out_h + 2 * pad) + y + pad) * (layer.out_w + 2 * pad) + x + pad;
 }
 
-// out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB.
-template <typename scalar_t, int OB>
+// out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB (weights and biases of NE
+// experts interleaved, see bcast).
+template <typename scalar_t, int OB, int NE>
 inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias,
                             int o0, scalar_t* out, int out_pad) {
   constexpr int T = kLanes<scalar_t>;
   const int K = layer.in_c;
   Vec<scalar_t> acc[OB];
-  for (int ob = 0; ob < OB; ++ob) acc[ob] = broadcast(bias[o0 + ob]);
+  SMOE_FAST_UNROLL
+  for (int ob = 0; ob < OB; ++ob) acc[ob] = bcast<NE>(bias + (o0 + ob) * NE);
   for (int k = 0; k < K; ++k) {
     const Vec<scalar_t> src = load(in + k * T);
-    for (int ob = 0; ob < OB; ++ob) acc[ob] += weight[static_cast<int64_t>(o0 + ob) * K + k] * src;
+    SMOE_FAST_UNROLL
+    for (int ob = 0; ob < OB; ++ob) acc[ob] += bcast<NE>(weight + (static_cast<int64_t>(o0 + ob) * K + k) * NE) * src;
   }
   for (int ob = 0; ob < OB; ++ob) {
     activate(acc[ob], layer.act);
@@ -239,18 +350,20 @@ inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int NE = 1>
 void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias, scalar_t* out,
                 int out_pad) {
   const int N = layer.out_size();
   int o = 0;
-  for (; o + kOutBlock <= N; o += kOutBlock) linear_fwd_tile<scalar_t, kOutBlock>(layer, in, weight, bias, o, out, out_pad);
-  for (; o < N; ++o) linear_fwd_tile<scalar_t, 1>(layer, in, weight, bias, o, out, out_pad);
+  // 24 accumulators: each weight is used once per block, so the tile only needs to hide FMA latency.
+  for (; o + 24 <= N; o += 24) linear_fwd_tile<scalar_t, 24, NE>(layer, in, weight, bias, o, out, out_pad);
+  for (; o + kOutBlock <= N; o += kOutBlock) linear_fwd_tile<scalar_t, kOutBlock, NE>(layer, in, weight, bias, o, out, out_pad);
+  for (; o < N; ++o) linear_fwd_tile<scalar_t, 1, NE>(layer, in, weight, bias, o, out, out_pad);
 }
 
 // grad_in = W^T grad_out; per-lane weight and bias gradients accumulate (summed over lanes later).
 template <typename scalar_t>
-void linear_bwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* grad_out, int out_pad,
+__attribute__((noinline)) void linear_bwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* grad_out, int out_pad,
                 scalar_t* grad_in, Vec<scalar_t>* grad_weight_lanes, Vec<scalar_t>* grad_bias_lanes) {
   constexpr int T = kLanes<scalar_t>;
   const int K = layer.in_c, N = layer.out_size();
@@ -355,15 +468,389 @@ void conv_fwd_taps(const Layer& layer, const scalar_t* in, const Vec<scalar_t>* 
   }
 }
 
+// Forward micro-kernels of the up == 2 convs. The input is [Cin][W + 2][W + 2][lanes] (square, pad 1,
+// W a template constant so that every tap is an immediate displacement); a folded 2x2 tap (r, s) of
+// output phase (a, c) at low-res pixel (p, q) reads padded (p + a + r, q + c + s). Both kernels keep
+// the accumulators in registers and load at most one input vector or weight per 2 multiply-adds
+// (the sgemm micro-kernel's 4x6 tile loads 10 per 24); the previous one-channel tile loaded 17 per
+// 24 and ran at 55% of a 4x6 sgemm micro-kernel measured next to it.
+
+// One phase, OB output channels x NP low-res pixels (any pixels: in_off[j] is pixel j's padded top-left
+// tap, out_off[j] its phase-(0, 0) output, in lanes). packed_cog: [ci][r][s][OB] of this phase and
+// channel group (pack_conv_up2).
+template <typename scalar_t, int OB, int NP, int W, int NE>
+inline void conv_up2_phase_tile(int Cin, const scalar_t* in, const scalar_t* packed_cog, const scalar_t* bias,
+                                const int32_t* in_off, const int32_t* out_off, int64_t out_channel, Activation act,
+                                scalar_t* out) {
+  constexpr int T = kLanes<scalar_t>;
+  constexpr int in_w = W + 2;
+  constexpr int64_t in_channel = static_cast<int64_t>(in_w) * in_w * T;
+  Vec<scalar_t> acc[OB][NP];
+  SMOE_FAST_UNROLL
+  for (int ob = 0; ob < OB; ++ob)
+    SMOE_FAST_UNROLL
+    for (int j = 0; j < NP; ++j) acc[ob][j] = bcast<NE>(bias + ob * NE);
+  const scalar_t* src[NP];
+  SMOE_FAST_UNROLL
+  for (int j = 0; j < NP; ++j) src[j] = in + static_cast<int64_t>(in_off[j]) * T;
+  for (int ci = 0; ci < Cin; ++ci) {
+    const scalar_t* w_c = packed_cog + ci * 4 * OB * NE;
+    SMOE_FAST_UNROLL
+    for (int tap = 0; tap < 4; ++tap) {
+      Vec<scalar_t> w[OB];
+      SMOE_FAST_UNROLL
+      for (int ob = 0; ob < OB; ++ob) w[ob] = bcast<NE>(w_c + (tap * OB + ob) * NE);
+      SMOE_FAST_UNROLL
+      for (int j = 0; j < NP; ++j) {
+        const Vec<scalar_t> x = load(src[j] + ci * in_channel + ((tap / 2) * in_w + tap % 2) * T);
+        SMOE_FAST_UNROLL
+        for (int ob = 0; ob < OB; ++ob) acc[ob][j] += w[ob] * x;
+      }
+    }
+  }
+  activate_tile<scalar_t, OB * NP>(&acc[0][0], act);
+  SMOE_FAST_UNROLL
+  for (int ob = 0; ob < OB; ++ob)
+    SMOE_FAST_UNROLL
+    for (int j = 0; j < NP; ++j) store(out + ob * out_channel + static_cast<int64_t>(out_off[j]) * T, acc[ob][j]);
+}
+
+// All four phases of one output channel for NP consecutive low-res pixels of a row (for out_c not a
+// multiple of kPhaseTileChannels, e.g. the lite decoder's last conv): each input vector feeds every
+// phase and pixel that reads it. src: the row's (padded) top-left tap; packed_co: [ci][phase][r][s].
+template <typename scalar_t, int NP, int W, int NE>
+inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* packed_co, const scalar_t* bias, int out_w,
+                              Activation act, scalar_t* out) {
+  constexpr int T = kLanes<scalar_t>;
+  constexpr int in_w = W + 2;
+  constexpr int64_t in_channel = static_cast<int64_t>(in_w) * in_w * T;
+  Vec<scalar_t> acc[4][NP];
+  SMOE_FAST_UNROLL
+  for (int ph = 0; ph < 4; ++ph)
+    SMOE_FAST_UNROLL
+    for (int j = 0; j < NP; ++j) acc[ph][j] = bcast<NE>(bias);
+  for (int ci = 0; ci < Cin; ++ci) {
+    const scalar_t* w_c = packed_co + ci * 16 * NE;
+    const scalar_t* src_c = src + ci * in_channel;
+    SMOE_FAST_UNROLL
+    for (int a = 0; a < 2; ++a)
+      SMOE_FAST_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        Vec<scalar_t> w[2][2];  // [c][s]
+        SMOE_FAST_UNROLL
+        for (int c = 0; c < 2; ++c)
+          SMOE_FAST_UNROLL
+          for (int s = 0; s < 2; ++s) w[c][s] = bcast<NE>(w_c + ((a * 2 + c) * 4 + r * 2 + s) * NE);
+        SMOE_FAST_UNROLL
+        for (int u = 0; u < NP + 2; ++u) {
+          const Vec<scalar_t> x = load(src_c + ((a + r) * in_w + u) * T);
+          SMOE_FAST_UNROLL
+          for (int c = 0; c < 2; ++c)
+            SMOE_FAST_UNROLL
+            for (int s = 0; s < 2; ++s) {
+              const int j = u - c - s;
+              if (j >= 0 && j < NP) acc[a * 2 + c][j] += w[c][s] * x;
+            }
+        }
+      }
+  }
+  activate_tile<scalar_t, 4 * NP>(&acc[0][0], act);
+  SMOE_FAST_UNROLL
+  for (int ph = 0; ph < 4; ++ph)
+    SMOE_FAST_UNROLL
+    for (int j = 0; j < NP; ++j) store(out + (static_cast<int64_t>(ph / 2) * out_w + 2 * j + ph % 2) * T, acc[ph][j]);
+}
+
+constexpr int kPhaseTileChannels = 4;  // OB of conv_up2_phase_tile
+constexpr int kPhaseTilePixels = 6;    // NP: 24 accumulators + 4 weights + 1 input of 32 vector registers
+
+// Packed weights of an up == 2 conv, from the folded weights folded[phase][co][ci][r][s]:
+// out_c % 4 == 0: [phase][co / 4][ci][r][s][co % 4] (phase tiles); else [co][ci][phase][r][s] (row tiles).
 template <typename scalar_t>
-void conv_fwd(const Layer& layer, const scalar_t* in, const Vec<scalar_t>* folded, const scalar_t* bias, scalar_t* out,
-              int out_pad) {
-  if (layer.up == 2) {
-    conv_fwd_taps<scalar_t, 2>(layer, in, folded, bias, out, out_pad);
-  } else {
-    conv_fwd_taps<scalar_t, 3>(layer, in, folded, bias, out, out_pad);
+void pack_conv_up2(const Layer& layer, const scalar_t* folded, scalar_t* packed) {
+  const int Cout = layer.out_c, Cin = layer.in_c;
+  const int64_t n = static_cast<int64_t>(Cout) * Cin;
+  constexpr int OB = kPhaseTileChannels;
+  for (int ph = 0; ph < 4; ++ph)
+    for (int co = 0; co < Cout; ++co)
+      for (int ci = 0; ci < Cin; ++ci)
+        for (int t = 0; t < 4; ++t) {
+          const scalar_t w = folded[(ph * n + static_cast<int64_t>(co) * Cin + ci) * 4 + t];
+          if (Cout % OB == 0) {
+            packed[(((static_cast<int64_t>(ph) * (Cout / OB) + co / OB) * Cin + ci) * 4 + t) * OB + co % OB] = w;
+          } else {
+            packed[(static_cast<int64_t>(co) * Cin + ci) * 16 + ph * 4 + t] = w;
+          }
+        }
+}
+
+template <typename scalar_t, int NP, int W, int NE>
+inline void conv_up2_row_tiles_from(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias,
+                                    scalar_t* out, int out_pad, int q0) {
+  constexpr int T = kLanes<scalar_t>;
+  const int out_w = layer.out_w + 2 * out_pad;
+  const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
+  for (int co = 0; co < layer.out_c; ++co)
+    for (int p = 0; p < W; ++p)
+      conv_up2_row_tile<scalar_t, NP, W, NE>(layer.in_c, in + (static_cast<int64_t>(p) * (W + 2) + q0) * T,
+                                             packed + static_cast<int64_t>(co) * layer.in_c * 16 * NE, bias + co * NE, out_w, layer.act,
+                                         out + co * out_channel + ((2 * p + out_pad) * static_cast<int64_t>(out_w) + 2 * q0 + out_pad) * T);
+}
+
+template <typename scalar_t, int W, int NE>
+void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias, scalar_t* out,
+                  int out_pad) {
+  constexpr int T = kLanes<scalar_t>;
+  const int out_w = layer.out_w + 2 * out_pad;
+  const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
+  if (layer.out_c % kPhaseTileChannels != 0) {
+    // Row tiles: W = 7 as 4 + 3 pixels, W = 14 as 5 + 5 + 4.
+    if (W == 7) {
+      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 0);
+      conv_up2_row_tiles_from<scalar_t, 3, W, NE>(layer, in, packed, bias, out, out_pad, 4);
+    } else {
+      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 0);
+      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 5);
+      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 10);
+    }
+    return;
+  }
+  constexpr int OB = kPhaseTileChannels, NP = kPhaseTilePixels;
+  constexpr int pixels = W * W, full = pixels / NP * NP;
+  int32_t in_off[pixels], out_off[pixels];
+  for (int m = 0; m < pixels; ++m) {
+    const int p = m / W, q = m % W;
+    in_off[m] = p * (W + 2) + q;
+    out_off[m] = (2 * p + out_pad) * out_w + 2 * q + out_pad;
+  }
+  const int Cin = layer.in_c, groups = layer.out_c / OB;
+  for (int ph = 0; ph < 4; ++ph) {
+    const int a = ph / 2, c = ph % 2;
+    const scalar_t* in_ph = in + (a * (W + 2) + c) * T;
+    scalar_t* out_ph = out + (a * out_w + c) * T;
+    for (int g = 0; g < groups; ++g) {
+      const scalar_t* w = packed + (static_cast<int64_t>(ph) * groups + g) * Cin * 4 * OB * NE;
+      scalar_t* out_g = out_ph + g * OB * out_channel;
+      for (int m = 0; m < full; m += NP)
+        conv_up2_phase_tile<scalar_t, OB, NP, W, NE>(Cin, in_ph, w, bias + g * OB * NE, in_off + m, out_off + m,
+                                                     out_channel, layer.act, out_g);
+      for (int m = full; m < pixels; ++m)
+        conv_up2_phase_tile<scalar_t, OB, 1, W, NE>(Cin, in_ph, w, bias + g * OB * NE, in_off + m, out_off + m,
+                                                    out_channel, layer.act, out_g);
+    }
   }
 }
+
+// Whether conv_up2_fwd has an instance for this layer (the decoders' up == 2 layers all do).
+inline bool has_up2_kernel(const Layer& layer) {
+  return layer.is_conv && layer.up == 2 && layer.in_h == layer.in_w && (layer.in_w == 7 || layer.in_w == 14);
+}
+
+// NE > 1 (several experts' tokens in one block) only for layers with an up == 2 kernel.
+template <typename scalar_t, int NE = 1>
+void conv_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const Vec<scalar_t>* folded_vec,
+              const scalar_t* bias, scalar_t* out, int out_pad) {
+  if (has_up2_kernel(layer) && layer.in_w == 7) {
+    conv_up2_fwd<scalar_t, 7, NE>(layer, in, packed, bias, out, out_pad);
+  } else if (has_up2_kernel(layer)) {
+    conv_up2_fwd<scalar_t, 14, NE>(layer, in, packed, bias, out, out_pad);
+  } else if (NE > 1) {
+    TORCH_CHECK(false, "internal: shared-expert blocks need an up == 2 conv kernel");
+  } else if (layer.up == 2) {
+    conv_fwd_taps<scalar_t, 2>(layer, in, folded_vec, bias, out, out_pad);
+  } else {
+    conv_fwd_taps<scalar_t, 3>(layer, in, folded_vec, bias, out, out_pad);
+  }
+}
+
+// Backward of the up == 2 convs, as register tiles like the forward. The output gradient is first
+// regrouped per phase into low-res maps with a zero border, gph [phase][Cout][W + 2][W + 2][lanes];
+// then grad_in is a plain gather (a conv of gph over (co, phase, r, s)) and each folded weight's
+// gradient a sum over pixels of gph times the input it multiplied. Measured: the scatter form
+// (per-pixel read-modify-write of grad_in and of per-lane weight-gradient accumulators in memory) ran
+// the lite decoder's backward at a fifth of the forward's multiply-add rate.
+
+// W^T packed for the grad_in tiles: [ci / 4][co][phase][r][s][ci % 4] from folded[phase][co][ci][r][s].
+template <typename scalar_t>
+void pack_conv_up2_transposed(const Layer& layer, const scalar_t* folded, scalar_t* packed) {
+  const int Cout = layer.out_c, Cin = layer.in_c;
+  const int64_t n = static_cast<int64_t>(Cout) * Cin;
+  constexpr int OB = kPhaseTileChannels;
+  for (int ph = 0; ph < 4; ++ph)
+    for (int co = 0; co < Cout; ++co)
+      for (int ci = 0; ci < Cin; ++ci)
+        for (int t = 0; t < 4; ++t)
+          packed[(((static_cast<int64_t>(ci / OB) * Cout + co) * 4 + ph) * 4 + t) * OB + ci % OB] =
+              folded[(ph * n + static_cast<int64_t>(co) * Cin + ci) * 4 + t];
+}
+
+// grad_in[ci0 .. ci0 + OB) at NP interior pixels (in_off[j]: pixel j's padded position in grad_in, also
+// its padded position in each gph map): sum over co and the 16 (phase, r, s) of W x gph[phase][co] at
+// (y - a - r + 1, x - c - s + 1).
+template <typename scalar_t, int OB, int NP, int W>
+inline void conv_up2_grad_in_tile(int Cout, const scalar_t* gph, const scalar_t* packed_cib, const int32_t* in_off,
+                                  scalar_t* grad_in_cib) {
+  constexpr int T = kLanes<scalar_t>;
+  constexpr int in_w = W + 2;
+  constexpr int64_t map = static_cast<int64_t>(in_w) * in_w * T;
+  Vec<scalar_t> acc[OB][NP];
+  SMOE_FAST_UNROLL
+  for (int ob = 0; ob < OB; ++ob)
+    SMOE_FAST_UNROLL
+    for (int j = 0; j < NP; ++j) acc[ob][j] = Vec<scalar_t>{};
+  for (int co = 0; co < Cout; ++co) {
+    const scalar_t* w_co = packed_cib + static_cast<int64_t>(co) * 16 * OB;
+    SMOE_FAST_UNROLL
+    for (int k = 0; k < 16; ++k) {
+      const int ph = k / 4, a = ph / 2, c = ph % 2, r = (k / 2) % 2, s = k % 2;
+      const scalar_t* g = gph + (static_cast<int64_t>(ph) * Cout + co) * map + ((1 - a - r) * in_w + 1 - c - s) * T;
+      Vec<scalar_t> w[OB];
+      SMOE_FAST_UNROLL
+      for (int ob = 0; ob < OB; ++ob) w[ob] = broadcast(w_co[k * OB + ob]);
+      SMOE_FAST_UNROLL
+      for (int j = 0; j < NP; ++j) {
+        const Vec<scalar_t> x = load(g + static_cast<int64_t>(in_off[j]) * T);
+        SMOE_FAST_UNROLL
+        for (int ob = 0; ob < OB; ++ob) acc[ob][j] += w[ob] * x;
+      }
+    }
+  }
+  SMOE_FAST_UNROLL
+  for (int ob = 0; ob < OB; ++ob)
+    SMOE_FAST_UNROLL
+    for (int j = 0; j < NP; ++j) store(grad_in_cib + ob * map + static_cast<int64_t>(in_off[j]) * T, acc[ob][j]);
+}
+
+// Per-lane folded-weight gradients of one phase, OB output channels and one input channel: the 4 taps
+// x OB channels stay in registers over all pixels (each pixel: OB gradient and 4 input loads, 4 OB
+// multiply-adds), then are added to the per-lane accumulators in memory.
+template <typename scalar_t, int OB, int W>
+inline void conv_up2_grad_weight_tile(const scalar_t* gph_ph_co, const scalar_t* in_ph_ci, Vec<scalar_t>* gw,
+                                      int64_t gw_co_stride) {
+  constexpr int T = kLanes<scalar_t>;
+  constexpr int in_w = W + 2;
+  constexpr int64_t map = static_cast<int64_t>(in_w) * in_w * T;
+  Vec<scalar_t> acc[OB][4];
+  SMOE_FAST_UNROLL
+  for (int ob = 0; ob < OB; ++ob)
+    SMOE_FAST_UNROLL
+    for (int t = 0; t < 4; ++t) acc[ob][t] = Vec<scalar_t>{};
+  for (int p = 0; p < W; ++p)
+    for (int q = 0; q < W; ++q) {
+      const int64_t at = (static_cast<int64_t>(p) * in_w + q) * T;
+      Vec<scalar_t> g[OB];
+      SMOE_FAST_UNROLL
+      for (int ob = 0; ob < OB; ++ob) g[ob] = load(gph_ph_co + ob * map + at + (in_w + 1) * T);
+      SMOE_FAST_UNROLL
+      for (int t = 0; t < 4; ++t) {
+        const Vec<scalar_t> x = load(in_ph_ci + at + ((t / 2) * in_w + t % 2) * T);
+        SMOE_FAST_UNROLL
+        for (int ob = 0; ob < OB; ++ob) acc[ob][t] += g[ob] * x;
+      }
+    }
+  SMOE_FAST_UNROLL
+  for (int ob = 0; ob < OB; ++ob)
+    SMOE_FAST_UNROLL
+    for (int t = 0; t < 4; ++t) gw[ob * gw_co_stride + t] += acc[ob][t];
+}
+
+// The same for a single output channel (out_c not a multiple of 4): all four phases of one input
+// channel together, the 3x3 neighbourhood loaded once per pixel for the 16 (phase, tap) accumulators.
+template <typename scalar_t, int W>
+inline void conv_up2_grad_weight_1co(const scalar_t* gph_co, int64_t gph_phase_stride, const scalar_t* in_ci,
+                                     Vec<scalar_t>* gw_co_ci, int64_t gw_phase_stride) {
+  constexpr int T = kLanes<scalar_t>;
+  constexpr int in_w = W + 2;
+  Vec<scalar_t> acc[4][4];
+  SMOE_FAST_UNROLL
+  for (int ph = 0; ph < 4; ++ph)
+    SMOE_FAST_UNROLL
+    for (int t = 0; t < 4; ++t) acc[ph][t] = Vec<scalar_t>{};
+  for (int p = 0; p < W; ++p)
+    for (int q = 0; q < W; ++q) {
+      const int64_t at = (static_cast<int64_t>(p) * in_w + q) * T;
+      Vec<scalar_t> g[4];
+      SMOE_FAST_UNROLL
+      for (int ph = 0; ph < 4; ++ph) g[ph] = load(gph_co + ph * gph_phase_stride + at + (in_w + 1) * T);
+      SMOE_FAST_UNROLL
+      for (int dy = 0; dy < 3; ++dy)
+        SMOE_FAST_UNROLL
+        for (int dx = 0; dx < 3; ++dx) {
+          const Vec<scalar_t> x = load(in_ci + at + (dy * in_w + dx) * T);
+          SMOE_FAST_UNROLL
+          for (int a = 0; a < 2; ++a)
+            SMOE_FAST_UNROLL
+            for (int c = 0; c < 2; ++c) {
+              const int r = dy - a, s = dx - c;
+              if (r >= 0 && r < 2 && s >= 0 && s < 2) acc[a * 2 + c][r * 2 + s] += g[a * 2 + c] * x;
+            }
+        }
+    }
+  SMOE_FAST_UNROLL
+  for (int ph = 0; ph < 4; ++ph)
+    SMOE_FAST_UNROLL
+    for (int t = 0; t < 4; ++t) gw_co_ci[ph * gw_phase_stride + t] += acc[ph][t];
+}
+
+// grad_in (padded like in; only the interior is written, the border stays as it was) and the per-lane
+// folded-weight and bias gradients of an up == 2 conv. gph: scratch of 4 * Cout * (W + 2)^2 lanes
+// whose border is zero (only its interior is ever written).
+// Out of line (as linear_bwd) so that profiles show the backward layers apart from the engine.
+template <typename scalar_t, int W>
+__attribute__((noinline)) void conv_up2_bwd(const Layer& layer, const scalar_t* in, const scalar_t* packed_t, const scalar_t* grad_out,
+                  int out_pad, scalar_t* gph, scalar_t* grad_in, Vec<scalar_t>* grad_folded_lanes,
+                  Vec<scalar_t>* grad_bias_lanes) {
+  constexpr int T = kLanes<scalar_t>;
+  constexpr int in_w = W + 2;
+  constexpr int64_t map = static_cast<int64_t>(in_w) * in_w * T;
+  const int Cin = layer.in_c, Cout = layer.out_c;
+  const int out_w = layer.out_w + 2 * out_pad;
+  const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
+  for (int ph = 0; ph < 4; ++ph)
+    for (int co = 0; co < Cout; ++co) {
+      const scalar_t* src = grad_out + co * out_channel + ((ph / 2 + out_pad) * static_cast<int64_t>(out_w) + ph % 2 + out_pad) * T;
+      scalar_t* dst = gph + (static_cast<int64_t>(ph) * Cout + co) * map + (in_w + 1) * T;
+      Vec<scalar_t> bias_sum{};
+      for (int p = 0; p < W; ++p)
+        for (int q = 0; q < W; ++q) {
+          const Vec<scalar_t> g = load(src + (2 * p * static_cast<int64_t>(out_w) + 2 * q) * T);
+          bias_sum += g;
+          store(dst + (p * in_w + q) * T, g);
+        }
+      grad_bias_lanes[co] += bias_sum;
+    }
+  // grad_in over the interior pixels, OB input channels x NP pixels per tile.
+  constexpr int OB = kPhaseTileChannels, NP = kPhaseTilePixels;
+  constexpr int pixels = W * W, full = pixels / NP * NP;
+  int32_t in_off[pixels];
+  for (int m = 0; m < pixels; ++m) in_off[m] = (m / W + 1) * in_w + m % W + 1;
+  for (int cib = 0; cib < Cin / OB; ++cib) {
+    const scalar_t* w = packed_t + static_cast<int64_t>(cib) * Cout * 16 * OB;
+    scalar_t* gi = grad_in + cib * OB * map;
+    for (int m = 0; m < full; m += NP) conv_up2_grad_in_tile<scalar_t, OB, NP, W>(Cout, gph, w, in_off + m, gi);
+    for (int m = full; m < pixels; ++m) conv_up2_grad_in_tile<scalar_t, OB, 1, W>(Cout, gph, w, in_off + m, gi);
+  }
+  // Folded-weight gradients, laid out [phase][co][ci][r][s] like the folded weights.
+  const int64_t n = static_cast<int64_t>(Cout) * Cin;
+  if (Cout % OB == 0) {
+    for (int ph = 0; ph < 4; ++ph) {
+      const scalar_t* in_ph = in + ((ph / 2) * in_w + ph % 2) * T;
+      for (int co = 0; co < Cout; co += OB)
+        for (int ci = 0; ci < Cin; ++ci)
+          conv_up2_grad_weight_tile<scalar_t, OB, W>(gph + (static_cast<int64_t>(ph) * Cout + co) * map, in_ph + ci * map,
+                                                     grad_folded_lanes + (ph * n + static_cast<int64_t>(co) * Cin + ci) * 4,
+                                                     static_cast<int64_t>(Cin) * 4);
+    }
+  } else {
+    for (int co = 0; co < Cout; ++co)
+      for (int ci = 0; ci < Cin; ++ci)
+        conv_up2_grad_weight_1co<scalar_t, W>(gph + co * map, Cout * map, in + ci * map,
+                                              grad_folded_lanes + (static_cast<int64_t>(co) * Cin + ci) * 4, n * 4);
+  }
+}
+
+// Whether conv_up2_bwd handles this layer.
+inline bool has_up2_bwd_kernel(const Layer& layer) { return has_up2_kernel(layer) && layer.in_c % kPhaseTileChannels == 0; }
 
 // grad_in (padded like in) = conv^T(grad_out); per-lane folded-weight and bias gradients accumulate.
 template <typename scalar_t>
@@ -422,7 +909,11 @@ struct ExpertsProblem {
 // per-lane weight-gradient accumulators (conv: of the folded weights) summed over lanes per item.
 template <typename scalar_t>
 struct Scratch {
-  std::vector<std::vector<scalar_t>> act, grad, folded, grad_weight, grad_bias;
+  // phase_grad: conv_up2_bwd's per-phase output gradients, one per layer (their borders must stay zero).
+  std::vector<std::vector<scalar_t>> act, grad, folded, packed, packed_t, phase_grad, grad_weight, grad_bias;
+  // Weights of the experts of a shared block, interleaved (bcast): per layer linear weight or packed conv, and bias.
+  std::vector<std::vector<scalar_t>> shared_weight, shared_bias;
+
   std::vector<std::vector<Vec<scalar_t>>> folded_vec, grad_weight_lanes, grad_bias_lanes;
   int pad[kMaxLayers + 1];
 
@@ -438,13 +929,21 @@ struct Scratch {
       act[i + 1].assign(buffer_size(layer.out_c, layer.out_h, layer.out_w, pad[i + 1], T), scalar_t(0));
     }
     folded.resize(nl);
+    packed.resize(nl);
+    packed_t.resize(nl);
     folded_vec.resize(nl);
     for (int i = 0; i < nl; ++i) {
       if (!plan.layers[i].is_conv) continue;
       folded[i].resize(folded_size(plan.layers[i]));
+      packed[i].resize(folded_size(plan.layers[i]));
+      if (backward) packed_t[i].resize(folded_size(plan.layers[i]));
       folded_vec[i].resize(folded_size(plan.layers[i]));
     }
     if (!backward) return;
+    phase_grad.resize(nl);
+    for (int i = 0; i < nl; ++i)
+      if (has_up2_bwd_kernel(plan.layers[i]))
+        phase_grad[i].assign(4 * buffer_size(plan.layers[i].out_c, plan.layers[i].in_h, plan.layers[i].in_w, 1, T), scalar_t(0));
     grad.resize(nl + 1);
     for (int i = 0; i <= nl; ++i) grad[i].assign(act[i].size(), scalar_t(0));
     grad_weight.resize(nl);
@@ -476,7 +975,7 @@ void decode_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s, int6
     const Layer& layer = pb.plan.layers[i];
     const scalar_t* bias = pb.bias[i] + expert * layer.bias_size();
     if (layer.is_conv) {
-      conv_fwd(layer, s.act[i].data(), s.folded_vec[i].data(), bias, s.act[i + 1].data(), s.pad[i + 1]);
+      conv_fwd(layer, s.act[i].data(), s.packed[i].data(), s.folded_vec[i].data(), bias, s.act[i + 1].data(), s.pad[i + 1]);
     } else {
       linear_fwd(layer, s.act[i].data(), pb.weight[i] + expert * layer.weight_size(), bias, s.act[i + 1].data(),
                  s.pad[i + 1]);
@@ -490,34 +989,229 @@ void fold_item_weights(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s,
     const Layer& layer = pb.plan.layers[i];
     if (!layer.is_conv) continue;
     fold_conv_weight(layer, pb.weight[i] + expert * layer.weight_size(), s.folded[i].data());
+    if (has_up2_kernel(layer)) {  // the up == 2 kernels broadcast from packed scalar weights
+      pack_conv_up2(layer, s.folded[i].data(), s.packed[i].data());
+      if (!s.packed_t[i].empty() && has_up2_bwd_kernel(layer)) pack_conv_up2_transposed(layer, s.folded[i].data(), s.packed_t[i].data());
+      continue;
+    }
     for (size_t j = 0; j < s.folded[i].size(); ++j) s.folded_vec[i][j] = broadcast(s.folded[i][j]);
   }
 }
 
-// out[b] = sum_k gate[b, k] * D_{expert(b, k)}(z[b]), slot by slot.
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+// In-register transpose of 16 x 16 floats: r[i][t] -> r[t][i].
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// The block's outputs y [784][16 lanes] to out[token] (token-major; lanes with token -1 are skipped),
+// times the gates, = or +=.
+// Measured: the scalar strided loop below took 15% of the hard lite decoder's time.
+inline void write_block_output(const float* y, const int64_t* tokens, const float* gate, bool accumulate,
+                               float* out) {
+  static_assert(kImagePixels % 16 == 0, "the transpose works on 16 pixels at a time");
+  for (int pix = 0; pix < kImagePixels; pix += 16) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(y + (pix + i) * 16);
+    transpose16(r);
+    for (int t = 0; t < 16; ++t) {
+      if (tokens[t] < 0) continue;
+      float* dst = out + tokens[t] * kImagePixels + pix;
+      const __m512 v = _mm512_mul_ps(_mm512_set1_ps(gate[t]), r[t]);
+      _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), v) : v);
+    }
+  }
+}
+#endif
+
+template <typename scalar_t>
+void write_block_output(const scalar_t* y, const int64_t* tokens, const scalar_t* gate, bool accumulate,
+                        scalar_t* out) {
+  constexpr int T = kLanes<scalar_t>;
+  for (int t = 0; t < T; ++t) {
+    if (tokens[t] < 0) continue;
+    scalar_t* dst = out + tokens[t] * kImagePixels;
+    if (accumulate) {
+      for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] += gate[t] * y[pix * T + t];
+    } else {
+      for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] = gate[t] * y[pix * T + t];
+    }
+  }
+}
+
+// A block whose lanes hold the last few tokens of NE experts (lane t: expert slot t % NE, its
+// (t / NE)-th token). With many experts most tokens are in such tails (E = 8,192 at B = 65,536: about 8
+// tokens per expert), which one-expert blocks of 16 lanes would leave half empty.
+struct SharedBlock {
+  int ne;
+  int64_t expert[4], row_begin[4];
+  int count[4];  // <= 16 / ne; 0 for an unused slot (its expert repeats slot 0's)
+};
+
+// Whether blocks may hold several experts: 16 lanes (AVX-512 float) and an up == 2 kernel for every conv.
+template <typename scalar_t>
+bool can_share_blocks(const DecoderPlan& plan) {
+  if (kLanes<scalar_t> != 16) return false;
+  for (int i = 0; i < plan.num_layers; ++i)
+    if (plan.layers[i].is_conv && !has_up2_kernel(plan.layers[i])) return false;
+  return true;
+}
+
+// Moves the tails (1 .. 8 rows past the last full block) of the items[begin, end) of one phase into
+// shared blocks: tails of <= 4 rows four to a block, of 5 .. 8 rows two to a block, in expert order.
+inline void share_tails(std::vector<WorkItem>& items, int64_t begin, int64_t end, int lanes,
+                        std::vector<SharedBlock>& shared) {
+  std::vector<SharedBlock> open(2);  // [0]: filling with ne = 4, [1]: with ne = 2
+  open[0].ne = 4;
+  open[1].ne = 2;
+  int used[2] = {0, 0};
+  auto flush = [&](int which) {
+    SharedBlock b = open[which];
+    for (int e = used[which]; e < b.ne; ++e) {
+      b.expert[e] = b.expert[0];
+      b.row_begin[e] = b.row_begin[0];
+      b.count[e] = 0;
+    }
+    shared.push_back(b);
+    used[which] = 0;
+  };
+  for (int64_t i = begin; i < end; ++i) {
+    WorkItem& item = items[i];
+    const bool last_of_expert = i + 1 == end || items[i + 1].expert != item.expert;
+    const int tail = static_cast<int>((item.row_end - item.row_begin) % lanes);
+    if (!last_of_expert || tail == 0 || tail > lanes / 2) continue;
+    const int which = tail <= lanes / 4 ? 0 : 1;
+    item.row_end -= tail;
+    SharedBlock& b = open[which];
+    b.expert[used[which]] = item.expert;
+    b.row_begin[used[which]] = item.row_end;
+    b.count[used[which]] = tail;
+    if (++used[which] == b.ne) flush(which);
+  }
+  for (int which = 0; which < 2; ++which)
+    if (used[which] > 0) flush(which);
+}
+
+// Decodes a shared block: interleaves its experts' weights (bcast) and runs the layers with NE.
+template <typename scalar_t, int NE>
+void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s, const SharedBlock& b,
+                         int64_t* tokens, scalar_t* gate) {
+  constexpr int T = kLanes<scalar_t>;
+  const DecoderPlan& plan = pb.plan;
+  const int64_t L = pb.latent;
+  scalar_t* zt = s.act[0].data();
+  for (int t = 0; t < T; ++t) {
+    const int e = t % NE, j = t / NE;
+    const bool valid = j < b.count[e];
+    const int64_t row = valid ? pb.rows[b.row_begin[e] + j] : -1;
+    tokens[t] = valid ? row / pb.slots : -1;
+    gate[t] = valid && pb.gates ? pb.gates[row] : scalar_t(1);
+    for (int64_t l = 0; l < L; ++l) zt[l * T + t] = valid ? pb.z[tokens[t] * L + l] : scalar_t(0);
+  }
+  // Linear weights and all biases: expert-innermost copies (vectorised as interleaving stores).
+  for (int i = 0; i < plan.num_layers; ++i) {
+    const Layer& layer = plan.layers[i];
+    const scalar_t* bias[NE];
+    const scalar_t* w[NE];
+    for (int e = 0; e < NE; ++e) {
+      bias[e] = pb.bias[i] + b.expert[e] * layer.bias_size();
+      w[e] = pb.weight[i] + b.expert[e] * layer.weight_size();
+    }
+    scalar_t* sb = s.shared_bias[i].data();
+    for (int j = 0; j < layer.bias_size(); ++j)
+      SMOE_FAST_UNROLL
+      for (int e = 0; e < NE; ++e) sb[j * NE + e] = bias[e][j];
+    if (layer.is_conv) continue;
+    scalar_t* sw = s.shared_weight[i].data();
+    for (int64_t j = 0; j < layer.weight_size(); ++j)
+      SMOE_FAST_UNROLL
+      for (int e = 0; e < NE; ++e) sw[j * NE + e] = w[e][j];
+  }
+  for (int e = 0; e < NE; ++e) {
+    fold_item_weights(pb, s, b.expert[e]);
+    for (int i = 0; i < plan.num_layers; ++i) {
+      const Layer& layer = plan.layers[i];
+      if (!layer.is_conv) continue;
+      const scalar_t* w = s.packed[i].data();
+      scalar_t* sw = s.shared_weight[i].data();
+      for (int64_t j = 0; j < folded_size(layer); ++j) sw[j * NE + e] = w[j];
+    }
+  }
+  for (int i = 0; i < plan.num_layers; ++i) {
+    const Layer& layer = plan.layers[i];
+    if (layer.is_conv) {
+      conv_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), nullptr, s.shared_bias[i].data(),
+                             s.act[i + 1].data(), s.pad[i + 1]);
+    } else {
+      linear_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), s.shared_bias[i].data(),
+                               s.act[i + 1].data(), s.pad[i + 1]);
+    }
+  }
+}
+
+// out[b] = sum_k gate[b, k] * D_{expert(b, k)}(z[b]), slot by slot. Within a slot every token is in
+// exactly one block, so blocks write their tokens' outputs without races and in a fixed order.
 template <typename scalar_t>
 void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
   constexpr int T = kLanes<scalar_t>;
+  const bool share = can_share_blocks<scalar_t>(pb.plan);
+  std::vector<WorkItem> items = pb.items;
   for (int64_t k = 0; k < pb.slots; ++k) {
-    at::parallel_for(pb.phase_begin[k], pb.phase_begin[k + 1], 1, [&](int64_t i0, int64_t i1) {
+    std::vector<SharedBlock> shared;
+    if (share) share_tails(items, pb.phase_begin[k], pb.phase_begin[k + 1], T, shared);
+    const int64_t num_items = pb.phase_begin[k + 1] - pb.phase_begin[k];
+    at::parallel_for(0, num_items + static_cast<int64_t>(shared.size()), 1, [&](int64_t i0, int64_t i1) {
       Scratch<scalar_t> s(pb.plan, false);
+      if (share) {
+        s.shared_weight.resize(pb.plan.num_layers);
+        s.shared_bias.resize(pb.plan.num_layers);
+        for (int i = 0; i < pb.plan.num_layers; ++i) {
+          const Layer& layer = pb.plan.layers[i];
+          s.shared_weight[i].resize(4 * (layer.is_conv ? folded_size(layer) : layer.weight_size()));
+          s.shared_bias[i].resize(4 * layer.bias_size());
+        }
+      }
       int64_t tokens[T];
+      scalar_t gate[T];
       for (int64_t i = i0; i < i1; ++i) {
-        const WorkItem& item = pb.items[i];
+        if (i >= num_items) {
+          const SharedBlock& b = shared[i - num_items];
+          if (b.ne == 4) {
+            decode_shared_block<scalar_t, 4>(pb, s, b, tokens, gate);
+          } else {
+            decode_shared_block<scalar_t, 2>(pb, s, b, tokens, gate);
+          }
+          write_block_output(s.act[pb.plan.num_layers].data(), tokens, gate, k > 0, out);
+          continue;
+        }
+        const WorkItem& item = items[pb.phase_begin[k] + i];
+        if (item.row_begin == item.row_end) continue;
         fold_item_weights(pb, s, item.expert);
         for (int64_t r0 = item.row_begin; r0 < item.row_end; r0 += T) {
           const int n = static_cast<int>(std::min<int64_t>(T, item.row_end - r0));
           decode_block(pb, s, item.expert, r0, n, tokens);
-          const scalar_t* y = s.act[pb.plan.num_layers].data();  // [784][T]
-          for (int t = 0; t < n; ++t) {
-            const scalar_t gate = pb.gates ? pb.gates[pb.rows[r0 + t]] : scalar_t(1);
-            scalar_t* dst = out + tokens[t] * kImagePixels;
-            if (k == 0) {
-              for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] = gate * y[pix * T + t];
-            } else {
-              for (int pix = 0; pix < kImagePixels; ++pix) dst[pix] += gate * y[pix * T + t];
-            }
-          }
+          for (int t = 0; t < n; ++t) gate[t] = pb.gates ? pb.gates[pb.rows[r0 + t]] : scalar_t(1);
+          write_block_output(s.act[pb.plan.num_layers].data(), tokens, gate, k > 0, out);
         }
       }
     });
@@ -574,8 +1268,16 @@ void experts_backward(const ExpertsProblem<scalar_t>& pb, const scalar_t* grad_o
             scalar_t* d = s.grad[l + 1].data();
             for (size_t j = 0; j < s.grad[l + 1].size(); j += T) store(d + j, load(d + j) * activation_grad<scalar_t>(load(a + j), layer.act));
             if (layer.is_conv) {
-              conv_bwd(layer, s.act[l].data(), s.folded[l].data(), d, s.pad[l + 1], s.grad[l].data(),
-                       s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
+            if (has_up2_bwd_kernel(layer) && layer.in_w == 7) {
+                conv_up2_bwd<scalar_t, 7>(layer, s.act[l].data(), s.packed_t[l].data(), d, s.pad[l + 1], s.phase_grad[l].data(),
+                                          s.grad[l].data(), s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
+              } else if (has_up2_bwd_kernel(layer)) {
+                conv_up2_bwd<scalar_t, 14>(layer, s.act[l].data(), s.packed_t[l].data(), d, s.pad[l + 1], s.phase_grad[l].data(),
+                                           s.grad[l].data(), s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
+              } else {
+                conv_bwd(layer, s.act[l].data(), s.folded[l].data(), d, s.pad[l + 1], s.grad[l].data(),
+                         s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
+              }
             } else {
               linear_bwd(layer, s.act[l].data(), pb.weight[l] + item.expert * layer.weight_size(), d, s.pad[l + 1],
                          s.grad[l].data(), s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());

@@ -228,6 +228,169 @@ def test_weight_gradients_are_deterministic():
         assert torch.equal(a, b), "two identical backward runs must give bitwise equal gradients"
 
 
+# ------------------------------------------------------------------------------------------------
+# Block layout: full 16-lane blocks, tails of several experts sharing a block, many experts
+
+# Tokens per expert -> the block layout they hit (fp32 on AVX-512: 16 lanes; tails of 1-4 tokens
+# share a block four experts at a time, of 5-8 two at a time, of 9-15 keep their own block).
+COUNT_CASES = [
+    ("full_and_tails", [40, 16, 3, 4, 5, 8, 9, 1, 0, 12, 2, 7]),  # 2 full + tail 8, exact full, every tail kind
+    ("odd_quads", [1, 2, 3, 4, 1]),                                 # a quad block and a partial one
+    ("odd_pairs", [5, 6, 7]),                                       # a pair block and a half-used one
+    ("one_big", [0, 0, 97]),                                        # 6 full blocks + tail 1, other experts empty
+]
+
+
+def _routing_from_counts(counts, seed=0):
+    """A shuffled top-1 routing in which expert e gets counts[e] tokens."""
+    idx = torch.cat([torch.full((c,), e, dtype=torch.int64) for e, c in enumerate(counts)])
+    return idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind", ["lite", "mlp"])
+@pytest.mark.parametrize("name,counts", COUNT_CASES, ids=[c[0] for c in COUNT_CASES])
+def test_block_layouts_match_reference(name, counts, kind, dtype):
+    expert_idx = _routing_from_counts(counts)
+    weights = random_weights(kind, len(counts), dtype=dtype, seed=13)
+    z = _inputs(expert_idx.numel(), len(counts), dtype)
+    with torch.no_grad():
+        out = ops.experts_hard(z, expert_idx, weights, kind=kind, backend="cpp")
+    assert_close(out, reference.experts_hard(z, expert_idx, weights, kind), name="x_hat")
+    # Top-1 under autograd runs the backward on the same layouts.
+    _compare_with_grads(lambda z_, w: extension.experts_hard(z_, expert_idx, w, kind),
+                        lambda z_, w: reference.experts_hard(z_, expert_idx, w, kind), [z], weights, kind, ["z"])
+
+
+def test_many_experts_small_batch():
+    # E = 8,192 > B = 300: almost every expert has 0 or 1 token, so nearly all blocks are shared ones.
+    # The reference runs on the used experts only (renumbered), which is the same function and ~100x
+    # cheaper than the reference over 8,192 experts.
+    kind, batch, num_experts = "lite", 300, 8192
+    weights = random_weights(kind, num_experts, seed=14)
+    z = _inputs(batch, num_experts, torch.float32)
+    expert_idx = torch.randint(0, num_experts, (batch,), generator=torch.Generator().manual_seed(3))
+    used, renumbered = torch.unique(expert_idx, return_inverse=True)
+    used_weights = {k: v[used] for k, v in weights.items()}
+    with torch.no_grad():
+        out = ops.experts_hard(z, expert_idx, weights, kind=kind, backend="cpp")
+    assert_close(out, reference.experts_hard(z, renumbered, used_weights, kind), name="x_hat")
+    # Top-k gradients (first 40 tokens): the used experts' match the reference, all others are exactly zero.
+    z = z[:40]
+    topk_idx = torch.stack([expert_idx[:40], (expert_idx[:40] + 1) % num_experts], dim=1)
+    topk_gates = torch.rand(40, 2, generator=torch.Generator().manual_seed(4)).softmax(-1)
+    used, renumbered = torch.unique(topk_idx, return_inverse=True)
+    out, grads, names = _grads(lambda z_, g_, w: ops.experts_topk(z_, topk_idx, g_, w, kind=kind, backend="cpp"),
+                               [z, topk_gates], weights, kind)
+    out_ref, grads_ref, _ = _grads(lambda z_, g_, w: reference.experts_topk(z_, renumbered, g_, w, kind),
+                                   [z, topk_gates], {k: v[used] for k, v in weights.items()}, kind)
+    assert_close(out, out_ref, name="output")
+    unused = torch.ones(num_experts, dtype=torch.bool)
+    unused[used] = False
+    for grad, grad_ref, name in zip(grads, grads_ref, ["z", "topk_gates"] + names):
+        if name in ("z", "topk_gates"):
+            assert_close(grad, grad_ref, name=f"grad of {name}")
+        else:
+            assert_close(grad[used], grad_ref, name=f"grad of {name} (used experts)")
+            assert torch.count_nonzero(grad[unused]) == 0, f"grad of {name}: unused experts got gradients"
+
+
+def test_weights_changed_in_place_are_seen():
+    # Weights are folded and packed on every call: an in-place update must show in the next call.
+    kind, batch, num_experts = "lite", 40, 3
+    weights = random_weights(kind, num_experts, seed=15)
+    z = _inputs(batch, num_experts, torch.float32)
+    expert_idx = routing_case("uniform", batch, num_experts)
+    with torch.no_grad():
+        first = ops.experts_hard(z, expert_idx, weights, kind=kind, backend="cpp")
+        for w in weights.values():
+            w.mul_(-1.5)
+        second = ops.experts_hard(z, expert_idx, weights, kind=kind, backend="cpp")
+    assert not torch.allclose(first, second)
+    assert_close(second, reference.experts_hard(z, expert_idx, weights, kind), name="x_hat after the update")
+
+
+# NaN in token 1 and +-inf in tokens 2, 3: every other token's outputs and gradients are unaffected, and
+# the NaN pattern of every output and gradient is the reference's.
+NAN_KINDS = ["lite", "mlp", "medium"]
+
+
+def _poisoned_inputs(batch, num_experts, dtype=torch.float32):
+    z = _inputs(batch, num_experts, dtype)
+    z[1, 0], z[2, :], z[3, :] = float("nan"), float("inf"), float("-inf")
+    return z
+
+
+def _assert_same_nan_pattern_and_close(out, expected, name):
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)), f"{name}: NaN pattern differs from the reference"
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(out)), f"{name}: finite pattern differs from the reference"
+    assert_close(out[finite], expected[finite], name=f"{name} (finite entries)")
+
+
+@pytest.mark.parametrize("kind", NAN_KINDS)
+def test_nan_stays_in_its_token_hard(kind):
+    batch, num_experts = 21, 2
+    weights = random_weights(kind, num_experts, seed=16)
+    z = _poisoned_inputs(batch, num_experts)
+    expert_idx = torch.arange(batch) % num_experts
+    with torch.no_grad():
+        out = extension.experts_hard(z, expert_idx, weights, kind)
+        expected = reference.experts_hard(z, expert_idx, weights, kind)
+    _assert_same_nan_pattern_and_close(out, expected, "x_hat")
+    clean = torch.ones(batch, dtype=torch.bool)
+    clean[1:4] = False
+    assert torch.isfinite(out[clean]).all(), "a non-finite token leaked into another token's output"
+
+
+@pytest.mark.parametrize("mode", ["soft", "topk"])
+@pytest.mark.parametrize("kind", NAN_KINDS)
+def test_nan_stays_in_its_token_backward(kind, mode):
+    batch, num_experts = 9, 3
+    weights = random_weights(kind, num_experts, seed=17)
+    z = _poisoned_inputs(batch, num_experts)
+    gates = torch.rand(batch, num_experts, generator=torch.Generator().manual_seed(6)).softmax(-1)
+    if mode == "soft":
+        fn_cpp = lambda z_, g_, w: ops.experts_soft(z_, g_, w, kind=kind, backend="cpp")  # noqa: E731
+        fn_ref = lambda z_, g_, w: reference.experts_soft(z_, g_, w, kind)  # noqa: E731
+        g = gates
+    else:
+        g, topk_idx = gates.topk(2, dim=1)
+        fn_cpp = lambda z_, g_, w: ops.experts_topk(z_, topk_idx, g_, w, kind=kind, backend="cpp")  # noqa: E731
+        fn_ref = lambda z_, g_, w: reference.experts_topk(z_, topk_idx, g_, w, kind)  # noqa: E731
+    out, grads, names = _grads(fn_cpp, [z, g], weights, kind)
+    out_ref, grads_ref, _ = _grads(fn_ref, [z, g], weights, kind)
+    _assert_same_nan_pattern_and_close(out, out_ref, "x_hat")
+    clean = torch.ones(batch, dtype=torch.bool)
+    clean[1:4] = False
+    for grad, grad_ref, name in zip(grads, grads_ref, ["z", "gates"] + names):
+        if name in ("z", "gates"):
+            assert torch.isfinite(grad[clean]).all(), f"grad of {name}: a non-finite token leaked into another token"
+            assert_close(grad[clean], grad_ref[clean], name=f"grad of {name} (clean tokens)")
+        assert torch.equal(torch.isnan(grad), torch.isnan(grad_ref)), f"grad of {name}: NaN pattern differs"
+
+
+def test_weight_gradients_do_not_depend_on_the_thread_count():
+    # Work items are cut from the sizes alone and partial sums added in item order: bitwise equal results.
+    kind, batch, num_experts = "lite", 300, 3
+    weights = random_weights(kind, num_experts, seed=18)
+    z = _inputs(batch, num_experts, torch.float32)
+    gates = torch.rand(batch, num_experts, generator=torch.Generator().manual_seed(7)).softmax(-1)
+    upstream = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    wl = extension._weight_list(weights, kind)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.smoe_fast.cpp_experts_soft_bwd(upstream, z, gates, wl, kind))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip([results[0][0], results[0][1], *results[0][2]], [other[0], other[1], *other[2]]):
+            assert torch.equal(a, b), "the gradients changed with the thread count"
+
+
 def test_model_runs_on_cpp_backend():
     import smoe_fast
 
