@@ -36,7 +36,9 @@ beyond C per (source rank, expert) are dropped (their output is zero) and counte
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -46,8 +48,56 @@ from . import ops
 from .contract import IMAGE_SHAPE, decoder_param_shapes
 from .experts import StackedExperts, _StackedLayer
 
-__all__ = ["expert_ranges", "shard_experts", "ShardedExperts", "all_to_all", "global_sum", "init_from_env",
-           "world_info"]
+__all__ = ["expert_ranges", "shard_experts", "ShardedExperts", "CommStats", "all_to_all", "global_sum",
+           "init_from_env", "world_info"]
+
+
+@dataclasses.dataclass
+class CommStats:
+    """What a :class:`ShardedExperts` moved and spent, summed over calls, when ``stats`` is set on it.
+
+    Bytes count only rows that leave this rank (sent) or arrive from another (received); seconds are
+    host wall time around each exchange and around the local experts, with a device synchronisation
+    before and after (so measuring perturbs what it measures; leave it off in training).
+    """
+
+    exchanges: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    exchange_seconds: float = 0.0
+    expert_seconds: float = 0.0
+
+
+class _Timer:
+    def __init__(self, stats: CommStats | None, field: str, device: torch.device):
+        self.stats, self.field, self.device = stats, field, device
+
+    def __enter__(self):
+        if self.stats is not None:
+            _sync(self.device)
+            self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.stats is not None:
+            _sync(self.device)
+            setattr(self.stats, self.field, getattr(self.stats, self.field) + time.perf_counter() - self.start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _count(stats: CommStats | None, x: torch.Tensor, out: torch.Tensor, output_splits, input_splits, group) -> None:
+    if stats is None:
+        return
+    rank, world = world_info(group)
+    row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+    to_self = input_splits[rank] if input_splits is not None else x.shape[0] // world
+    from_self = output_splits[rank] if output_splits is not None else out.shape[0] // world
+    stats.exchanges += 1
+    stats.bytes_sent += (x.shape[0] - to_self) * row_bytes
+    stats.bytes_received += (out.shape[0] - from_self) * row_bytes
 
 
 # ---------------------------------------------------------------------------- process group
@@ -85,29 +135,32 @@ class _AllToAll(torch.autograd.Function):
     """all_to_all_single along dim 0 whose backward is the reverse all_to_all (splits swapped)."""
 
     @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):
-        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
-        rows = sum(output_splits) if output_splits is not None else x.shape[0]
-        out = x.new_empty(rows, *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-        return out
+    def forward(ctx, x, output_splits, input_splits, group, stats):
+        ctx.output_splits, ctx.input_splits, ctx.group, ctx.stats = output_splits, input_splits, group, stats
+        return _exchange(x, output_splits, input_splits, group, stats)
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows = sum(ctx.input_splits) if ctx.input_splits is not None else grad_out.shape[0]
-        grad_in = grad_out.new_empty(rows, *grad_out.shape[1:])
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), ctx.input_splits, ctx.output_splits, group=ctx.group)
-        return grad_in, None, None, None
+        return _exchange(grad_out, ctx.input_splits, ctx.output_splits, ctx.group, ctx.stats), None, None, None, None
+
+
+def _exchange(x, output_splits, input_splits, group, stats):
+    rows = sum(output_splits) if output_splits is not None else x.shape[0]
+    out = x.new_empty(rows, *x.shape[1:])
+    with _Timer(stats, "exchange_seconds", x.device):
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    _count(stats, x, out, output_splits, input_splits, group)
+    return out
 
 
 def all_to_all(x: torch.Tensor, output_splits: list[int] | None = None, input_splits: list[int] | None = None,
-               group=None) -> torch.Tensor:
+               group=None, stats: CommStats | None = None) -> torch.Tensor:
     """Differentiable ``all_to_all_single`` along dim 0: rows ``input_splits[j]`` go to rank j.
 
     x [sum(input_splits), ...] -> [sum(output_splits), ...]; ``None`` splits mean equal chunks (no
-    host sync). The gradient travels back by the reverse exchange.
+    host sync). The gradient travels back by the reverse exchange. ``stats`` accumulates bytes and time.
     """
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+    return _AllToAll.apply(x, output_splits, input_splits, group, stats)
 
 
 def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
@@ -202,6 +255,7 @@ class ShardedExperts(nn.Module):
         self.register_buffer("expert_owner", owner.to(device), persistent=False)    # [E] rank of each expert
         self.register_buffer("expert_first", torch.tensor([f for f, _ in self.ranges], device=device), persistent=False)
         self.last_dropped: torch.Tensor | None = None
+        self.stats: CommStats | None = None    # set to CommStats() to measure every exchange (smoe-fast profile)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """This rank's stacked rows in the dispatch contract's names: ``{"fc.weight": [end-first,392,L], ...}``."""
@@ -239,19 +293,20 @@ class ShardedExperts(nn.Module):
         all_sizes = sizes.new_empty(world)
         _all_gather(all_sizes, sizes, group)
         batch_sizes = all_sizes.tolist()                                              # host sync
-        z_all = all_to_all(z.repeat(world, 1), batch_sizes, [B] * world, group)       # [ΣB, L]
+        z_all = all_to_all(z.repeat(world, 1), batch_sizes, [B] * world, group, self.stats)  # [ΣB, L]
         widths = [end - first for first, end in self.ranges]
         gate_blocks = torch.cat([gates[:, f:e].reshape(-1) for f, e in self.ranges])   # [B·E] by destination
         gates_local = all_to_all(gate_blocks, [b * widths[self.rank] for b in batch_sizes],
-                                 [B * w for w in widths], group)
+                                 [B * w for w in widths], group, self.stats)
         first, end = self.expert_range
         if self.num_local_experts and z_all.shape[0]:
             gates_local = torch.cat([g.view(b, end - first) for g, b in
                                      zip(gates_local.split([b * (end - first) for b in batch_sizes]), batch_sizes)])
-            partial = ops.experts_soft(z_all, gates_local, self.weights(), self.kind, backend)
+            with _Timer(self.stats, "expert_seconds", z_all.device):
+                partial = ops.experts_soft(z_all, gates_local, self.weights(), self.kind, backend)
         else:
             partial = self._empty_output(z_all.shape[0], z_all, gates_local)
-        back = all_to_all(partial, [B] * world, batch_sizes, group)                   # [W·B, 1, 28, 28]
+        back = all_to_all(partial, [B] * world, batch_sizes, group, self.stats)       # [W·B, 1, 28, 28]
         return back.view(world, B, *IMAGE_SHAPE).sum(0)
 
     # ------------------------------------------------------------ token exchange
@@ -277,12 +332,12 @@ class ShardedExperts(nn.Module):
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         send, recv = send_counts.tolist(), recv_counts.tolist()                        # the host sync
-        z_recv = all_to_all(z_rows[order], recv, send, group)
+        z_recv = all_to_all(z_rows[order], recv, send, group, self.stats)
         local_idx = flat_idx.new_empty(sum(recv))
         dist.all_to_all_single(local_idx, (flat_idx - self.expert_first[dest])[order].contiguous(), recv, send,
                                group=group)
         y_recv = self._decode_local(z_recv, local_idx, backend)
-        y_sorted = all_to_all(y_recv, send, recv, group)
+        y_sorted = all_to_all(y_recv, send, recv, group, self.stats)
         y_rows = torch.empty_like(y_sorted)
         return y_rows.index_copy(0, order, y_sorted)
 
@@ -302,11 +357,11 @@ class ShardedExperts(nn.Module):
         slot = (dest * M + local) * C + pos.clamp_max(C - 1)
         slot = torch.where(kept, slot, world * M * C)                                  # dropped rows: a spare slot
         send = z_rows.new_zeros(world * M * C + 1, L).index_copy(0, slot, z_rows)[:-1]
-        z_recv = all_to_all(send, None, None, group)                                   # [W·M·C, L]
+        z_recv = all_to_all(send, None, None, group, self.stats)                       # [W·M·C, L]
         local_idx = torch.arange(M, device=z_rows.device).repeat_interleave(C).repeat(world)
         local_idx = local_idx.clamp_max(max(self.num_local_experts - 1, 0))             # padding rows of a short rank
         y_recv = self._decode_local(z_recv, local_idx, backend)
-        y_back = all_to_all(y_recv, None, None, group)
+        y_back = all_to_all(y_recv, None, None, group, self.stats)
         y_back = torch.cat([y_back, y_back.new_zeros(1, *IMAGE_SHAPE)])                 # the spare slot reads zeros
         return y_back[slot]
 
@@ -315,10 +370,11 @@ class ShardedExperts(nn.Module):
         if self.num_local_experts == 0 or z_recv.shape[0] == 0:
             return self._empty_output(z_recv.shape[0], z_recv)
         w = self.weights()
-        if torch.is_grad_enabled() and (z_recv.requires_grad or any(p.requires_grad for p in w.values())):
-            return ops.experts_topk(z_recv, local_idx[:, None], torch.ones_like(z_recv[:, :1]), w, self.kind, backend,
-                                    check_indices=False)
-        return ops.experts_hard(z_recv, local_idx, w, self.kind, backend, check_indices=False)
+        with _Timer(self.stats, "expert_seconds", z_recv.device):
+            if torch.is_grad_enabled() and (z_recv.requires_grad or any(p.requires_grad for p in w.values())):
+                return ops.experts_topk(z_recv, local_idx[:, None], torch.ones_like(z_recv[:, :1]), w, self.kind,
+                                        backend, check_indices=False)
+            return ops.experts_hard(z_recv, local_idx, w, self.kind, backend, check_indices=False)
 
     def _empty_output(self, rows, *inputs):
         """Zeros [rows, 1, 28, 28] still joined to the autograd graph of the inputs and the local weights,

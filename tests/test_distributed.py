@@ -6,6 +6,7 @@ save what they computed; the comparisons against the one-process model run here,
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ import torch.multiprocessing as mp
 
 from smoe_fast.distributed import expert_ranges, global_sum, shard_experts
 from smoe_fast.experts import StackedExperts
+from smoe_fast.profile_distributed import profile_distributed
 from smoe_fast.vae.data import ImageDataset
 from smoe_fast.vae.loss import smoe_loss, smoe_loss_sharded
 from smoe_fast.vae.model import SMoEVAE
@@ -164,7 +166,8 @@ def _shard_cases(world):
 def _collectives_worker(rank, world, init_file, out_dir):
     # One process group per world size for every test that needs no training run (spawning is the slow part).
     _join(rank, world, init_file)
-    results = {"shard": _shard_cases(world), "gradients": _gradient_cases(world), "refused": _refused()}
+    results = {"shard": _shard_cases(world), "gradients": _gradient_cases(world), "refused": _refused(),
+               "profile": _profile_rows()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -283,6 +286,25 @@ def _refused():
     except ValueError as exc:
         return str(exc)
     return None
+
+
+PROFILE_ARGS = argparse.Namespace(experts=[3], batch=[8], stage="topk", decoder="mlp", latent_dim=LATENT,
+                                  hidden_dim=HIDDEN, top_k=2, warmup=0, repeats=1, backends=["reference"])
+
+
+def _profile_rows():
+    return profile_distributed(PROFILE_ARGS, torch.device("cpu"))
+
+
+def test_profile_distributed_reports_the_exchange(ranks):
+    # Top-k, 8 tokens x 2 slots per rank: each step sends every row bound elsewhere twice (z out and the
+    # output back, each again in backward), so at most 16 rows x (L + 784) floats x 2 per rank.
+    world, results = ranks
+    (row,) = results[0]["profile"]
+    assert all(result["profile"] == [] for result in results[1:])   # only rank 0 reports
+    assert row["world"] == world and row["experts"] == 3
+    assert 0 < row["bytes_sent_per_rank"] <= 2 * 16 * (LATENT + 784) * 4 + 16 * 8
+    assert row["exchange_ms"] > 0 and row["step_ms"] >= row["exchange_ms"]
 
 
 def test_data_parallel_training_refuses_global_noise(ranks):
