@@ -166,8 +166,8 @@ def _shard_cases(world):
 def _collectives_worker(rank, world, init_file, out_dir):
     # One process group per world size for every test that needs no training run (spawning is the slow part).
     _join(rank, world, init_file)
-    results = {"shard": _shard_cases(world), "gradients": _gradient_cases(world), "refused": _refused(),
-               "profile": _profile_rows()}
+    results = {"shard": _shard_cases(world), "model": _model_cases(world), "gradients": _gradient_cases(world),
+               "refused": _refused(), "profile": _profile_rows()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -197,6 +197,55 @@ def test_shard_experts_matches_the_unsharded_experts(ranks):
                 assert_close(got[name], want, name=f"{case.id} rank {rank} {name}")
             if case.capacity is not None:
                 assert got["dropped"] == 0, f"{case.id} rank {rank} dropped {got['dropped']} tokens"
+
+
+MODEL_BATCH = 7
+MODEL_GATINGS = ("soft", "topk", "hard")
+
+
+def _model_run(gating, rows=slice(None), shard=False):
+    """A whole SMoEVAE (float64) on images ``rows``: eval reconstruction, then one training-mode backward."""
+    torch.manual_seed(0)
+    model = SMoEVAE(num_experts=5, latent_dim=LATENT, encoder="lite", decoder="mlp", hidden_dim=HIDDEN,
+                    gating=gating, top_k=2, backend="reference").double()
+    if shard:
+        shard_experts(model)
+    x = TRAIN.images[:MODEL_BATCH].double()[rows]
+    model.eval()
+    with torch.no_grad():
+        recon_eval = model(x, sample=False).recon
+    model.train()
+    upstream = torch.randn(MODEL_BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = model(x, sample=False)
+    (out.recon * upstream[rows]).sum().backward()
+    grads = {name: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for name, p in model.named_parameters()}
+    return {"eval": recon_eval, "train": out.recon.detach(), "grads": grads}
+
+
+def _model_cases(world):
+    rank = dist.get_rank()
+    return {gating: _model_run(gating, slice(rank, None, world), shard=True) for gating in MODEL_GATINGS}
+
+
+def test_a_sharded_smoevae_matches_the_whole_model(ranks):
+    # The model calls the sharded experts exactly as it calls StackedExperts: eval routes hard, training
+    # routes soft, top-k or hard. Per-rank gradients of the replicated layers sum to the whole batch's.
+    world, results = ranks
+    for gating in MODEL_GATINGS:
+        expected = _model_run(gating)
+        for rank, result in enumerate(results):
+            rows = slice(rank, None, world)
+            got = result["model"][gating]
+            assert_close(got["eval"], expected["eval"][rows], name=f"{gating} rank {rank} eval recon")
+            assert_close(got["train"], expected["train"][rows], name=f"{gating} rank {rank} train recon")
+            first, end = expert_ranges(5, world)[rank]
+            for name, grad in expected["grads"].items():
+                if name.startswith("experts."):
+                    assert_close(got["grads"][name], grad[first:end], name=f"{gating} rank {rank} d {name}")
+        for name, grad in expected["grads"].items():
+            if not name.startswith("experts."):
+                total = sum(result["model"][gating]["grads"][name] for result in results)
+                assert_close(total, grad, name=f"{gating} d {name} summed over ranks")
 
 
 def test_capacity_overflow_drops_tokens_and_counts_them(ranks):
