@@ -166,6 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=None,
                         help="write a log-log PNG of time per token against E" + _NO_DEFAULT_SUFFIX)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--distributed", action="store_true",
+                        help="under torchrun: expert parallelism (shard_experts), all-to-all bytes and time per step "
+                             "next to the experts' time (smoe_fast.profile_distributed)")
 
 
 def _fmt(value, spec: str) -> str:
@@ -336,6 +339,10 @@ def write_plot(rows: list[Row], path: Path, device: torch.device, copy_gbps: flo
 
 def run(args: argparse.Namespace) -> int:
     """Run ``smoe-fast profile``; returns the exit status (0 when at least one point was measured)."""
+    if getattr(args, "distributed", False):
+        from .profile_distributed import run as run_distributed
+
+        return run_distributed(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda was requested but torch sees no CUDA GPU; use --device cpu", file=sys.stderr)

@@ -15,10 +15,15 @@ uses recon, kl. ``reduction="per_sample"`` is our documented alternative: the su
 and the batch-level gating terms by the paper's batch size 128, so every term keeps the paper's
 relative weight at B=128 while the loss no longer changes scale (and the gate terms their
 relative weight) with the batch size. ``reduction="paper"`` (the default) reproduces the paper.
+
+:func:`smoe_loss_sharded` is the same loss for a global batch split over data-parallel ranks: the
+sums are local, the gate terms come from the global mean gate, and each rank's share is scaled so
+that DDP's gradient average is the one-process gradient of the global batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,3 +95,43 @@ def smoe_loss(out, x: torch.Tensor, num_experts: int | None = None, *, routing: 
         total = total + ce_weight * ce * sum_scale
     return LossTerms(total, recon, kl, balance if routing == "unsupervised" else zero + balance.detach(),
                      entropy if routing == "unsupervised" else zero + entropy.detach(), ce)
+
+
+def smoe_loss_sharded(out, x: torch.Tensor, *, global_batch: int, world_size: int,
+                      global_sum: Callable[[torch.Tensor], torch.Tensor], routing: str = "unsupervised",
+                      labels: torch.Tensor | None = None, beta: float = 0.01, balance_weight: float = 200.0,
+                      entropy_weight: float = 400.0, ce_weight: float = 200.0,
+                      reduction: str = "paper") -> tuple[torch.Tensor, LossTerms]:
+    """This rank's loss on its share of a global batch of ``global_batch`` images -> (rank_loss, terms).
+
+    ``terms`` are the global batch's, equal to :func:`smoe_loss` on the whole batch (its total
+    detached, for metrics); ``rank_loss`` is what this rank back-propagates:
+    W·(local sums·scale + gate terms), the gate terms from Σ over ranks of the gate sums taken by
+    ``global_sum`` (:func:`smoe_fast.distributed.global_sum`: one all-reduce, a local backward).
+    DDP averages gradients over the W ranks, so the update is the one-process update.
+    """
+    if reduction not in ("paper", "per_sample"):
+        raise ValueError(f"reduction must be 'paper' or 'per_sample', got {reduction!r}")
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    gates = torch.softmax(out.logits, dim=-1)
+    num_experts = gates.shape[1]
+    recon = F.mse_loss(out.recon, x, reduction="sum")
+    kl = -0.5 * torch.sum(1 + out.logvar - out.mu.pow(2) - out.logvar.exp())
+    ce = F.cross_entropy(out.logits, labels.long(), reduction="sum") if routing == "supervised" else recon.new_zeros(())
+    entropy_sum = -(gates * torch.log(gates + 1e-8)).sum()
+    local = torch.cat([gates.sum(0), entropy_sum[None], torch.stack([recon, kl, ce]).detach()])
+    stats = global_sum(local)                                   # [E + 4]: gate sums, entropy sum, recon, kl, ce
+    mean_gate, entropy = stats[:num_experts] / global_batch, stats[num_experts] / global_batch
+    balance = num_experts * ((mean_gate - 1.0 / num_experts) ** 2).sum()
+    recon_all, kl_all, ce_all = stats[num_experts + 1:]
+    sum_scale, batch_scale = (1.0, 1.0) if reduction == "paper" else (1.0 / global_batch, 1.0 / PAPER_BATCH_SIZE)
+    local_sums, all_sums = recon + beta * kl, recon_all + beta * kl_all
+    if routing == "supervised":
+        local_sums, all_sums = local_sums + ce_weight * ce, all_sums + ce_weight * ce_all
+    gate_terms = (balance_weight * balance + entropy_weight * entropy) * batch_scale if routing == "unsupervised" \
+        else recon.new_zeros(())
+    rank_loss = world_size * (local_sums * sum_scale + gate_terms)
+    total = (all_sums * sum_scale + gate_terms).detach()
+    return rank_loss, LossTerms(total, recon_all, kl_all, balance.detach(), entropy.detach(),
+                                ce_all if routing == "supervised" else None)

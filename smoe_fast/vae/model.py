@@ -136,10 +136,18 @@ class SMoEVAE(nn.Module):
         self.backend = check_backend_exists(backend).value
         return self
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, sample: bool = True) -> SMoEOutput:
-        """x [B, 1, 28, 28] in [0, 1] -> :class:`SMoEOutput`. ``sample=False`` uses z = mu."""
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, sample: bool = True,
+                noise: torch.Tensor | None = None) -> SMoEOutput:
+        """x [B, 1, 28, 28] in [0, 1] -> :class:`SMoEOutput`. ``sample=False`` uses z = mu.
+
+        ``noise`` [B, L]: the standard-normal draw of the reparameterisation (default
+        ``torch.randn_like(mu)``); data-parallel training passes per-sample keyed noise here.
+        """
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        if noise is not None and tuple(noise.shape) != tuple(mu.shape):
+            raise ValueError(f"noise must have shape [B, L] = {tuple(mu.shape)}, got {tuple(noise.shape)}")
+        eps = (torch.randn_like(mu) if noise is None else noise.to(mu)) if sample else None
+        z = mu + eps * torch.exp(0.5 * logvar) if sample else mu
         recon, logits, gates, expert_idx = self.decode(z, labels)
         return SMoEOutput(recon, mu, logvar, logits, gates, expert_idx)
 

@@ -4,6 +4,14 @@ Each epoch appends one JSON line to ``out_dir/metrics.jsonl`` and atomically rew
 ``out_dir/checkpoint.pt`` (model, optimiser, RNG states, history), so ``resume=True`` continues to
 the same result as an uninterrupted run with the same seed. A non-finite loss stops training with
 :class:`NonFiniteLossError` and leaves the last good checkpoint in place.
+
+Under torch.distributed (``torchrun``; a process group initialised before :func:`train`) the run is
+data-parallel with DistributedDataParallel: every rank draws the same seeded permutation, each
+global batch of ``batch_size`` images is split over the ranks (rank k takes every W-th image from
+the k-th: uneven shards, no duplicates), the loss is :func:`~smoe_fast.vae.loss.smoe_loss_sharded`,
+the noise is keyed per sample (``noise="keyed"``), metrics are reduced over the ranks, expert
+revival is decided from the global win counts, and only rank 0 writes files. The result equals a
+one-process ``noise="keyed"`` run on the same global batches, at any world size, resumed or not.
 """
 from __future__ import annotations
 
@@ -19,11 +27,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..io import atomic_save, atomic_write_text
 from .analysis import active_experts, expert_usage
-from .loss import smoe_loss
+from .loss import smoe_loss, smoe_loss_sharded
 from .model import SMoEVAE
 
+NOISE_MODES = ("global", "keyed")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
@@ -54,6 +64,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     revive_dead_experts: bool = False   # expert-collapse option, see revive_dead_experts()
     revive_min_wins: int = 10
+    noise: str = "global"   # reparameterisation noise: "global" (torch's RNG, as always) or "keyed", see keyed_noise()
 
     def model_kwargs(self) -> dict[str, Any]:
         return dict(num_experts=self.num_experts, latent_dim=self.latent_dim, encoder=self.encoder,
@@ -67,6 +78,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
+
+
+def keyed_noise(indices: torch.Tensor, latent_dim: int, seed: int, epoch: int) -> torch.Tensor:
+    """Standard-normal noise [B, L] for the images ``indices`` (their index in the training set).
+
+    Row b depends on (seed, epoch, indices[b]) only, not on the batch or on which rank draws it, so
+    z is the same at any world size. One small CPU generator per image (about 10 us each).
+    """
+    base = ((seed % 2**31) * 65_537 + epoch) % 2**31 << 32
+    rows = [torch.randn(latent_dim, generator=torch.Generator().manual_seed(base + int(i) % 2**32))
+            for i in indices.tolist()]
+    return torch.stack(rows) if rows else torch.empty(0, latent_dim)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -231,6 +256,12 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
     """
     config.validate()
     device = resolve_device(config.device)
+    rank, world = distributed.world_info()
+    if world > 1 and config.noise != "keyed":
+        raise ValueError(f"data-parallel training ({world} processes) needs noise='keyed' (--noise keyed), so that z "
+                         "does not depend on the number of processes; got noise='global'")
+    writer = rank == 0
+    progress = progress and writer
     out = Path(out_dir) if out_dir is not None else None
     torch.manual_seed(config.seed)
     model = SMoEVAE(**config.model_kwargs()).to(device)
@@ -238,27 +269,24 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
     shuffle = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    if resume:
-        if out is None or not (out / CHECKPOINT_NAME).exists():
-            raise FileNotFoundError(f"resume=True but there is no checkpoint in {str(out)!r} to resume from")
-        ckpt = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-        free = ("epochs", "backend", "device", "eval_batch_size")  # may change between sessions of one run
-        changed = {k for k, v in ckpt["config"].items() if k not in free and v != dataclasses.asdict(config).get(k)}
-        if changed:
-            raise ValueError(f"cannot resume: the checkpoint in {str(out)!r} was trained with a different configuration "
-                             f"(differs in {sorted(changed)}); use the same options or a new output directory")
+    # Rank 0 reads and checks the output directory; the other ranks get its verdict and checkpoint.
+    ckpt, error = _open_run(config, out, resume) if writer else (None, None)
+    if world > 1:
+        shared = [ckpt, error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        ckpt, error = shared
+    if error is not None:
+        raise error
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"], shuffle, device)
         history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
-        atomic_write_text("".join(json.dumps(h) + "\n" for h in history), out / METRICS_NAME)
-    elif out is not None:
-        if (out / CHECKPOINT_NAME).exists():
-            raise FileExistsError(f"{str(out)!r} already holds a run; pass resume=True (--resume) to continue it, "
-                                  "or choose another output directory")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", out / "config.json")
-        atomic_write_text("", out / METRICS_NAME)
+    trained = model
+    if world > 1:
+        # find_unused_parameters: hard/top-k/label routing leaves some parameters without a gradient on a rank
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     images, labels = train_data.images, train_data.labels
     num_images = images.shape[0]
@@ -267,28 +295,36 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(num_images, generator=shuffle)
+        order = torch.randperm(num_images, generator=shuffle)   # the same on every rank
         sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "balance": 0.0, "entropy": 0.0, "ce": 0.0}
         wins = torch.zeros(config.num_experts, dtype=torch.int64)
         batches = range(0, num_images, config.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress, unit="batch")
         for step, start in enumerate(bar):
             idx = order[start:start + config.batch_size]
+            n = idx.shape[0]                                    # the global batch
+            idx = idx[rank::world]                              # this rank's share
             x, y = images[idx].to(device), labels[idx].to(device)
-            out_b = model(x, labels=y if config.routing == "label" else None)
-            terms = smoe_loss(out_b, x, routing=config.routing, labels=y, beta=config.beta,
-                              balance_weight=config.balance_weight, entropy_weight=config.entropy_weight,
-                              ce_weight=config.ce_weight, reduction=config.reduction)
+            noise = keyed_noise(idx, config.latent_dim, config.seed, epoch).to(device) if config.noise == "keyed" else None
+            out_b = trained(x, labels=y if config.routing == "label" else None, noise=noise)
+            loss_kwargs = dict(routing=config.routing, labels=y, beta=config.beta, balance_weight=config.balance_weight,
+                               entropy_weight=config.entropy_weight, ce_weight=config.ce_weight,
+                               reduction=config.reduction)
+            if world > 1:
+                rank_loss, terms = smoe_loss_sharded(out_b, x, global_batch=n, world_size=world,
+                                                     global_sum=distributed.global_sum, **loss_kwargs)
+            else:
+                terms = smoe_loss(out_b, x, **loss_kwargs)
+                rank_loss = terms.total
             if not torch.isfinite(terms.total):
                 raise NonFiniteLossError(
                     f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}: {terms.as_dict()}; "
                     f"training stopped and the last good checkpoint (epoch {epoch}) was kept. "
                     "Try a lower learning rate (--lr) or check the data for NaN/Inf.")
             optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
+            rank_loss.backward()
             optimizer.step()
             terms = dataclasses.replace(terms, **{k: v.detach() for k, v in vars(terms).items() if v is not None})
-            n = x.shape[0]
             sums["loss"] += float(terms.total) * (n if config.reduction == "per_sample" else 1)
             sums["recon"] += float(terms.recon)
             sums["kl"] += float(terms.kl)
@@ -297,8 +333,12 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
             sums["ce"] += float(terms.ce) if terms.ce is not None else 0.0
             wins += torch.bincount(out_b.expert_idx.cpu(), minlength=config.num_experts)
             bar.set_postfix(loss=f"{float(terms.total) / (1 if config.reduction == 'per_sample' else n):.2f}")
+        if world > 1:
+            torch.distributed.all_reduce(wins)   # gloo and NCCL both reduce int64
         revived = (revive_dead_experts(model, optimizer, wins, config.revive_min_wins, shuffle)
                    if config.revive_dead_experts else [])
+        if revived and world > 1:
+            _broadcast_training_state(model, optimizer)  # every rank revived alike; make it bitwise so
         test = evaluate(model, test_data, config.eval_batch_size, seed=config.seed)
         record = {
             "epoch": epoch + 1,
@@ -317,7 +357,7 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
             "seconds": round(time.perf_counter() - t0, 3),
         }
         history.append(record)
-        if out is not None:
+        if out is not None and writer:
             atomic_save({"config": dataclasses.asdict(config), "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "rng": _rng_state(shuffle, device),
                          "history": history, "epoch": epoch + 1}, out / CHECKPOINT_NAME)
@@ -328,3 +368,37 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
                        f"test SSE/image {record['test_sse']:.2f}  active experts {record['active_experts']}"
                        f"/{config.num_experts}  ({record['seconds']:.1f}s)")
     return TrainResult(model, history, out)
+
+
+def _open_run(config: TrainConfig, out: Path | None, resume: bool) -> tuple[dict | None, Exception | None]:
+    """Check the output directory and, with ``resume``, read its checkpoint -> (checkpoint, error to raise)."""
+    if resume:
+        if out is None or not (out / CHECKPOINT_NAME).exists():
+            return None, FileNotFoundError(f"resume=True but there is no checkpoint in {str(out)!r} to resume from")
+        ckpt = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+        free = ("epochs", "backend", "device", "eval_batch_size")  # may change between sessions of one run
+        changed = {k for k, v in ckpt["config"].items() if k not in free and v != dataclasses.asdict(config).get(k)}
+        if changed:
+            return None, ValueError(f"cannot resume: the checkpoint in {str(out)!r} was trained with a different "
+                                    f"configuration (differs in {sorted(changed)}); use the same options or a new "
+                                    "output directory")
+        atomic_write_text("".join(json.dumps(h) + "\n" for h in ckpt["history"]), out / METRICS_NAME)
+        return ckpt, None
+    if out is not None:
+        if (out / CHECKPOINT_NAME).exists():
+            return None, FileExistsError(f"{str(out)!r} already holds a run; pass resume=True (--resume) to continue "
+                                         "it, or choose another output directory")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", out / "config.json")
+        atomic_write_text("", out / METRICS_NAME)
+    return None, None
+
+
+@torch.no_grad()
+def _broadcast_training_state(model: SMoEVAE, optimizer: torch.optim.Optimizer) -> None:
+    """Rank 0's parameters and Adam moments to every rank (after expert revival)."""
+    for p in model.parameters():
+        torch.distributed.broadcast(p.data, src=0)
+        for state in optimizer.state.get(p, {}).values():
+            if isinstance(state, torch.Tensor) and state.dim() > 0:
+                torch.distributed.broadcast(state, src=0)

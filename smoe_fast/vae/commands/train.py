@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--revive-dead-experts", action="store_true",
                    help="re-initialise experts that win < 10 training images in an epoch from the busiest one")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--noise", choices=("global", "keyed"), default=None,
+                   help="reparameterisation noise: torch's global RNG, or keyed per (seed, epoch, image) so that z "
+                        "does not depend on the number of processes (default: keyed under torchrun, else global)")
     add_runtime_arguments(p)
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output directory (checkpoint, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -39,23 +42,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import NonFiniteLossError, TrainConfig, evaluate, resolve_device, train
+    """One process, or one rank of ``torchrun --nproc-per-node N -m smoe_fast train ...`` (DDP; only rank 0 prints)."""
+    import torch.distributed as dist
 
-    device = resolve_device(args.device)
+    from ...distributed import init_from_env
+    from ..train import resolve_device
+
+    device = init_from_env(args.device)
+    launched = device is not None
+    try:
+        return _run(args, device if launched else resolve_device(args.device), launched)
+    finally:
+        if launched and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, device, launched: bool) -> int:
+    import torch.distributed as dist
+
+    from ..train import NonFiniteLossError, TrainConfig, evaluate, train
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if launched else (0, 1)
+    noise = args.noise or ("keyed" if launched else "global")
     config = TrainConfig(num_experts=args.experts, latent_dim=args.latent_dim, encoder=args.encoder,
                          decoder=args.decoder, routing=args.routing, gating=args.gating, top_k=args.top_k,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
                          reduction=args.reduction, seed=args.seed, backend=args.backend, device=str(device),
-                         revive_dead_experts=args.revive_dead_experts)
+                         revive_dead_experts=args.revive_dead_experts, noise=noise)
     train_set, test_set = load_data(args)
-    print(f"training on {train_set.images.shape[0]:,} {args.data} images ({test_set.images.shape[0]:,} test), "
-          f"E={args.experts}, {args.epochs} epochs, device {device}, backend {args.backend}"
-          f"{'' if args.backend != 'auto' else ' -> ' + auto_choice(device)}")
+    if rank == 0:
+        print(f"training on {train_set.images.shape[0]:,} {args.data} images ({test_set.images.shape[0]:,} test), "
+              f"E={args.experts}, {args.epochs} epochs, device {device}, backend {args.backend}"
+              f"{'' if args.backend != 'auto' else ' -> ' + auto_choice(device)}"
+              + (f", {world} processes ({dist.get_backend()}), global batch {args.batch_size}" if launched else ""))
     try:
         result = train(config, train_set, test_set, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if rank != 0:
+        return 0
     print_summary(result.model, evaluate(result.model, test_set, seed=config.seed), test_set,
                   title=f"after {len(result.history)} epochs: {args.out}/checkpoint.pt")
     return 0

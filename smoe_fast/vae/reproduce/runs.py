@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from ...distributed import world_info
 
 from ..data import DATA_SOURCES
 from .report import make_figures, write_report
@@ -95,6 +98,7 @@ class Plan:
     data_seed: int
     out: Path
     progress: bool
+    noise: str = "global"   # "keyed" under torchrun: each run is data-parallel (smoe_fast.vae.train)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -210,7 +214,7 @@ def train_config(plan: Plan, spec: RunSpec):
 
     return TrainConfig(num_experts=spec.num_experts, encoder=plan.encoder, decoder=plan.decoder, routing=spec.routing,
                        epochs=plan.epochs, batch_size=plan.batch_size, seed=spec.seed, backend=plan.backend,
-                       device=plan.device, revive_dead_experts=spec.revive)
+                       device=plan.device, revive_dead_experts=spec.revive, noise=plan.noise)
 
 
 _RUNTIME_KEYS = ("backend", "device", "epochs")   # may change between restarts without invalidating a result
@@ -230,16 +234,28 @@ def run_one(plan: Plan, spec: RunSpec, data: DataCache, focus: bool) -> dict[str
     config = train_config(plan, spec)
     wanted = dataclasses.asdict(config)
     result_path = run_dir / RESULT_NAME
-    if result_path.exists():
+    rank, world = world_info()
+    stored, error = None, None
+    if rank == 0 and result_path.exists():
         stored = json.loads(result_path.read_text())
         if _comparable(stored["config"]) != _comparable(wanted) or stored["config"]["epochs"] != plan.epochs:
-            raise ValueError(f"{str(run_dir)!r} holds a finished run with a different configuration "
-                             f"({_config_difference(stored['config'], wanted)}); use another --out directory")
+            stored, error = None, ValueError(f"{str(run_dir)!r} holds a finished run with a different configuration "
+                                             f"({_config_difference(stored['config'], wanted)}); use another --out "
+                                             "directory")
+    if world > 1:   # rank 0 decides for all (the ranks need not share a file system)
+        shared = [stored, error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        stored, error = shared
+    if error is not None:
+        raise error
+    if stored is not None:
         return stored
     train_set, test_set = data.get(spec.fraction)
-    resume = (run_dir / CHECKPOINT_NAME).exists()
+    resume = (run_dir / CHECKPOINT_NAME).exists()   # train() reads it on rank 0 only
     started = time.perf_counter()
     result = train(config, train_set, test_set, out_dir=run_dir, resume=resume, progress=plan.progress)
+    if rank != 0:
+        return {}
     evaluation = evaluate(result.model, test_set, batch_size=config.eval_batch_size, seed=config.seed)
     report = expert_report(evaluation, spec.num_experts, substyles=test_set.substyles, per_expert=focus)
     record = {
@@ -262,10 +278,29 @@ def _config_difference(old: dict, new: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run every planned experiment, then write results.json, figures/ and report.md under --out."""
+    """Run every planned experiment, then write results.json, figures/ and report.md under --out.
+
+    Under torchrun every run is data-parallel over the processes; rank 0 writes and prints.
+    """
+    from ...distributed import init_from_env
+
+    device = init_from_env(args.device)
+    if device is None:
+        return _run(args, launched=False)
+    args.device = str(device)
+    try:
+        return _run(args, launched=True)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, launched: bool) -> int:
     from tqdm.auto import tqdm
 
     plan = make_plan(args)
+    rank = world_info()[0]
+    if launched:
+        plan = dataclasses.replace(plan, noise="keyed", progress=plan.progress and rank == 0)
     plan.out.mkdir(parents=True, exist_ok=True)
     data = DataCache(plan)
     num_classes = data.get(max(plan.fractions))[0].num_classes
@@ -274,15 +309,20 @@ def run(args: argparse.Namespace) -> int:
     from ...backends import resolve_backend
 
     backend = resolve_backend(plan.backend, plan.device).value
-    print(f"smoe-fast reproduce: preset {plan.preset}, {plan.data} data, {len(specs)} runs of {plan.epochs} epochs, "
-          f"device {plan.device}, backend {plan.backend}{' -> ' + backend if plan.backend == 'auto' else ''}; "
-          f"output {plan.out}")
+    if rank == 0:
+        print(f"smoe-fast reproduce: preset {plan.preset}, {plan.data} data, {len(specs)} runs of {plan.epochs} epochs, "
+              f"device {plan.device}, backend {plan.backend}{' -> ' + backend if plan.backend == 'auto' else ''}; "
+              f"output {plan.out}" + (f"; {world_info()[1]} processes per run" if launched else ""))
     results: list[dict[str, Any]] = []
     bar = tqdm(specs, desc="reproduce", unit="run", disable=not plan.progress)
     for spec in bar:
         bar.set_postfix_str(spec.name)
-        results.append(run_one(plan, spec, data, focus=spec == focus))
-        write_results(plan, results)
+        record = run_one(plan, spec, data, focus=spec == focus)
+        if rank == 0:
+            results.append(record)
+            write_results(plan, results)
+    if rank != 0:
+        return 0
     write_results(plan, results)
     figures = make_figures(plan, results, data, focus)
     report = write_report(plan, results, figures)
