@@ -301,7 +301,8 @@ def training_cases(arch: int, full: bool) -> list[Case]:
                         consts["LOG_E"] = launch.log2_ceil(e)
                     cases.append(Case(f"experts_{op}:{name}", f"{op} {direction} {kind}", f"{_fmt(config)},fp32/{precision}",
                                       ptrs, {k: v for k, v in scalars.items() if k in arg_names(kernel)}, consts,
-                                      config["num_warps"], _training_work(op, kind, direction, config, hidden), precision))
+                                      config["num_warps"], _training_work(op, kind, direction, config, hidden), precision,
+                                      config["num_stages"]))
     w_total = 14_249
     rows = launch.tile_bound(W.TOPK_B * W.TOPK_K, W.TOPK_E, decoder_blocks.BLOCK_M)
     sum_work = W.Work(shape=f"E={W.TOPK_E} W={w_total}", programs=W.TOPK_E * W.cdiv(w_total, experts_topk._REDUCE_BLOCK),
