@@ -194,7 +194,6 @@ def _group_by_expert_scatter_fwd_kernel(
 
     p_base = block_base + tl.cast(i_j * tl.num_programs(1) + i_c, tl.int64) * BLOCK_E
     b_base = b_offsets + b_before
-    e_end = tl.minimum(e0 + BLOCK_E, E)
     o_t = tl.arange(0, BLOCK_T)
     for p in range(c_lo, c_hi):
         p64 = tl.cast(p, tl.int64)

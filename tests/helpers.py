@@ -68,3 +68,16 @@ def routing_case(name: str, batch: int, num_experts: int, seed: int = 0) -> torc
     if name == "even_only":
         return torch.randint(0, (num_experts + 1) // 2, (batch,), generator=g) * 2
     raise ValueError(name)
+
+
+def blob_images(n: int, seed: int):
+    """Tiny learnable images for training tests: one of three dark squares on a white background."""
+    from smoe_fast.vae.data import ImageDataset
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    images = torch.ones(n, 1, 28, 28)
+    for c in range(3):
+        images[labels == c, :, 4 + 7 * c:11 + 7 * c, 8:20] = 0.0
+    images = (images + 0.05 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    return ImageDataset(images, labels, None, ("a", "b", "c"))

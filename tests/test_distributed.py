@@ -23,12 +23,11 @@ import torch.multiprocessing as mp
 from smoe_fast.distributed import expert_ranges, global_sum, shard_experts
 from smoe_fast.experts import StackedExperts
 from smoe_fast.profile_distributed import profile_distributed
-from smoe_fast.vae.data import ImageDataset
 from smoe_fast.vae.loss import smoe_loss, smoe_loss_sharded
 from smoe_fast.vae.model import SMoEVAE
 from smoe_fast.vae.train import TrainConfig, keyed_noise, train
 
-from helpers import assert_close
+from helpers import assert_close, blob_images
 
 TIME_LIMIT_S = 120
 
@@ -264,19 +263,11 @@ def test_capacity_overflow_drops_tokens_and_counts_them(ranks):
 
 
 # ---------------------------------------------------------------------------- data-parallel training
-def _blobs(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 3, (n,), generator=g)
-    images = torch.ones(n, 1, 28, 28)
-    for c in range(3):
-        images[labels == c, :, 4 + 7 * c:11 + 7 * c, 8:20] = 0.0
-    images = (images + 0.05 * torch.randn(images.shape, generator=g)).clamp(0, 1)
-    return ImageDataset(images, labels, None, ("a", "b", "c"))
 
 
 # 49 images in batches of 16 (3 full, 8/8 or 6/5/5 per rank): the last global batch has 1 image, so every
 # rank but rank 0 takes a step with no images.
-TRAIN, TEST = _blobs(49, 0), _blobs(48, 1)
+TRAIN, TEST = blob_images(49, 0), blob_images(48, 1)
 DDP_CONFIG = TrainConfig(num_experts=3, encoder="lite", epochs=2, batch_size=16, backend="reference",
                          eval_batch_size=48, noise="keyed")
 

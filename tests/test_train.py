@@ -7,22 +7,13 @@ import pytest
 import torch
 
 import smoe_fast.vae.train as train_module
-from smoe_fast.vae.data import ImageDataset
+from helpers import blob_images
 from smoe_fast.vae.train import NonFiniteLossError, TrainConfig, evaluate, load_checkpoint, train
 
 
-def _blobs(n, seed):
-    """Tiny learnable images: one of three bright squares on a white background."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 3, (n,), generator=g)
-    images = torch.ones(n, 1, 28, 28)
-    for c in range(3):
-        images[labels == c, :, 4 + 7 * c:11 + 7 * c, 8:20] = 0.0
-    images = (images + 0.05 * torch.randn(images.shape, generator=g)).clamp(0, 1)
-    return ImageDataset(images, labels, None, ("a", "b", "c"))
 
 
-TRAIN, TEST = _blobs(192, 0), _blobs(64, 1)
+TRAIN, TEST = blob_images(192, 0), blob_images(64, 1)
 CONFIG = TrainConfig(num_experts=3, encoder="lite", epochs=3, batch_size=32, backend="reference", eval_batch_size=32)
 
 
