@@ -200,38 +200,40 @@ def grouped_layer_config(kernel: str, c_in: int, c_out: int, pixels_in: int, pix
 # spill budgets (bytes of spill stores + loads per thread, from ptxas), enforced by tests/test_audit.py
 # ----------------------------------------------------------------------------------------------------
 
-# Grouping must never spill. The others are the audit's figures (the most over sm_86 and sm_90 and
-# every config of the covering set, triton 3.9, rounded up to 64 B): a ratchet that the hard-gated
-# and training-kernel issues tighten towards zero; a change that spills more fails the test. For
-# comparison, before the launch-layer and tile work: hard lite 132 B and hard medium 2,644 B on
-# sm_80, grouped medium layers up to 73 KB (wgrad conv1), soft/top-k lite backward 9.5-22 KB.
+# Grouping must never spill. The others are the audit's figures (the most over sm_80, sm_86 and sm_90
+# and every config of the covering set, triton 3.9, rounded up to 64 B): a ratchet that the
+# hard-gated and training-kernel issues tighten towards zero; a change that spills more fails the
+# test. sm_80's ptxas spills more than sm_86's for the same configs (hard medium 3,952 B against
+# 100 B, medium wgrad conv1 23.8 KB against 12 B). Before the launch-layer and tile work: hard lite
+# 132 B and hard medium 2,644 B on sm_80, grouped medium layers up to 73 KB (wgrad conv1 on sm_90),
+# soft/top-k lite backward 9.5-22 KB.
 SPILL_BUDGET_BYTES = {
     "grouping": 0,
     "tile offsets": 0,
     "segment sum": 0,
-    "hard lite": 64,
-    "hard medium": 192,
+    "hard lite": 192,
+    "hard medium": 3_968,
     "hard mlp": 64,
     "soft fwd lite": 1_664,
     "soft fwd mlp": 64,
     "soft bwd lite": 20_800,
-    "soft bwd mlp": 3_904,
+    "soft bwd mlp": 7_232,
     "topk fwd lite": 1_792,
-    "topk fwd mlp": 0,
+    "topk fwd mlp": 64,
     "topk bwd lite": 22_528,
-    "topk bwd mlp": 3_968,
+    "topk bwd mlp": 7_232,
     "medium fwd fc": 64,
     "medium fwd conv1": 11_584,
     "medium fwd conv2": 10_688,
     "medium fwd conv3": 11_648,
     "medium dgrad fc": 0,
     "medium dgrad conv1": 22_976,
-    "medium dgrad conv2": 21_824,
+    "medium dgrad conv2": 27_008,
     "medium dgrad conv3": 29_696,
     "medium wgrad fc": 0,
-    "medium wgrad conv1": 192,
-    "medium wgrad conv2": 64,
-    "medium wgrad conv3": 704,
+    "medium wgrad conv1": 23_808,
+    "medium wgrad conv2": 13_184,
+    "medium wgrad conv3": 2_816,
 }
 
 
