@@ -6,8 +6,8 @@ and, where it depends on the batch, on a *bucketed* token count (next power of t
 ``TRITON_INTERPRET`` or on CPU tensors (arch 0) the interpreter's tiles are used: it pays per
 operation, not per element, so they are wide.
 
-Every config a launcher can pick for an arch is listed by :func:`launch_configs`, which
-``smoe-fast audit`` compiles: a config that does not fit an arch's per-block shared memory is never
+Every config a launcher can pick for an arch is enumerated from these functions by
+``smoe_fast/audit/cases.py``, which ``smoe-fast audit`` compiles: a config that does not fit an arch's per-block shared memory is never
 chosen for it (``tests/test_audit.py`` enforces this from the audit's table).
 
 The defaults were chosen from the audit's compile reports (registers, spills, shared memory), without

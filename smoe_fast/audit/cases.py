@@ -71,7 +71,6 @@ def grouping_cases(arch: int, full: bool) -> list[Case]:
     for bucket, num_experts in shapes:
         config = tuning.grouping_config(tuning.bucket_tokens(bucket), num_experts, arch)
         plan = grouping.plan_grouping(bucket, num_experts, config, target_programs=264)
-        reads = plan.elements_read()
         for idx_dtype in idx_dtypes:
             for top_k in (1, 2):
                 idx_bytes = 8 if idx_dtype == "i64" else 4
@@ -87,8 +86,7 @@ def grouping_cases(arch: int, full: bool) -> list[Case]:
                              W.Stream("ranks, local sort", 3 * bucket * 4, "hbm", gather=True),
                              W.Stream("chunk counts", 3 * plan.programs * num_experts * 4, "l2")),
                     serial_steps=2 * t / config["BLOCK_T"] * 2 + 2 * W.cdiv(num_experts, config["BLOCK_E"]),
-                    compulsory_bytes=bucket * idx_bytes + 2 * bucket * 4,
-                    extra={"elements_read": reads["count"]})
+                    compulsory_bytes=bucket * idx_bytes + 2 * bucket * 4)
                 cases.append(Case("grouping:_group_by_expert_count_fwd_kernel", "grouping count", label,
                                   {"expert_idx": "*" + idx_dtype, "token_rank": "*i32", "chunk_counts": "*i32",
                                    "chunk_offsets": "*i32", "local_sorted": "*i32"},
@@ -101,8 +99,7 @@ def grouping_cases(arch: int, full: bool) -> list[Case]:
                              W.Stream("sorted rows, positions", 2 * bucket * 4, "hbm", gather=True)),
                     serial_steps=(W.cdiv(plan.programs, config["BLOCK_P"])
                                   + plan.chunks_per_range * (3 + bucket / plan.programs / config["BLOCK_T"])),
-                    compulsory_bytes=bucket * idx_bytes + 2 * bucket * 4,
-                    extra={"elements_read": reads["scatter"]})
+                    compulsory_bytes=bucket * idx_bytes + 2 * bucket * 4)
                 cases.append(Case("grouping:_group_by_expert_scatter_fwd_kernel", "grouping scatter", label,
                                   {"expert_idx": "*" + idx_dtype, **{k: "*i32" for k in (
                                       "chunk_counts", "chunk_offsets", "local_sorted", "block_base", "expert_counts",

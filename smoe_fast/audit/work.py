@@ -18,7 +18,7 @@ Target shapes (DESIGN.md "Performance targets"):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 GROUPING_N, GROUPING_E = 65_536, 1_024
 HARD_B, HARD_E = 65_536, 64
@@ -64,7 +64,6 @@ class Work:
     scratch_bytes: float = 0.0       # the grid's scratch footprint
     useful_flops: float = 0.0        # the ideal roofline's FLOPs (no padding, phase-split convs)
     compulsory_bytes: float = 0.0    # the ideal roofline's bytes
-    extra: dict = field(default_factory=dict)
 
 
 def cdiv(a: int, b: int) -> int:
