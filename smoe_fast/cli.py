@@ -23,6 +23,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that states each default once: "(default: X)" is appended only to a help text that does not
+    already explain its default, and only when there is a default to state (not None or a False flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe-fast", description="Fast sparse mixture-of-experts dispatch and the "
                                      "SMoE-VAE of arXiv 2509.10025: train, evaluate, profile, reproduce.")
@@ -31,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smoe_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, formatter_class=DefaultsOnceFormatter)
         importlib.import_module(module).add_arguments(p)
     return parser
 

@@ -146,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=2, help="experts per token for --stage topk")
     parser.add_argument("--routing", choices=("uniform", "skewed"), default="uniform",
                         help="uniform random experts, or skewed (expert e favoured by 2^(-e/4))")
-    parser.add_argument("--latent-dim", type=int, default=32)
+    parser.add_argument("--latent-dim", type=int, default=32, help="latent size L")
     parser.add_argument("--hidden-dim", type=int, default=256, help="hidden size of the mlp decoder")
     parser.add_argument("--max-soft-pairs", type=int, default=None,
                         help="skip soft points with B*E above this (default cpu: 65536; cuda: 262144)"

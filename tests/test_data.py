@@ -339,6 +339,16 @@ def test_quickdraw_bitmaps_inverted_and_split(bitmap_root, fraction, per_train, 
         np.testing.assert_allclose(test.images[test.labels == label].numpy(), expected_test, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("layout", [(784,), (1, 784), (28, 28)], ids=["N-784", "N-1-784", "N-28-28"])
+def test_quickdraw_bitmap_layouts_load_alike(tmp_path, layout):
+    # Public QuickDraw subsets store the same bytes as [N, 784], [N, 1, 784] or [N, 28, 28]
+    bitmaps = write_bitmap_file(tmp_path / "flat.npy", 12, seed=5)
+    np.save(tmp_path / "full_numpy_bitmap_cat.npy", bitmaps.reshape((12,) + layout))
+    train, test = load_quickdraw_bitmaps(tmp_path, ("cat",), 1.0)
+    expected = torch.from_numpy(1.0 - bitmaps.astype(np.float32) / 255).reshape(12, 1, 28, 28)
+    torch.testing.assert_close(torch.cat([train.images, test.images]), expected, rtol=0, atol=1e-6)
+
+
 def test_quickdraw_bitmaps_ink_becomes_dark(tmp_path):
     bitmaps = np.zeros((4, 784), np.uint8)
     bitmaps[:, 0] = 255  # ink at the top-left pixel, background elsewhere
@@ -435,9 +445,11 @@ def test_bad_stroke_files(tmp_path, make, match):
 @pytest.mark.parametrize("make, match", [
     (lambda p: p.write_bytes(b"\x93NUMPY garbage"), "cannot be read"),
     (lambda p: np.save(p, np.zeros((5, 784), np.float32)), "found float32"),
-    (lambda p: np.save(p, np.zeros((5, 28, 28), np.uint8)), r"\(5, 28, 28\)"),
+    (lambda p: np.save(p, np.zeros((5, 28, 27), np.uint8)), r"\(5, 28, 27\)"),
+    (lambda p: np.save(p, np.zeros((5, 2, 392), np.uint8)), r"\(5, 2, 392\)"),
+    (lambda p: np.save(p, np.zeros((5, 1, 28, 28), np.uint8)), r"\(5, 1, 28, 28\)"),
     (lambda p: np.save(p, np.zeros((1, 784), np.uint8)), "at least 2"),
-], ids=["corrupt", "float-dtype", "3-d-shape", "one-row"])
+], ids=["corrupt", "float-dtype", "28x27-images", "two-channel-rows", "4-d-shape", "one-row"])
 def test_bad_bitmap_files(tmp_path, make, match):
     make(tmp_path / "full_numpy_bitmap_face.npy")
     with pytest.raises(ValueError, match=match) as info:

@@ -277,6 +277,10 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
         ckpt, error = shared
     if error is not None:
         raise error
+    class_names = list(getattr(train_data, "class_names", ()) or ())
+    if ckpt is not None and ckpt.get("class_names", class_names) != class_names:
+        raise ValueError(f"cannot resume: the checkpoint in {str(out)!r} was trained on classes "
+                         f"{ckpt['class_names']}, this data has {class_names}; pass the same --categories")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -358,7 +362,7 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
         }
         history.append(record)
         if out is not None and writer:
-            atomic_save({"config": dataclasses.asdict(config), "model": model.state_dict(),
+            atomic_save({"config": dataclasses.asdict(config), "class_names": class_names, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "rng": _rng_state(shuffle, device),
                          "history": history, "epoch": epoch + 1}, out / CHECKPOINT_NAME)
             with open(out / METRICS_NAME, "a") as f:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ...backends import Backend
-from ..data import DATA_SOURCES
+from ..data import DATA_SOURCES, QUICKDRAW_CATEGORIES
 
 
 def add_data_arguments(p: argparse.ArgumentParser, num_train: int | None, num_test: int | None) -> None:
@@ -15,26 +15,30 @@ def add_data_arguments(p: argparse.ArgumentParser, num_train: int | None, num_te
                    help="data source: the built-in synthetic sketches (default), QuickDraw sketch-rnn .npz stroke "
                         "files, or QuickDraw full_numpy_bitmap .npy files")
     g.add_argument("--root", type=Path, default=None, help="directory holding the QuickDraw files")
+    g.add_argument("--categories", nargs="+", metavar="NAME", default=None,
+                   help=f"class names, in label order (default: {' '.join(QUICKDRAW_CATEGORIES)}, the paper's); "
+                        "QuickDraw reads one file per name, synthetic data knows only these five")
     g.add_argument("--fraction", type=float, default=1.0,
                    help="dataset fraction p of PAPER.md (QuickDraw: train = first p*70,000 sketches per class)")
     g.add_argument("--download", action="store_true", help="fetch missing QuickDraw files into --root")
-    g.add_argument("--num-train", type=int, default=num_train, help=f"training images (synthetic; default {num_train})")
-    g.add_argument("--num-test", type=int, default=num_test, help=f"test images (synthetic; default {num_test})")
+    g.add_argument("--num-train", type=int, default=num_train, help="training images (synthetic)")
+    g.add_argument("--num-test", type=int, default=num_test, help="test images (synthetic)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data set")
 
 
-def load_data(args):
-    """(train, test) as the data options in ``args`` choose them."""
+def load_data(args, categories=None):
+    """(train, test) as the data options in ``args`` choose them; ``categories`` is the fallback when
+    ``--categories`` is not given (eval passes the checkpoint's)."""
     from ..data import load_data
 
     return load_data(args.data, root=args.root, fraction=args.fraction, seed=args.data_seed, download=args.download,
-                     num_train=args.num_train, num_test=args.num_test)
+                     num_train=args.num_train, num_test=args.num_test, categories=args.categories or categories)
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=[b.value for b in Backend], default="auto",
-                   help="expert dispatch backend (default auto: triton on CUDA, else cpp if it builds, else reference)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+                   help="expert dispatch backend (auto: triton on CUDA, else cpp if it builds, else reference)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (auto: cuda if available)")
 
 
 def auto_choice(device) -> str:

@@ -23,15 +23,17 @@ def run(args: argparse.Namespace) -> int:
     from ..train import evaluate, load_checkpoint, resolve_device
 
     device = resolve_device(args.device)
+    trained_on = None   # the class names a smoe-fast checkpoint records; the default for --categories
     try:
-        model, _ = load_checkpoint(args.checkpoint, backend=args.backend, device=str(device))
+        model, ckpt = load_checkpoint(args.checkpoint, backend=args.backend, device=str(device))
+        trained_on = ckpt.get("class_names") or None
     except ValueError as ours_error:
         try:
             model = SMoEVAE.load_authors_checkpoint(args.checkpoint, decoder=args.decoder, backend=args.backend).to(device)
         except ValueError as authors_error:
             print(f"error: {ours_error}\n       as an authors' checkpoint: {authors_error}", file=sys.stderr)
             return 2
-    _, test_set = load_data(args)
+    _, test_set = load_data(args, categories=trained_on)
     sampled = evaluate(model, test_set, seed=args.seed)
     deterministic = evaluate(model, test_set, sample=False)
     print_summary(model, sampled, test_set, title=f"{args.checkpoint}: {test_set.images.shape[0]:,} {args.data} test images")

@@ -15,23 +15,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p, num_train=8000, num_test=2000)
     m = p.add_argument_group("model")
     m.add_argument("--experts", type=int, default=5, help="number of decoder experts E")
-    m.add_argument("--latent-dim", type=int, default=32)
-    m.add_argument("--encoder", choices=("medium", "lite"), default="medium")
-    m.add_argument("--decoder", choices=("lite", "medium", "mlp"), default="lite")
-    m.add_argument("--routing", choices=("unsupervised", "supervised", "label"), default="unsupervised")
+    m.add_argument("--latent-dim", type=int, default=32, help="latent size L")
+    m.add_argument("--encoder", choices=("medium", "lite"), default="medium", help="encoder (medium is the paper's)")
+    m.add_argument("--decoder", choices=("lite", "medium", "mlp"), default="lite",
+                   help="decoder expert kind (lite is the paper's)")
+    m.add_argument("--routing", choices=("unsupervised", "supervised", "label"), default="unsupervised",
+                   help="unsupervised: the paper's gate; supervised: the authors' CE-trained baseline; label: expert = class")
     m.add_argument("--gating", choices=("soft", "hard", "topk"), default=None,
                    help="training gating override (default: soft for unsupervised, hard otherwise)")
     m.add_argument("--top-k", type=int, default=2, help="experts per image with --gating topk")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=3)
-    o.add_argument("--batch-size", type=int, default=128)
-    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--epochs", type=int, default=3, help="passes over the training set (the paper: 20)")
+    o.add_argument("--batch-size", type=int, default=128, help="images per optimiser step (the paper's)")
+    o.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper's)")
     o.add_argument("--beta", type=float, default=0.01, help="KL weight (the authors' code value)")
     o.add_argument("--reduction", choices=("paper", "per_sample"), default="paper",
                    help="loss normalisation: the paper's batch sums, or per-sample normalised")
     o.add_argument("--revive-dead-experts", action="store_true",
                    help="re-initialise experts that win < 10 training images in an epoch from the busiest one")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and sampled z")
     o.add_argument("--noise", choices=("global", "keyed"), default=None,
                    help="reparameterisation noise: torch's global RNG, or keyed per (seed, epoch, image) so that z "
                         "does not depend on the number of processes (default: keyed under torchrun, else global)")
@@ -71,7 +73,8 @@ def _run(args: argparse.Namespace, device, launched: bool) -> int:
                          revive_dead_experts=args.revive_dead_experts, noise=noise)
     train_set, test_set = load_data(args)
     if rank == 0:
-        print(f"training on {train_set.images.shape[0]:,} {args.data} images ({test_set.images.shape[0]:,} test), "
+        print(f"training on {train_set.images.shape[0]:,} {args.data} images ({test_set.images.shape[0]:,} test) of "
+              f"{', '.join(train_set.class_names)}, "
               f"E={args.experts}, {args.epochs} epochs, device {device}, backend {args.backend}"
               f"{'' if args.backend != 'auto' else ' -> ' + auto_choice(device)}"
               + (f", {world} processes ({dist.get_backend()}), global batch {args.batch_size}" if launched else ""))

@@ -205,25 +205,37 @@ def load_quickdraw_strokes(root, categories: Sequence[str] = QUICKDRAW_CATEGORIE
             _as_dataset(*_concatenate(test_parts, categories), None, categories))
 
 
+# Layouts of one 28x28 bitmap per row that public QuickDraw bitmap files use; all hold the same bytes.
+BITMAP_SHAPES = ("[N, 784]", "[N, 1, 784]", "[N, 28, 28]")
+
+
 def _load_bitmap_file(path: Path) -> np.ndarray:
+    """The bitmaps of one ``.npy`` file as uint8 [N, 784] (memory-mapped; [N, 1, 784] and [N, 28, 28]
+    files are viewed, not copied)."""
+    expected = f"uint8 with shape {' or '.join(BITMAP_SHAPES)}"
     try:
         bitmaps = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as error:  # numpy raises ValueError/OSError/EOFError/UnpicklingError for damaged files
-        raise ValueError(f"{path}: expected a QuickDraw bitmap .npy (uint8, shape [N, 784]), but it cannot be "
+        raise ValueError(f"{path}: expected a QuickDraw bitmap .npy ({expected}), but it cannot be "
                          f"read ({type(error).__name__}: {error}). Delete it and download it again "
                          f"({quickdraw_url(path.stem.removeprefix('full_numpy_bitmap_'), bitmap=True)}).") from error
-    if bitmaps.dtype != np.uint8 or bitmaps.ndim != 2 or bitmaps.shape[1] != IMAGE_SIZE * IMAGE_SIZE:
-        raise ValueError(f"{path}: expected a QuickDraw bitmap array of dtype uint8 and shape [N, 784], found "
-                         f"{bitmaps.dtype} {bitmaps.shape}. Is this a full_numpy_bitmap_*.npy file?")
-    if bitmaps.shape[0] < 2:
-        raise ValueError(f"{path}: expected at least 2 bitmaps (one train, one test), found {bitmaps.shape[0]}")
-    return bitmaps
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    shape = bitmaps.shape
+    known = (len(shape) == 2 and shape[1] == pixels) or (len(shape) == 3 and shape[1:] in ((1, pixels),
+                                                                                        (IMAGE_SIZE, IMAGE_SIZE)))
+    if bitmaps.dtype != np.uint8 or not known:
+        raise ValueError(f"{path}: expected a QuickDraw bitmap array of dtype {expected}, found "
+                         f"{bitmaps.dtype} {shape}. Is this a full_numpy_bitmap_*.npy file?")
+    if shape[0] < 2:
+        raise ValueError(f"{path}: expected at least 2 bitmaps (one train, one test), found {shape[0]}")
+    return bitmaps.reshape(shape[0], pixels)
 
 
 def load_quickdraw_bitmaps(root, categories: Sequence[str] = QUICKDRAW_CATEGORIES, fraction: float = 1.0,
                            download: bool = False, num_train: int | None = None,
                            num_test: int | None = None) -> tuple[ImageDataset, ImageDataset]:
-    """QuickDraw bitmaps from ``{root}/full_numpy_bitmap_{name}.npy`` (uint8 [N, 784], ink 255 on 0).
+    """QuickDraw bitmaps from ``{root}/full_numpy_bitmap_{name}.npy`` (uint8 [N, 784], [N, 1, 784] or
+    [N, 28, 28], ink 255 on 0).
 
     Inverted to the paper's convention, x = 1 − b/255 (white background 1.0). These files have no
     train/test split, so per class: test = the LAST n_test rows and train = the FIRST n_train rows,

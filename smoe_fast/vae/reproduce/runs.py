@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--data", choices=DATA_SOURCES, default=None,
                    help="data source (default: the preset's, synthetic); quickdraw needs --root")
     d.add_argument("--root", type=Path, default=None, help="directory holding the QuickDraw files")
+    d.add_argument("--categories", nargs="+", metavar="NAME", default=None,
+                   help="class names, in label order (default: face cat snowflake pencil eye, the paper's)")
     d.add_argument("--download", action="store_true", help="fetch missing QuickDraw files into --root")
     d.add_argument("--num-train", type=int, default=None,
                    help="synthetic: training images at fraction 1.0; QuickDraw: cap on training images")
@@ -55,10 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data set")
     m = parser.add_argument_group("runs")
     m.add_argument("--experts", type=int, nargs="+", default=None, help="configured expert counts E of the sweep")
-    m.add_argument("--epochs", type=int, default=None)
-    m.add_argument("--batch-size", type=int, default=128)
-    m.add_argument("--encoder", choices=("medium", "lite"), default=None)
-    m.add_argument("--decoder", choices=("lite", "medium", "mlp"), default=None)
+    m.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the preset's)")
+    m.add_argument("--batch-size", type=int, default=128, help="images per optimiser step (the paper's)")
+    m.add_argument("--encoder", choices=("medium", "lite"), default=None, help="encoder (default: the preset's)")
+    m.add_argument("--decoder", choices=("lite", "medium", "mlp"), default=None,
+                   help="decoder expert kind (default: the preset's, lite)")
     m.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; tables average over them")
     m.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS),
                    help="which experiments to run")
@@ -67,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--tsne-points", type=int, default=None, help="test images in the t-SNE plot")
     parser.add_argument("--backend", choices=("auto", "reference", "triton", "cpp"), default="auto",
                         help="expert dispatch backend (auto: the fastest available)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (auto: cuda if available)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/reproduce-<preset>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -98,6 +101,7 @@ class Plan:
     data_seed: int
     out: Path
     progress: bool
+    categories: tuple[str, ...] | None = None   # None: the data source's default (the paper's five)
     noise: str = "global"   # "keyed" under torchrun: each run is data-parallel (smoe_fast.vae.train)
 
 
@@ -130,7 +134,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 seeds=tuple(dict.fromkeys(args.seeds)), experiments=tuple(args.experiments),
                 analysis_experts=analysis_experts, tsne_points=pick("tsne_points"), tsne_iter=preset["tsne_iter"],
                 backend=args.backend, device=str(resolve_device(args.device)), data_seed=args.data_seed,
-                out=args.out or Path(f"runs/reproduce-{args.preset}"), progress=not args.no_progress)
+                out=args.out or Path(f"runs/reproduce-{args.preset}"), progress=not args.no_progress,
+                categories=tuple(args.categories) if getattr(args, "categories", None) else None)
 
 
 # --------------------------------------------------------------------------- data
@@ -150,12 +155,13 @@ class DataCache:
             if plan.data == "synthetic":
                 if 1.0 not in self._cache:
                     self._cache[1.0] = load_data("synthetic", num_train=plan.num_train, num_test=plan.num_test,
-                                                 seed=plan.data_seed)
+                                                 seed=plan.data_seed, categories=plan.categories)
                 train, test = self._cache[1.0]
                 self._cache[fraction] = (_per_class_prefix(train, fraction), test)
             else:
                 self._cache[fraction] = load_data(plan.data, root=plan.root, fraction=fraction, download=plan.download,
-                                                  num_train=plan.num_train, num_test=plan.num_test)
+                                                  num_train=plan.num_train, num_test=plan.num_test,
+                                                  categories=plan.categories)
         return self._cache[fraction]
 
 
@@ -236,9 +242,13 @@ def run_one(plan: Plan, spec: RunSpec, data: DataCache, focus: bool) -> dict[str
     result_path = run_dir / RESULT_NAME
     rank, world = world_info()
     stored, error = None, None
+    train_set, test_set = data.get(spec.fraction)
     if rank == 0 and result_path.exists():
         stored = json.loads(result_path.read_text())
-        if _comparable(stored["config"]) != _comparable(wanted) or stored["config"]["epochs"] != plan.epochs:
+        if stored.get("class_names", list(train_set.class_names)) != list(train_set.class_names):
+            stored, error = None, ValueError(f"{str(run_dir)!r} holds a finished run on classes {stored['class_names']}, "
+                                             f"not {list(train_set.class_names)}; use another --out directory")
+        elif _comparable(stored["config"]) != _comparable(wanted) or stored["config"]["epochs"] != plan.epochs:
             stored, error = None, ValueError(f"{str(run_dir)!r} holds a finished run with a different configuration "
                                              f"({_config_difference(stored['config'], wanted)}); use another --out "
                                              "directory")
@@ -250,7 +260,6 @@ def run_one(plan: Plan, spec: RunSpec, data: DataCache, focus: bool) -> dict[str
         raise error
     if stored is not None:
         return stored
-    train_set, test_set = data.get(spec.fraction)
     resume = (run_dir / CHECKPOINT_NAME).exists()   # train() reads it on rank 0 only
     started = time.perf_counter()
     result = train(config, train_set, test_set, out_dir=run_dir, resume=resume, progress=plan.progress)
@@ -335,7 +344,7 @@ def write_results(plan: Plan, results: list[dict[str, Any]]) -> Path:
 
     meta = {"preset": plan.preset, "data": plan.data, "epochs": plan.epochs, "encoder": plan.encoder,
             "decoder": plan.decoder, "fractions": list(plan.fractions), "experts": list(plan.experts),
-            "seeds": list(plan.seeds), "device": plan.device, "backend_requested": plan.backend,
+            "seeds": list(plan.seeds), "categories": results[0]["class_names"] if results else list(plan.categories or ()), "device": plan.device, "backend_requested": plan.backend,
             "python": platform.python_version(), "written": datetime.datetime.now().isoformat(timespec="seconds")}
     summary = summarise(plan, results)
     path = plan.out / "results.json"
