@@ -130,8 +130,9 @@ def test_synthetic_labels_and_substyles_cover_everything(synthetic):
 
 
 def test_synthetic_substyles_are_visually_distinct(synthetic):
-    # Per class, nearest-mean-image classification of the held-out sub-styles must be near perfect and
-    # the mean images of any two sub-styles must differ clearly.
+    # Per class, the mean images of any two sub-styles differ clearly and nearest-mean-image
+    # classification recovers the held-out sub-styles; not perfectly, because 40% of the sketches are
+    # unfinished (only their first strokes drawn, as in QuickDraw).
     train, test = synthetic
     x_train, x_test = train.images.flatten(1), test.images.flatten(1)
     for label, class_name in enumerate(train.class_names):
@@ -144,7 +145,24 @@ def test_synthetic_substyles_are_visually_distinct(synthetic):
         in_class = test.labels == label
         predicted = ids[torch.cdist(x_test[in_class], means).argmin(1)]
         accuracy = (predicted == test.substyles[in_class]).float().mean()
-        assert accuracy > 0.9, (class_name, float(accuracy))
+        assert accuracy > 0.8, (class_name, float(accuracy))
+
+
+def test_synthetic_classes_overlap_like_real_doodles(synthetic):
+    # The paper's effects need classes that are not trivially separable: a nearest-class-mean classifier
+    # on pixels stays well below perfect, and sub-styles are shared between classes (the nearest
+    # sub-style of a round face is the round eye, of a closed eye the horizontal pencil).
+    train, test = synthetic
+    x_train, x_test = train.images.flatten(1), test.images.flatten(1)
+    class_means = torch.stack([x_train[train.labels == c].mean(0) for c in range(train.num_classes)])
+    accuracy = (torch.cdist(x_test, class_means).argmin(1) == test.labels).float().mean()
+    assert 0.5 < accuracy < 0.85, float(accuracy)
+    names = train.substyle_names
+    style_means = torch.stack([x_train[train.substyles == i].mean(0) for i in range(len(names))])
+    distances = torch.cdist(style_means, style_means).fill_diagonal_(float("inf"))
+    nearest = {names[i]: names[int(j)] for i, j in enumerate(distances.argmin(1))}
+    assert nearest["face/round"] == "eye/round" and nearest["eye/closed"] == "pencil/horizontal"
+    assert sum(a.split("/")[0] != b.split("/")[0] for a, b in nearest.items()) >= 4
 
 
 def test_synthetic_deterministic_by_seed_and_splits_disjoint(synthetic):
@@ -183,7 +201,8 @@ def test_synthetic_category_subset():
     train, test = synthetic_sketches(num_train=40, num_test=10, seed=0, categories=("pencil", "cat"))
     assert train.class_names == ("pencil", "cat")
     assert set(train.labels.tolist()) == {0, 1}
-    assert train.substyle_names == ("pencil/horizontal", "pencil/diagonal", "pencil/vertical", "cat/head", "cat/sitting")
+    assert train.substyle_names == ("pencil/horizontal", "pencil/diagonal", "pencil/vertical", "cat/head", "cat/sitting",
+                                    "cat/face")
     assert torch.all((train.substyles < 3) == (train.labels == 0))
 
 

@@ -9,7 +9,7 @@ from smoe_fast.vae import reproduce
 # A tiny quick preset: 300 synthetic training images, 1 epoch, E in {1, 3}, reference backend.
 TINY = ["--preset", "quick", "--num-train", "300", "--num-test", "100", "--epochs", "1", "--experts", "1", "3",
         "--fractions", "0.5", "1.0", "--analysis-experts", "3", "--tsne-points", "100", "--backend", "reference",
-        "--device", "cpu", "--no-progress"]
+        "--device", "cpu", "--no-progress", "--experiments", "sweep", "routing", "collapse", "analysis"]
 
 
 def _args(*argv):
@@ -48,12 +48,20 @@ def test_plan_runs_covers_every_experiment_once():
     for seed in (0, 1):
         # sweep: 2 fractions x 2 E
         assert {(s.fraction, s.num_experts) for s in specs if s.seed == seed and s.routing == "unsupervised"
-                and not s.revive} >= {(0.5, 1), (0.5, 3), (1.0, 1), (1.0, 3), (1.0, 5)}
-        # routing at the largest fraction with E = classes; collapse: E > 1 with revive
+                and s.prevention == "none"} >= {(0.5, 1), (0.5, 3), (1.0, 1), (1.0, 3), (1.0, 5)}
+        # routing at the largest fraction with E = classes; collapse: E > 1 with every mechanism
         assert {s.routing for s in specs if s.seed == seed and s.num_experts == 5} == {"unsupervised", "supervised",
-                                                                                          "label"}
-        assert [s.num_experts for s in specs if s.seed == seed and s.revive] == [3]
-    assert len(specs) == 2 * (4 + 3 + 1)
+                                                                                          "label", "random"}
+        assert [(s.num_experts, s.prevention) for s in specs if s.seed == seed and s.prevention != "none"] == [
+            (3, "gate-bias"), (3, "revive")]
+    assert len(specs) == 2 * (4 + 4 + 2)
+
+
+def test_quick_preset_leaves_the_collapse_experiment_out():
+    plan = reproduce.make_plan(_args("--preset", "quick"))
+    assert plan.experiments == ("sweep", "routing", "analysis")
+    assert reproduce.make_plan(_args("--preset", "paper")).experiments == reproduce.EXPERIMENTS
+    assert reproduce.make_plan(_args("--experiments", "collapse")).experiments == ("collapse",)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +74,7 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_writes_results_report_and_figures(tiny_run):
     results = json.loads((tiny_run / "results.json").read_text())
     runs = {r["name"]: r for r in results["runs"]}
-    assert len(runs) == 8
+    assert len(runs) == 10
     assert {r["train_size"] for r in runs.values()} == {150, 300}
     for r in runs.values():
         assert (tiny_run / "runs" / r["name"] / "result.json").exists()
@@ -77,10 +85,13 @@ def test_tiny_run_writes_results_report_and_figures(tiny_run):
     assert runs["p1-E5-label-s0"]["active_experts"] == 5   # the label oracle uses one expert per class
     summary = results["summary"]
     assert [row["train_size"] for row in summary["sweep"]] == [150, 300]
-    assert set(summary["routing"]) == {"unsupervised", "supervised", "label"}
-    assert {(c["num_experts"], c["revive"]) for c in summary["collapse"]} >= {(3, False), (3, True)}
+    assert set(summary["routing"]) == {"unsupervised", "supervised", "label", "random"}
+    assert {(c["num_experts"], c["prevention"]) for c in summary["collapse"]} >= {(3, "none"), (3, "revive"),
+                                                                                 (3, "gate-bias")}
+    assert results["meta"]["categories"] == ["face", "cat", "snowflake", "pencil", "eye"]
     report = (tiny_run / "report.md").read_text()
     assert "Not comparable in absolute value" in report
+    assert "random routing (the control)" in report and "| gate-bias" not in report.split("## Expert collapse")[0]
     for figure in ("sse_vs_active", "collapse", "usage", "contingency", "tsne", "most_exciting", "reconstructions"):
         assert (tiny_run / "figures" / f"{figure}.png").stat().st_size > 1000
         assert f"](figures/{figure}.png)" in report   # relative link from report.md
@@ -108,3 +119,14 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_run):
 def test_changed_configuration_is_refused(tiny_run):
     with pytest.raises(ValueError, match="batch_size"):
         reproduce.run(_args(*TINY, "--batch-size", "64", "--out", str(tiny_run)))
+
+
+def test_categories_choose_the_classes_and_a_changed_choice_is_refused(tmp_path):
+    argv = [*TINY[:TINY.index("--experiments")], "--experiments", "sweep", "--experts", "2", "--fractions", "1.0",
+            "--categories", "pencil", "cat", "--out", str(tmp_path)]
+    assert reproduce.run(_args(*argv)) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["meta"]["categories"] == ["pencil", "cat"]
+    assert all(r["class_names"] == ["pencil", "cat"] for r in results["runs"])
+    with pytest.raises(ValueError, match="classes"):
+        reproduce.run(_args(*argv[:-5], "--categories", "cat", "pencil", "--out", str(tmp_path)))

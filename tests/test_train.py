@@ -107,8 +107,9 @@ def test_checkpoint_loads_with_weights_only_and_errors_are_clear(tmp_path):
 
 
 def test_supervised_label_and_topk_runs_train():
-    for overrides in ({"routing": "supervised"}, {"routing": "label"}, {"gating": "topk", "top_k": 2},
-                      {"revive_dead_experts": True, "revive_min_wins": 1000}):
+    for overrides in ({"routing": "supervised"}, {"routing": "label"}, {"routing": "random"},
+                      {"gating": "topk", "top_k": 2}, {"collapse_prevention": "revive", "revive_min_wins": 1000},
+                      {"collapse_prevention": "gate-bias"}):
         history = train(dataclasses.replace(CONFIG, epochs=1, **overrides), TRAIN, TEST, progress=False).history
         assert torch.isfinite(torch.tensor(history[-1]["train_loss"])), overrides
     assert "train_ce" in train(dataclasses.replace(CONFIG, epochs=1, routing="supervised"), TRAIN, TEST,
@@ -150,3 +151,41 @@ def test_revived_expert_takes_a_share_of_the_donors_images():
         after = torch.bincount(model.gating_network(z).argmax(-1), minlength=4)
     assert revived == dead
     assert all(after[e] > 0 for e in dead) and after[donor] > 0, (wins.tolist(), after.tolist())
+
+
+def test_gate_bias_raises_only_the_starved_experts():
+    from smoe_fast import SMoEVAE
+    from smoe_fast.vae.train import GATE_BIAS_STEP, raise_starved_experts
+
+    model = SMoEVAE(num_experts=4, backend="reference")
+    before = model.gating_network.fc3.bias.detach().clone()
+    # 100 images: fair share 25, floor 12.5; experts 2 (12 wins) and 3 (none) are starved
+    expert_idx = torch.tensor([0] * 60 + [1] * 28 + [2] * 12)
+    starved = raise_starved_experts(model, expert_idx)
+    assert starved.tolist() == [False, False, True, True]
+    torch.testing.assert_close(model.gating_network.fc3.bias.detach() - before,
+                               torch.tensor([0.0, 0.0, GATE_BIAS_STEP, GATE_BIAS_STEP]))
+    counts_seen = []
+    raise_starved_experts(model, expert_idx, reduce=lambda c: counts_seen.append(c) or c * 2)
+    assert counts_seen[0].tolist() == [60.0, 28.0, 12.0, 0.0]   # what data-parallel ranks would sum
+
+
+def test_random_routing_ignores_the_gate_and_covers_every_expert():
+    from smoe_fast import SMoEVAE, smoe_loss
+
+    torch.manual_seed(0)
+    model = SMoEVAE(num_experts=3, encoder="lite", routing="random", backend="reference")
+    x = torch.rand(300, 1, 28, 28)
+    out = model(x)
+    assert torch.bincount(out.expert_idx, minlength=3).min() > 60
+    smoe_loss(out, x, routing="random").total.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.gating_network.parameters())
+
+
+def test_configs_of_older_checkpoints_still_load():
+    from smoe_fast.vae.train import TrainConfig
+
+    assert TrainConfig.from_dict({"revive_dead_experts": True}).collapse_prevention == "revive"
+    assert TrainConfig.from_dict({"revive_dead_experts": False}).collapse_prevention == "none"
+    with pytest.raises(ValueError, match="collapse_prevention"):
+        TrainConfig(collapse_prevention="dropout").validate()

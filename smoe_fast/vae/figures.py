@@ -130,7 +130,7 @@ def plot_sse_vs_active(points: Sequence[dict], path, reference: dict | None = No
                     label=f"published, {int(size):,} train images")
     axes[0].set_title(title or "Test reconstruction error vs active experts")
     if panels == 2:
-        axes[1].set_title("Published (QuickDraw, arXiv 2509.10025)")
+        axes[1].set_title("Published (QuickDraw, arXiv 2509.10025):\nnot comparable in absolute value", fontsize=10)
     for ax in axes:
         ax.set_xlabel("active experts (win >= 10 test images)")
         ax.set_ylabel("test SSE per image (784 pixels)")
@@ -175,7 +175,9 @@ def plot_contingency(table, path, class_names: Sequence[str] | None = None, titl
     return _save(fig, path)
 
 
-def _image_grid(fig, rows: list[tuple[str, list[np.ndarray]]], columns: int) -> None:
+def _image_grid(fig, rows: list[tuple[str, list[np.ndarray | None]]], columns: int,
+                column_titles: dict[int, str] | None = None) -> None:
+    """Rows of 28x28 images (None leaves a cell blank), each row named on its left."""
     axes = np.atleast_2d(fig.subplots(len(rows), columns, squeeze=False))
     for r, (name, images) in enumerate(rows):
         for c in range(columns):
@@ -184,9 +186,11 @@ def _image_grid(fig, rows: list[tuple[str, list[np.ndarray]]], columns: int) -> 
             ax.set_yticks([])
             for side in ax.spines.values():
                 side.set_visible(False)
-            if c < len(images):
+            if c < len(images) and images[c] is not None:
                 ax.imshow(images[c].reshape(28, 28), cmap="gray", vmin=0, vmax=1)
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    for c, text in (column_titles or {}).items():
+        axes[0, c].set_title(text, fontsize=8)
 
 
 def plot_most_exciting(images, top_indices: Sequence, path, expert_ids: Sequence[int] | None = None,
@@ -210,8 +214,10 @@ def plot_most_exciting(images, top_indices: Sequence, path, expert_ids: Sequence
 
 @torch.no_grad()
 def plot_expert_reconstructions(model, images, expert_idx, path, labels=None, per_expert: int = 6,
-                                title: str = "") -> Path:
-    """Per active expert, two rows: images it wins (top) and its hard-routed reconstructions (below).
+                                average_over: int = 500, title: str = "") -> Path:
+    """Per active expert, two rows: images it wins (top) and its hard-routed reconstructions (below),
+    then in the last column the average input and the average reconstruction over (up to
+    ``average_over`` of) the images it wins: what the expert draws for its share of the data.
 
     model: an SMoEVAE; images [N, 1, 28, 28]; expert_idx [N] (from an evaluation); labels [N] needed
     under label routing. Reconstructions use z = mu (deterministic). Shows the first ``per_expert``
@@ -223,38 +229,41 @@ def plot_expert_reconstructions(model, images, expert_idx, path, labels=None, pe
     idx = _as_numpy(expert_idx)
     rows = []
     try:
-        for e in np.flatnonzero(expert_counts(idx, model.num_experts)):
-            chosen = np.flatnonzero(idx == e)[:per_expert]
-            x = torch.as_tensor(_as_numpy(images)[chosen]).to(device)
-            y = torch.as_tensor(_as_numpy(labels)[chosen]).to(device) if labels is not None else None
-            mu, _ = model.encode(x)
-            recon = model.decode(mu, y if model.routing == "label" else None)[0].cpu().numpy()
-            rows.append((f"expert {e}\ninput", list(x.cpu().numpy())))
-            rows.append(("output", list(recon)))
+        with torch.no_grad():
+            for e in np.flatnonzero(expert_counts(idx, model.num_experts)):
+                chosen = np.flatnonzero(idx == e)[:max(per_expert, average_over)]
+                x = torch.as_tensor(_as_numpy(images)[chosen]).to(device)
+                y = torch.as_tensor(_as_numpy(labels)[chosen]).to(device) if labels is not None else None
+                mu, _ = model.encode(x)
+                recon = model.decode(mu, y if model.routing == "label" else None)[0].cpu().numpy()
+                x = x.cpu().numpy()
+                rows.append((f"expert {e}\ninput", list(x[:per_expert]) + [None] * (per_expert - min(per_expert, len(x)))
+                             + [x.mean(0)]))
+                rows.append(("output", list(recon[:per_expert]) + [None] * (per_expert - min(per_expert, len(x)))
+                             + [recon.mean(0)]))
     finally:
         model.train(was_training)
     if not rows:
         raise ValueError("no expert wins any image: nothing to plot")
-    fig = _figure(0.8 * per_expert + 1.4, 0.8 * len(rows) + 0.6)
-    _image_grid(fig, rows, per_expert)
-    fig.suptitle(title or "Reconstructions per expert (z = mu, hard routing)", fontsize=9)
+    fig = _figure(0.8 * (per_expert + 1) + 1.4, 0.8 * len(rows) + 0.6)
+    _image_grid(fig, rows, per_expert + 1, column_titles={per_expert: "average"})
+    fig.suptitle(title or "Reconstructions per expert (z = mu, hard routing); last column: averages", fontsize=9)
     return _save(fig, path)
 
 
 def plot_collapse(rows: Sequence[dict], path, reference: dict | None = None, title: str = "") -> Path:
-    """Expert collapse: share of configured experts that stay active, with and without reviving.
+    """Expert collapse: share of configured experts that stay active, per collapse-prevention mechanism.
 
-    rows: dicts with ``num_experts``, ``revive`` (bool), ``active_experts`` and ``sse``. Left panel:
-    active / configured by E; right panel: test SSE by E. reference: published {E: mean active}
-    (``reproduce.PUBLISHED_ACTIVE``), drawn as hollow squares on the left panel.
+    rows: dicts with ``num_experts``, ``prevention`` ("none" = as published, or a mechanism's name),
+    ``active_experts`` and ``sse``. Left panel: active / configured by E; right panel: test SSE by E.
+    reference: published {E: mean active} (``reproduce.PUBLISHED_ACTIVE``), hollow squares on the left.
     """
     fig = _figure(10, 4)
     axes = fig.subplots(1, 2)
-    for revive, style in ((False, "o-"), (True, "s--")):
-        mine = sorted((r for r in rows if bool(r["revive"]) == revive), key=lambda r: r["num_experts"])
-        if not mine:
-            continue
-        label = "ours, with revive_dead_experts" if revive else "ours, as published"
+    mechanisms = list(dict.fromkeys(r["prevention"] for r in rows))
+    for prevention, style in zip(mechanisms, ("o-", "s--", "^-.", "v:", "D-")):
+        mine = sorted((r for r in rows if r["prevention"] == prevention), key=lambda r: r["num_experts"])
+        label = "ours, as published" if prevention == "none" else f"ours, with {prevention}"
         es = [r["num_experts"] for r in mine]
         axes[0].plot(es, [r["active_experts"] / r["num_experts"] for r in mine], style, label=label)
         axes[1].plot(es, [r["sse"] for r in mine], style, label=label)

@@ -10,8 +10,8 @@ Per mini-batch of B images, with p = softmax(logits):
 | entropy  | mean_b of -sum_e p_be log(p_be + 1e-8)                          | lambda_h = 400       |
 | ce       | sum over batch of cross-entropy(logits, label) (supervised)     | lambda_ce = 200      |
 
-Unsupervised routing uses recon, kl, balance, entropy; supervised uses recon, kl, ce; label routing
-uses recon, kl. ``reduction="per_sample"`` is our documented alternative: the sums are divided by B
+Unsupervised routing uses recon, kl, balance, entropy; supervised uses recon, kl, ce; label and random
+routing use recon, kl. ``reduction="per_sample"`` is our documented alternative: the sums are divided by B
 and the batch-level gating terms by the paper's batch size 128, so every term keeps the paper's
 relative weight at B=128 while the loss no longer changes scale (and the gate terms their
 relative weight) with the batch size. ``reduction="paper"`` (the default) reproduces the paper.
@@ -67,8 +67,8 @@ def smoe_loss(out, x: torch.Tensor, num_experts: int | None = None, *, routing: 
     """
     if reduction not in ("paper", "per_sample"):
         raise ValueError(f"reduction must be 'paper' or 'per_sample', got {reduction!r}")
-    if routing not in ("unsupervised", "supervised", "label"):
-        raise ValueError(f"unknown routing {routing!r}; expected 'unsupervised', 'supervised' or 'label'")
+    if routing not in ("unsupervised", "supervised", "label", "random"):
+        raise ValueError(f"unknown routing {routing!r}; expected 'unsupervised', 'supervised', 'label' or 'random'")
     recon_x, mu, logvar, logits = out.recon, out.mu, out.logvar, out.logits
     if x.dim() == 3:
         x = x.unsqueeze(1)

@@ -17,7 +17,7 @@ from ..contract import DECODER_KINDS, DEFAULT_MLP_HIDDEN, IMAGE_SHAPE, decoder_p
 from ..experts import StackedExperts
 
 ENCODER_KINDS = ("medium", "lite")
-ROUTINGS = ("unsupervised", "supervised", "label")
+ROUTINGS = ("unsupervised", "supervised", "label", "random")
 GATINGS = ("soft", "hard", "topk")
 
 
@@ -86,7 +86,9 @@ class SMoEVAE(nn.Module):
         decoder: expert kind: "lite" (the paper's), "medium" or "mlp" (L -> hidden_dim -> 784).
         routing: "unsupervised" (soft in training, hard in eval: the paper), "supervised" (the
             authors' baseline: gate trained by cross-entropy on labels, hard routing throughout) or
-            "label" (expert = class label, an oracle; needs ``labels`` in every forward).
+            "label" (expert = class label, an oracle; needs ``labels`` in every forward) or "random"
+            (each image to a uniformly random expert, drawn afresh in every forward from torch's RNG:
+            the paper's control for learned routing; the gate is unused).
         gating: training-mode gating override: "soft", "hard" or "topk" (``top_k`` experts, gates
             renormalised). None: soft for unsupervised, hard for supervised. Eval always routes hard.
         backend: "auto", "reference", "triton" or "cpp" (see :mod:`smoe_fast.backends`).
@@ -166,6 +168,8 @@ class SMoEVAE(nn.Module):
         experts = self.experts
         if self.routing == "label":
             expert_idx = self._check_labels(labels, z.shape[0], "routing='label'")
+        elif self.routing == "random":
+            expert_idx = torch.randint(self.num_experts, (z.shape[0],), device=z.device)
         else:
             expert_idx = logits.argmax(-1)
         gating = self.gating if self.training else "hard"

@@ -34,6 +34,13 @@ from .loss import smoe_loss, smoe_loss_sharded
 from .model import SMoEVAE
 
 NOISE_MODES = ("global", "keyed")
+# Expert-collapse prevention (issue 15; none is the paper's training): "revive" re-initialises experts that
+# won fewer than revive_min_wins images in an epoch by splitting the busiest (revive_dead_experts);
+# "gate-bias" raises, after every step, the gate's output bias of each expert that won less than
+# GATE_BIAS_FLOOR of its fair share of the batch (raise_starved_experts).
+COLLAPSE_PREVENTIONS = ("none", "revive", "gate-bias")
+GATE_BIAS_FLOOR = 0.5
+GATE_BIAS_STEP = 0.05
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
@@ -62,7 +69,7 @@ class TrainConfig:
     backend: str = "auto"
     device: str = "cpu"
     eval_batch_size: int = 500
-    revive_dead_experts: bool = False   # expert-collapse option, see revive_dead_experts()
+    collapse_prevention: str = "none"   # expert-collapse option: COLLAPSE_PREVENTIONS (the paper: none)
     revive_min_wins: int = 10
     noise: str = "global"   # reparameterisation noise: "global" (torch's RNG, as always) or "keyed", see keyed_noise()
 
@@ -80,6 +87,17 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
+        if self.collapse_prevention not in COLLAPSE_PREVENTIONS:
+            raise ValueError(f"collapse_prevention must be one of {COLLAPSE_PREVENTIONS}, got {self.collapse_prevention!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config stored by any smoe_fast version (checkpoints before collapse_prevention stored a
+        ``revive_dead_experts`` flag)."""
+        values = dict(values)
+        if "revive_dead_experts" in values:
+            values.setdefault("collapse_prevention", "revive" if values.pop("revive_dead_experts") else "none")
+        return cls(**values)
 
 
 def keyed_noise(indices: torch.Tensor, latent_dim: int, seed: int, epoch: int) -> torch.Tensor:
@@ -180,7 +198,7 @@ def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device:
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{str(path)!r} is not a smoe_fast training checkpoint (no 'config'/'model' entries); "
                          "for the authors' checkpoints use SMoEVAE.load_authors_checkpoint")
-    config = TrainConfig(**ckpt["config"])
+    config = TrainConfig.from_dict(ckpt["config"])
     if backend is not None:
         config.backend = backend
     model = SMoEVAE(**config.model_kwargs())
@@ -229,6 +247,27 @@ def revive_dead_experts(model: SMoEVAE, optimizer: torch.optim.Optimizer, wins: 
         wins[donor] /= 2
         wins[e] = wins[donor]
     return dead
+
+
+@torch.no_grad()
+def raise_starved_experts(model: SMoEVAE, expert_idx: torch.Tensor, floor: float = GATE_BIAS_FLOOR,
+                          step: float = GATE_BIAS_STEP, reduce=None) -> torch.Tensor:
+    """Loss-free load balancing on the gate's output bias, after the routing bias of Wang et al. (2024)
+    and DeepSeek-V3: every expert that won fewer than ``floor / E`` of this batch's images (argmax of
+    the gate) gets ``step`` added to its logit bias ``gating_network.fc3.bias``.
+
+    The bias moves the soft gates in training and the argmax in eval alike, so a starved expert is
+    offered images until its decoder earns them; experts above the floor are left alone (no forced
+    uniformity). Nothing is added to the loss and the authors' checkpoint layout is unchanged.
+    ``reduce`` sums the per-expert counts over data-parallel ranks. Returns the starved mask [E].
+    """
+    counts = torch.bincount(expert_idx.detach().flatten(), minlength=model.num_experts).float()
+    if reduce is not None:
+        counts = reduce(counts)
+    starved = counts < floor * counts.sum() / model.num_experts
+    bias = model.gating_network.fc3.bias
+    bias += step * starved.to(bias)
+    return starved
 
 
 # ---------------------------------------------------------------------------- training
@@ -328,6 +367,8 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
             optimizer.zero_grad(set_to_none=True)
             rank_loss.backward()
             optimizer.step()
+            if config.collapse_prevention == "gate-bias":
+                raise_starved_experts(model, out_b.expert_idx, reduce=distributed.global_sum if world > 1 else None)
             terms = dataclasses.replace(terms, **{k: v.detach() for k, v in vars(terms).items() if v is not None})
             sums["loss"] += float(terms.total) * (n if config.reduction == "per_sample" else 1)
             sums["recon"] += float(terms.recon)
@@ -340,7 +381,7 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
         if world > 1:
             torch.distributed.all_reduce(wins)   # gloo and NCCL both reduce int64
         revived = (revive_dead_experts(model, optimizer, wins, config.revive_min_wins, shuffle)
-                   if config.revive_dead_experts else [])
+                   if config.collapse_prevention == "revive" else [])
         if revived and world > 1:
             _broadcast_training_state(model, optimizer)  # every rank revived alike; make it bitwise so
         test = evaluate(model, test_data, config.eval_batch_size, seed=config.seed)
@@ -381,7 +422,8 @@ def _open_run(config: TrainConfig, out: Path | None, resume: bool) -> tuple[dict
             return None, FileNotFoundError(f"resume=True but there is no checkpoint in {str(out)!r} to resume from")
         ckpt = torch.load(out / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
         free = ("epochs", "backend", "device", "eval_batch_size")  # may change between sessions of one run
-        changed = {k for k, v in ckpt["config"].items() if k not in free and v != dataclasses.asdict(config).get(k)}
+        stored = dataclasses.asdict(TrainConfig.from_dict(ckpt["config"]))
+        changed = {k for k, v in stored.items() if k not in free and v != dataclasses.asdict(config).get(k)}
         if changed:
             return None, ValueError(f"cannot resume: the checkpoint in {str(out)!r} was trained with a different "
                                     f"configuration (differs in {sorted(changed)}); use the same options or a new "

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..model import ROUTINGS
+from ..train import COLLAPSE_PREVENTIONS
 from . import add_data_arguments, add_runtime_arguments, auto_choice, load_data, print_summary
 
 
@@ -19,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--encoder", choices=("medium", "lite"), default="medium", help="encoder (medium is the paper's)")
     m.add_argument("--decoder", choices=("lite", "medium", "mlp"), default="lite",
                    help="decoder expert kind (lite is the paper's)")
-    m.add_argument("--routing", choices=("unsupervised", "supervised", "label"), default="unsupervised",
-                   help="unsupervised: the paper's gate; supervised: the authors' CE-trained baseline; label: expert = class")
+    m.add_argument("--routing", choices=ROUTINGS, default="unsupervised",
+                   help="unsupervised: the paper's gate; supervised: the authors' CE-trained baseline; label: expert = "
+                        "class; random: a uniformly random expert per image (a control)")
     m.add_argument("--gating", choices=("soft", "hard", "topk"), default=None,
                    help="training gating override (default: soft for unsupervised, hard otherwise)")
     m.add_argument("--top-k", type=int, default=2, help="experts per image with --gating topk")
@@ -31,8 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--beta", type=float, default=0.01, help="KL weight (the authors' code value)")
     o.add_argument("--reduction", choices=("paper", "per_sample"), default="paper",
                    help="loss normalisation: the paper's batch sums, or per-sample normalised")
-    o.add_argument("--revive-dead-experts", action="store_true",
-                   help="re-initialise experts that win < 10 training images in an epoch from the busiest one")
+    o.add_argument("--collapse-prevention", choices=COLLAPSE_PREVENTIONS, default="none",
+                   help="expert-collapse prevention: none (the paper's training); revive: re-initialise experts that "
+                        "win < 10 training images in an epoch from the busiest one; gate-bias: after every step, raise "
+                        "the gate bias of experts winning less than half their fair share of the batch")
     o.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and sampled z")
     o.add_argument("--noise", choices=("global", "keyed"), default=None,
                    help="reparameterisation noise: torch's global RNG, or keyed per (seed, epoch, image) so that z "
@@ -70,7 +75,7 @@ def _run(args: argparse.Namespace, device, launched: bool) -> int:
                          decoder=args.decoder, routing=args.routing, gating=args.gating, top_k=args.top_k,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
                          reduction=args.reduction, seed=args.seed, backend=args.backend, device=str(device),
-                         revive_dead_experts=args.revive_dead_experts, noise=noise)
+                         collapse_prevention=args.collapse_prevention, noise=noise)
     train_set, test_set = load_data(args)
     if rank == 0:
         print(f"training on {train_set.images.shape[0]:,} {args.data} images ({test_set.images.shape[0]:,} test) of "

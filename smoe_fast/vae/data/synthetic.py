@@ -117,6 +117,29 @@ def _cat_sitting(rng, n) -> Strokes:
     return [body, head, tail] + _cat_ears(rng, n, 0, -0.65, head_r)
 
 
+def _face_eared(rng, n) -> Strokes:
+    """A face with pointed ears: drawn like a cat head without whiskers (a style the two classes share)."""
+    head = _arc(0, 0, 1, _uniform(rng, n, 0.95, 1.1), 0, 2 * math.pi, 32)
+    return [head] + _cat_ears(rng, n, 0, 0, 0.95) + _face_parts(rng, n)
+
+
+def _cat_face(rng, n) -> Strokes:
+    """A cat drawn as a smiling round face with whiskers and no ears (shared with the face class)."""
+    head = _arc(0, 0, _uniform(rng, n, 0.95, 1.1), 1.0, 0, 2 * math.pi, 32)
+    spread = _uniform(rng, n, 0.12, 0.25)
+    whiskers = [_polyline([(side * 0.3, 0.3 + 0.1 * k), (side * 1.35, 0.3 + k * spread)], 3)
+                for side in (-1, 1) for k in (-1, 1)]
+    return [head] + _face_parts(rng, n) + whiskers
+
+
+def _eye_round(rng, n) -> Strokes:
+    """An eye drawn as a circle with an iris and a pupil, no lids: a head outline with one dot."""
+    outline = _arc(0, 0, _uniform(rng, n, 0.95, 1.1), 1.0, 0, 2 * math.pi, 32)
+    iris_x, iris_y, iris_r = _uniform(rng, n, -0.3, 0.3), _uniform(rng, n, -0.3, 0.3), _uniform(rng, n, 0.35, 0.5)
+    return [outline, _arc(iris_x, iris_y, iris_r, iris_r, 0, 2 * math.pi, 16),
+            _arc(iris_x, iris_y, iris_r * 0.3, iris_r * 0.3, 0, 2 * math.pi, 8)]
+
+
 def _snowflake(rng, n, arms: int, branched: bool) -> Strokes:
     strokes = []
     offset = _uniform(rng, n, 0, 2 * math.pi / arms)
@@ -185,20 +208,26 @@ def _eye_closed(rng, n) -> Strokes:
 SYNTHETIC_CATEGORIES = QUICKDRAW_CATEGORIES
 # Per category, its sub-styles in id order: (name, generator(rng, n) -> strokes).
 _SYNTHETIC_STYLES: dict[str, tuple[tuple[str, Callable], ...]] = {
-    "face": (("round", _face_round), ("square", _face_square), ("spiky-hair", _face_spiky_hair)),
-    "cat": (("head", _cat_head), ("sitting", _cat_sitting)),
+    "face": (("round", _face_round), ("square", _face_square), ("spiky-hair", _face_spiky_hair),
+             ("eared", _face_eared)),
+    "cat": (("head", _cat_head), ("sitting", _cat_sitting), ("face", _cat_face)),
     "snowflake": (("6-arm-branched", lambda rng, n: _snowflake(rng, n, 6, True)),
                   ("8-arm-plain", lambda rng, n: _snowflake(rng, n, 8, False))),
     "pencil": (("horizontal", lambda rng, n: _pencil(rng, n, 0)), ("diagonal", lambda rng, n: _pencil(rng, n, 45)),
                ("vertical", lambda rng, n: _pencil(rng, n, 90))),
     "eye": (("open", lambda rng, n: _eye_open(rng, n, False)), ("lashes", lambda rng, n: _eye_open(rng, n, True)),
-            ("closed", _eye_closed)),
+            ("closed", _eye_closed), ("round", _eye_round)),
 }
 SYNTHETIC_SUBSTYLES = {name: tuple(style for style, _ in styles) for name, styles in _SYNTHETIC_STYLES.items()}
 
-# Shared jitter (unit coordinates; rotation in radians).
-_MAX_ROTATION = math.radians(12)
-_WOBBLE = 0.035
+# Shared jitter (unit coordinates; rotation in radians). Real doodles vary far more within a class than
+# clean templates do; without these (version 1 of this set) classes were 98.8% linearly separable in a
+# VAE's latent against 86.5% on real QuickDraw, and none of the paper's effects showed (issue 15).
+_MAX_ROTATION = math.radians(20)
+_WOBBLE = 0.05
+_STROKE_SHIFT = 0.07     # each stroke placed independently off its template position (sloppy parts)
+_PARTIAL = 0.4           # share of sketches left unfinished: only their first strokes are drawn
+_PARTIAL_KEEP = (0.3, 0.75)  # share of the strokes an unfinished sketch keeps (at least one)
 _QUANTISATION = 80.0  # unit coordinates -> QuickDraw-like integer coordinates (sketches span ~250)
 
 
@@ -209,10 +238,11 @@ def _rotate(points: np.ndarray, angle: np.ndarray) -> np.ndarray:
     return np.stack([cos * x - sin * y, sin * x + cos * y], axis=-1)
 
 
-def _finish_batch(rng: np.random.Generator, strokes: Strokes) -> np.ndarray:
-    """Jitter a batch of strokes and turn it into stroke-3 arrays -> int16 [n, points, 3]."""
+def _finish_batch(rng: np.random.Generator, strokes: Strokes) -> list[np.ndarray]:
+    """Jitter a batch of strokes and turn it into stroke-3 arrays -> n int16 [points, 3] arrays
+    (unfinished sketches are shorter: they stop after their first strokes, as QuickDraw's often do)."""
     n = strokes[0].shape[0]
-    strokes = _broadcast_strokes(strokes, n)
+    strokes = [s + rng.normal(0, _STROKE_SHIFT, size=(n, 1, 2)) for s in _broadcast_strokes(strokes, n)]
     lengths = [s.shape[1] for s in strokes]
     points = np.concatenate(strokes, axis=1)
     # Wobble: a slow random sine along each sketch's pen path plus a little per-point noise.
@@ -229,8 +259,12 @@ def _finish_batch(rng: np.random.Generator, strokes: Strokes) -> np.ndarray:
     strokes3 = np.zeros(points.shape[:2] + (3,), np.int16)
     strokes3[:, 0, :2] = absolute[:, 0]
     strokes3[:, 1:, :2] = np.diff(absolute, axis=1)
-    strokes3[:, np.cumsum(lengths) - 1, 2] = 1
-    return strokes3
+    ends = np.cumsum(lengths)
+    strokes3[:, ends - 1, 2] = 1
+    kept = np.where(rng.random(n) < _PARTIAL,
+                    np.maximum(1, np.ceil(rng.uniform(*_PARTIAL_KEEP, size=n) * len(lengths))).astype(np.int64),
+                    len(lengths))
+    return [sketch[:ends[k - 1]] for sketch, k in zip(strokes3, kept)]
 
 
 def _synthetic_split(rng: np.random.Generator, num_images: int, categories: tuple[str, ...]):
@@ -266,23 +300,27 @@ def synthetic_sketches(num_train: int = 50_000, num_test: int = 5_000, seed: int
                        categories: Sequence[str] | None = None) -> tuple[ImageDataset, ImageDataset]:
     """The built-in synthetic sketch set: QuickDraw-like 28×28 line drawings, no files needed.
 
-    Five categories named after the paper's (:data:`SYNTHETIC_CATEGORIES`), each with 2 or 3 visually
-    distinct sub-styles (:data:`SYNTHETIC_SUBSTYLES`: face round / square / spiky-hair, cat head /
-    sitting, snowflake 6-arm-branched / 8-arm-plain, pencil horizontal / diagonal / vertical, eye
-    open / lashes / closed), each jittered in part sizes and positions, aspect, shear, rotation
-    (±12°) and stroke wobble. Sketches are generated as int16 stroke-3 arrays and rendered by the
-    same pipeline as QuickDraw (:func:`rasterize_strokes`).
+    Five categories named after the paper's (:data:`SYNTHETIC_CATEGORIES`), each with 2 to 4 sub-styles
+    (:data:`SYNTHETIC_SUBSTYLES`: face round / square / spiky-hair / eared, cat head / sitting / face,
+    snowflake 6-arm-branched / 8-arm-plain, pencil horizontal / diagonal / vertical, eye open / lashes /
+    closed / round). Some sub-styles are drawn alike across classes, as real doodles are (an eared face
+    and a cat head, a whiskered cat face and a face, a round eye and a round face), and 40% of the
+    sketches are unfinished (only their first 30-75% of strokes), so classes overlap: a VAE's latent
+    separates them about as well as real QuickDraw's (84% linear-probe accuracy in the quick preset,
+    against 86.5% on real doodles; 98.8% with clean templates). Every sketch is jittered in part sizes
+    and positions, per-stroke placement, aspect, shear, rotation (±20°) and stroke wobble, generated as
+    int16 stroke-3 arrays and rendered by the same pipeline as QuickDraw (:func:`rasterize_strokes`).
 
     Classes are balanced (labels in ``categories`` order), sub-styles balanced within a class, rows
     shuffled. Sub-style ids are contiguous and unique across classes, in category then style order:
-    ``substyle_names[id]`` is ``"class/style"`` (with all five categories: face 0-2, cat 3-4,
-    snowflake 5-6, pencil 7-9, eye 10-12). The same arguments give bitwise identical images; train
+    ``substyle_names[id]`` is ``"class/style"`` (with all five categories: face 0-3, cat 4-6,
+    snowflake 7-8, pencil 9-11, eye 12-15). The same arguments give bitwise identical images; train
     and test come from independent random streams of ``seed``. Results are cached in-process (as
     uint8) for the last two argument sets; each call returns fresh tensors.
 
     >>> train, test = synthetic_sketches(num_train=100, num_test=20, seed=1)
     >>> train.images.shape, int(train.substyles.max()) + 1
-    (torch.Size([100, 1, 28, 28]), 13)
+    (torch.Size([100, 1, 28, 28]), 16)
     """
     categories = tuple(SYNTHETIC_CATEGORIES if categories is None else categories)
     unknown = [c for c in categories if c not in _SYNTHETIC_STYLES]

@@ -5,8 +5,8 @@ Experiments (shared/PAPER.md), each a set of training runs on one data source:
 | experiment | runs | what it answers |
 |---|---|---|
 | sweep | unsupervised, every data fraction x every E | test SSE vs ACTIVE experts per data set size (the main figure) |
-| routing | at the largest fraction, E = number of classes: unsupervised, supervised (authors' CE gate), label | does unsupervised routing beat the supervised baseline? |
-| collapse | at the largest fraction, every E > 1 with ``revive_dead_experts`` | how many experts survive, with and without reviving dead ones |
+| routing | at the largest fraction, E = number of classes: unsupervised, supervised (authors' CE gate), label, random | does unsupervised routing beat the supervised baseline and the random-routing control? |
+| collapse | at the largest fraction, every E > 1 with every ``collapse_prevention`` (none, revive, gate-bias) | how many experts survive, with and without each remedy, at what SSE |
 | analysis | the unsupervised run at the largest fraction with E = ``--analysis-experts`` | separability experts vs classes, sub-styles, per-expert tuning, t-SNE |
 
 Layout of ``--out``::

@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..train import COLLAPSE_PREVENTIONS
 from .summary import (PUBLISHED_ACTIVE, PUBLISHED_RANDOM_ROUTING, PUBLISHED_SEPARABILITY, PUBLISHED_SSE,
-                      PUBLISHED_SUPERVISED_SSE, qualitative_findings, summarise)
+                      PUBLISHED_SUPERVISED_SSE, run_prevention, qualitative_findings, summarise)
 
 if TYPE_CHECKING:
     from .runs import DataCache, Plan, RunSpec
@@ -31,7 +32,7 @@ def make_figures(plan: Plan, results: list[dict[str, Any]], data: DataCache, foc
                                                             overlay=plan.data != "synthetic")
     if summary["collapse"]:
         drawn["collapse"] = figures.plot_collapse(
-            [{"num_experts": c["num_experts"], "revive": c["revive"], "active_experts": c["active_experts"],
+            [{"num_experts": c["num_experts"], "prevention": c["prevention"], "active_experts": c["active_experts"],
               "sse": c["sse"]} for c in summary["collapse"]], out / "collapse.png",
             reference=PUBLISHED_ACTIVE)
     by_name = {r["name"]: r for r in results}
@@ -39,9 +40,10 @@ def make_figures(plan: Plan, results: list[dict[str, Any]], data: DataCache, foc
     if focus_result is None:
         return drawn
     usage = {"unsupervised": focus_result["usage"]}
-    revived = by_name.get(dataclasses.replace(focus, revive=True).name)
-    if revived is not None:
-        usage["unsupervised + revive_dead_experts"] = revived["usage"]
+    for prevention in COLLAPSE_PREVENTIONS[1:]:
+        remedied = by_name.get(dataclasses.replace(focus, prevention=prevention).name)
+        if remedied is not None:
+            usage[f"unsupervised + {prevention}"] = remedied["usage"]
     drawn["usage"] = figures.plot_expert_usage(usage, out / "usage.png",
                                                title=f"Expert usage, E={focus.num_experts} (test images won)")
     _, test = data.get(focus.fraction)
@@ -123,19 +125,20 @@ def write_report(plan: Plan, results: list[dict[str, Any]], figures: dict[str, P
         for c in row["by_configured"]:
             lines.append(f"| {row['fraction']:g} | {c['num_experts']} | {_f(c['active_subsample'], 1)} | "
                          f"{_f(c['active'], 1)} | {_f(c['sse'])} |")
-    lines += ["", f"Published random-routing control ({PUBLISHED_RANDOM_ROUTING['fraction']:.0%} data, 5 active "
-              f"experts): {PUBLISHED_RANDOM_ROUTING['random']} vs {PUBLISHED_RANDOM_ROUTING['learned']} learned "
-              "(not rerun here: smoe_fast has no random-routing mode).", ""]
+    lines.append("")
 
     if s["routing"]:
         lines += ["## Unsupervised vs supervised vs label routing", "",
                   f"At the largest data fraction with E = {next(iter(s['routing'].values()))['num_experts']} "
                   "(the number of classes; the paper's supervised baseline used E = 5 = classes). *supervised* is "
                   "the authors' baseline (gate trained by cross-entropy on the label, hard routing by the gate); "
-                  "*label* routes every image to the expert of its class (an oracle, ours).", "",
+                  "*label* routes every image to the expert of its class (an oracle, ours); *random* sends every "
+                  "image to a uniformly random expert, afresh at every pass (the paper's control).", "",
                   "| routing | test SSE (ours) | active | separability of experts | published |", "|---|---|---|---|---|"]
         published = {"unsupervised": f"{PUBLISHED_SSE[1.0]['5']} (5 active), best {PUBLISHED_SSE[1.0]['best'][1]}",
-                     "supervised": f"{PUBLISHED_SUPERVISED_SSE}", "label": "–"}
+                     "supervised": f"{PUBLISHED_SUPERVISED_SSE}", "label": "–",
+                     "random": f"{PUBLISHED_RANDOM_ROUTING['random']} vs {PUBLISHED_RANDOM_ROUTING['learned']} learned "
+                               f"({PUBLISHED_RANDOM_ROUTING['fraction']:.0%} data, 5 active)"}
         for mode, r in s["routing"].items():
             lines.append(f"| {mode} | {_f(r['sse'])} | {_f(r['active'], 1)} | {_f(r['separability_experts'], pct=True)} "
                          f"| {published[mode]} |")
@@ -143,19 +146,24 @@ def write_report(plan: Plan, results: list[dict[str, Any]], figures: dict[str, P
 
     if s["collapse"]:
         lines += ["## Expert collapse", "",
-                  "Configured experts that stay active after training, as published (no remedy) and with "
-                  "`revive_dead_experts` (an expert winning fewer than 10 training images in an epoch is "
-                  "re-initialised from the busiest expert).", ""]
+                  "Configured experts that stay active after training, as published (*none*) and with each "
+                  "`--collapse-prevention` mechanism: *revive* re-initialises an expert that won fewer than 10 "
+                  "training images in an epoch by splitting the busiest expert (decoder copied, gate rows moved "
+                  "apart); *gate-bias* raises, after every step, the gate's output bias of each expert that won "
+                  "less than half its fair share of the batch (loss-free balancing on the routing bias). "
+                  f"Means over {len(plan.seeds)} seed(s).", ""]
         if "collapse" in figures:
             lines += [f"![expert collapse]({_rel(plan, figures['collapse'])})", ""]
-        lines += ["| E | active, as published (authors' / all) | active with revive (authors' / all) | "
-                  "SSE as published | SSE with revive | paper: active (100 % data) |", "|---|---|---|---|---|---|"]
+        mechanisms = [m for m in COLLAPSE_PREVENTIONS if any(c["prevention"] == m for c in s["collapse"])]
+        lines += ["| E | " + " | ".join(f"active, {m} (authors' / all)" for m in mechanisms) + " | "
+                  + " | ".join(f"SSE, {m}" for m in mechanisms) + " | paper: active (100 % data) |",
+                  "|---|" + "---|" * (2 * len(mechanisms) + 1)]
         for e in sorted({c["num_experts"] for c in s["collapse"]}):
-            plain = next((c for c in s["collapse"] if c["num_experts"] == e and not c["revive"]), None)
-            revive = next((c for c in s["collapse"] if c["num_experts"] == e and c["revive"]), None)
+            row = {c["prevention"]: c for c in s["collapse"] if c["num_experts"] == e}
             cell = (lambda c: f"{_f(c['active_subsample'], 1)} / {_f(c['active_experts'], 1)}" if c else "–")
-            lines.append(f"| {e} | {cell(plain)} | {cell(revive)} | {_f(plain and plain['sse'])} | "
-                         f"{_f(revive and revive['sse'])} | {PUBLISHED_ACTIVE.get(e, '–')} |")
+            lines.append(f"| {e} | " + " | ".join(cell(row.get(m)) for m in mechanisms) + " | "
+                         + " | ".join(_f(row[m]["sse"] if m in row else None) for m in mechanisms)
+                         + f" | {PUBLISHED_ACTIVE.get(e, '–')} |")
         lines.append("")
 
     if s["separability"]:
@@ -180,7 +188,7 @@ def write_report(plan: Plan, results: list[dict[str, Any]], figures: dict[str, P
 
     focus = next((r for r in results if r["spec"]["fraction"] == max(plan.fractions)
                   and r["spec"]["num_experts"] == plan.analysis_experts and r["spec"]["routing"] == "unsupervised"
-                  and not r["spec"]["revive"] and r.get("per_expert")), None)
+                  and run_prevention(r) == "none" and r.get("per_expert")), None)
     if focus is not None:
         names = focus["class_names"]
         lines += [f"## What each expert encodes (E = {plan.analysis_experts}, {focus['train_size']:,} train images)", "",
@@ -199,7 +207,7 @@ def write_report(plan: Plan, results: list[dict[str, Any]], figures: dict[str, P
         for key, caption in (("tsne", "t-SNE of z coloured by class (left) and by expert (right)"),
                              ("contingency", "class x expert table"), ("usage", "expert usage"),
                              ("most_exciting", "most exciting inputs per expert (highest gate probability first)"),
-                             ("reconstructions", "reconstructions per expert")):
+                             ("reconstructions", "reconstructions per expert, with its average input and average reconstruction")):
             if key in figures:
                 lines += [f"### {caption[0].upper() + caption[1:]}", "", f"![{caption}]({_rel(plan, figures[key])})", ""]
 

@@ -17,6 +17,8 @@ import torch
 from ...distributed import world_info
 
 from ..data import DATA_SOURCES
+from ..model import ROUTINGS
+from ..train import COLLAPSE_PREVENTIONS
 from .report import make_figures, write_report
 from .summary import summarise
 
@@ -24,13 +26,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Synthetic sketches, small: a few minutes on 2 CPU cores with the reference backend.
     # 6 epochs of 8,000 images is about the least at which experts specialise (at 3 epochs of 4,000
     # every run collapsed to one expert and reconstructed the mean image).
+    # The collapse experiment (E x every COLLAPSE_PREVENTIONS mechanism) is outside its time budget:
+    # ask for it with --experiments collapse.
     "quick": dict(data="synthetic", num_train=8_000, num_test=2_000, fractions=(0.5, 1.0), experts=(1, 5, 10),
                   epochs=6, encoder="lite", decoder="lite", analysis_experts=10, tsne_points=1_000,
-                  tsne_iter=500),
+                  tsne_iter=500, experiments=("sweep", "routing", "analysis")),
     # PAPER.md's grid: 20 epochs, fractions 5-100 %, E in {1, 5, 10, 15, 20, 50}, the paper's model.
     "paper": dict(data="synthetic", num_train=50_000, num_test=5_000, fractions=(0.05, 0.1, 0.2, 0.4, 1.0),
                   experts=(1, 5, 10, 15, 20, 50), epochs=20, encoder="medium", decoder="lite", analysis_experts=10,
-                  tsne_points=5_000, tsne_iter=1_000),
+                  tsne_points=5_000, tsne_iter=1_000, experiments=("sweep", "routing", "collapse", "analysis")),
 }
 EXPERIMENTS = ("sweep", "routing", "collapse", "analysis")
 RESULT_NAME = "result.json"
@@ -63,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--decoder", choices=("lite", "medium", "mlp"), default=None,
                    help="decoder expert kind (default: the preset's, lite)")
     m.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; tables average over them")
-    m.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS),
-                   help="which experiments to run")
+    m.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=None,
+                   help="which experiments to run (default: the preset's; quick leaves out collapse)")
     m.add_argument("--analysis-experts", type=int, default=None,
                    help="E of the run analysed in depth (default 10, or the nearest in --experts)")
     m.add_argument("--tsne-points", type=int, default=None, help="test images in the t-SNE plot")
@@ -131,7 +135,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return Plan(preset=args.preset, data=data, root=args.root, download=args.download, num_train=num_train,
                 num_test=num_test, fractions=fractions, experts=experts, epochs=pick("epochs"),
                 batch_size=args.batch_size, encoder=pick("encoder"), decoder=pick("decoder"),
-                seeds=tuple(dict.fromkeys(args.seeds)), experiments=tuple(args.experiments),
+                seeds=tuple(dict.fromkeys(args.seeds)), experiments=tuple(pick("experiments")),
                 analysis_experts=analysis_experts, tsne_points=pick("tsne_points"), tsne_iter=preset["tsne_iter"],
                 backend=args.backend, device=str(resolve_device(args.device)), data_seed=args.data_seed,
                 out=args.out or Path(f"runs/reproduce-{args.preset}"), progress=not args.no_progress,
@@ -189,12 +193,12 @@ class RunSpec:
     fraction: float
     num_experts: int
     routing: str = "unsupervised"
-    revive: bool = False
+    prevention: str = "none"   # TrainConfig.collapse_prevention
     seed: int = 0
 
     @property
     def name(self) -> str:
-        extra = "-revive" if self.revive else ""
+        extra = "" if self.prevention == "none" else f"-{self.prevention}"
         return f"p{self.fraction:g}-E{self.num_experts}-{self.routing}{extra}-s{self.seed}"
 
 
@@ -206,13 +210,15 @@ def plan_runs(plan: Plan, num_classes: int) -> list[RunSpec]:
         if "sweep" in plan.experiments:
             specs += [RunSpec(f, e, seed=seed) for f in plan.fractions for e in plan.experts]
         if "routing" in plan.experiments:
-            specs += [RunSpec(top, num_classes, routing, seed=seed) for routing in ("unsupervised", "supervised", "label")]
+            # learned (the paper), the authors' supervised gate, the label oracle, the random-routing control
+            specs += [RunSpec(top, num_classes, routing, seed=seed) for routing in ROUTINGS]
         if "collapse" in plan.experiments:
-            specs += [RunSpec(top, e, revive=revive, seed=seed) for e in plan.experts if e > 1 for revive in (False, True)]
+            specs += [RunSpec(top, e, prevention=prevention, seed=seed) for e in plan.experts if e > 1
+                      for prevention in COLLAPSE_PREVENTIONS]
         if "analysis" in plan.experiments:
             specs.append(RunSpec(top, plan.analysis_experts, seed=seed))
     unique = list(dict.fromkeys(specs))
-    return sorted(unique, key=lambda s: (s.fraction, s.seed, s.num_experts, s.routing, s.revive))
+    return sorted(unique, key=lambda s: (s.fraction, s.seed, s.num_experts, s.routing, s.prevention))
 
 
 def train_config(plan: Plan, spec: RunSpec):
@@ -220,14 +226,16 @@ def train_config(plan: Plan, spec: RunSpec):
 
     return TrainConfig(num_experts=spec.num_experts, encoder=plan.encoder, decoder=plan.decoder, routing=spec.routing,
                        epochs=plan.epochs, batch_size=plan.batch_size, seed=spec.seed, backend=plan.backend,
-                       device=plan.device, revive_dead_experts=spec.revive, noise=plan.noise)
+                       device=plan.device, collapse_prevention=spec.prevention, noise=plan.noise)
 
 
 _RUNTIME_KEYS = ("backend", "device", "epochs")   # may change between restarts without invalidating a result
 
 
 def _comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _RUNTIME_KEYS}
+    from ..train import TrainConfig
+
+    return {k: v for k, v in dataclasses.asdict(TrainConfig.from_dict(config)).items() if k not in _RUNTIME_KEYS}
 
 
 def run_one(plan: Plan, spec: RunSpec, data: DataCache, focus: bool) -> dict[str, Any]:

@@ -6,6 +6,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..model import ROUTINGS
+from ..train import COLLAPSE_PREVENTIONS
+
 if TYPE_CHECKING:
     from .runs import Plan
 
@@ -30,6 +33,12 @@ PUBLISHED_SEPARABILITY = {               # (experts, classes) accuracy of the li
 
 
 # --------------------------------------------------------------------------- aggregation
+def run_prevention(result: dict[str, Any]) -> str:
+    """A run's collapse prevention; results written before it existed had a ``revive`` flag."""
+    spec = result["spec"]
+    return spec.get("prevention") or ("revive" if spec.get("revive") else "none")
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -37,7 +46,7 @@ def _mean(values) -> float | None:
 
 def summarise(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Tables of the report, as data: size sweep grouped by active experts, routing, collapse, separability."""
-    plain = [r for r in results if r["spec"]["routing"] == "unsupervised" and not r["spec"]["revive"]]
+    plain = [r for r in results if r["spec"]["routing"] == "unsupervised" and run_prevention(r) == "none"]
     sweep = []
     for fraction in plan.fractions:
         mine = [r for r in plain if r["spec"]["fraction"] == fraction]
@@ -64,33 +73,33 @@ def summarise(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
     top = max(plan.fractions)
     at_top = [r for r in results if r["spec"]["fraction"] == top]
 
-    def mean_of(key, **match):
-        rows = [r for r in at_top if all(r["spec"][k] == v for k, v in match.items())]
+    def mean_of(key, prevention="none", **match):
+        rows = [r for r in at_top if run_prevention(r) == prevention and all(r["spec"][k] == v for k, v in match.items())]
         return (_mean(r[key] for r in rows), len(rows)) if rows else (None, 0)
 
     routing = {}
     num_classes = len(results[0]["class_names"]) if results else 0
-    for mode in ("unsupervised", "supervised", "label"):
-        sse, n = mean_of("sse_per_image", routing=mode, num_experts=num_classes, revive=False)
+    for mode in ROUTINGS:
+        sse, n = mean_of("sse_per_image", routing=mode, num_experts=num_classes)
         if n:
             routing[mode] = {"num_experts": num_classes, "sse": sse, "runs": n,
-                             "active": mean_of("active_experts", routing=mode, num_experts=num_classes, revive=False)[0],
+                             "active": mean_of("active_experts", routing=mode, num_experts=num_classes)[0],
                              "separability_experts": mean_of("separability_experts", routing=mode,
-                                                             num_experts=num_classes, revive=False)[0]}
+                                                             num_experts=num_classes)[0]}
     collapse = []
     for e in sorted({r["spec"]["num_experts"] for r in at_top if r["spec"]["routing"] == "unsupervised"}):
-        for revive in (False, True):
-            sse, n = mean_of("sse_per_image", routing="unsupervised", num_experts=e, revive=revive)
+        for prevention in COLLAPSE_PREVENTIONS:
+            sse, n = mean_of("sse_per_image", prevention, routing="unsupervised", num_experts=e)
             if n:
-                collapse.append({"num_experts": e, "revive": revive, "sse": sse, "runs": n,
-                                 "active_experts": mean_of("active_experts", routing="unsupervised", num_experts=e,
-                                                           revive=revive)[0],
-                                 "active_subsample": mean_of("active_experts_subsample", routing="unsupervised",
-                                                             num_experts=e, revive=revive)[0]})
+                collapse.append({"num_experts": e, "prevention": prevention, "sse": sse, "runs": n,
+                                 "active_experts": mean_of("active_experts", prevention, routing="unsupervised",
+                                                           num_experts=e)[0],
+                                 "active_subsample": mean_of("active_experts_subsample", prevention,
+                                                             routing="unsupervised", num_experts=e)[0]})
     separability = []
     for e in sorted({r["spec"]["num_experts"] for r in at_top}):
         rows = [r for r in at_top if r["spec"]["num_experts"] == e and r["spec"]["routing"] == "unsupervised"
-                and not r["spec"]["revive"] and e > 1]
+                and run_prevention(r) == "none" and e > 1]
         if rows:
             separability.append({"num_experts": e, "runs": len(rows),
                                  **{k: _mean(r.get(k) for r in rows) for k in
@@ -113,7 +122,14 @@ def qualitative_findings(summary: dict[str, Any]) -> list[tuple[str, str, bool]]
         u, sup = routing["unsupervised"]["sse"], routing["supervised"]["sse"]
         findings.append(("unsupervised routing reconstructs better than the supervised gate",
                          f"unsupervised {u:.2f} vs supervised {sup:.2f}", u < sup))
-    plain = [c for c in summary["collapse"] if not c["revive"] and c["num_experts"] > 1]
+    if "unsupervised" in routing and "random" in routing:
+        u, rnd = routing["unsupervised"]["sse"], routing["random"]["sse"]
+        findings.append(("random routing (the control) reconstructs worse than learned routing",
+                         f"random {rnd:.2f} vs learned {u:.2f} (E={routing['random']['num_experts']})", rnd > u))
+    plain = [c for c in summary["collapse"] if c["prevention"] == "none" and c["num_experts"] > 1]
+    if not plain:   # no collapse experiment: the sweep's runs show collapse too
+        plain = [{"num_experts": c["num_experts"], "active_subsample": c["active_subsample"]}
+                 for c in (top["by_configured"] if top else []) if c["num_experts"] > 1]
     if plain:
         share = float(np.mean([c["active_subsample"] / c["num_experts"] for c in plain]))
         findings.append(("about half the configured experts collapse (stay inactive)",
