@@ -155,19 +155,24 @@ def test_revived_expert_takes_a_share_of_the_donors_images():
 
 def test_gate_bias_raises_only_the_starved_experts():
     from smoe_fast import SMoEVAE
-    from smoe_fast.vae.train import GATE_BIAS_STEP, raise_starved_experts
+    from smoe_fast.vae.train import GATE_BIAS_RATE, raise_starved_experts
 
     model = SMoEVAE(num_experts=4, backend="reference")
     before = model.gating_network.fc3.bias.detach().clone()
-    # 100 images: fair share 25, floor 12.5; experts 2 (12 wins) and 3 (none) are starved
-    expert_idx = torch.tensor([0] * 60 + [1] * 28 + [2] * 12)
-    starved = raise_starved_experts(model, expert_idx)
+    # 100 images: fair share 25, floor 12.5. Experts 2 (12 wins) and 3 (none) are starved; every
+    # image's winning logit is 10, expert 2 sits 4 below it on average and expert 3 always 6 below.
+    winner = torch.tensor([0] * 60 + [1] * 28 + [2] * 12)
+    logits = torch.full((100, 4), 7.0)
+    logits[:, 2] = torch.where(winner == 2, 10.0, 10.0 - 40 / 8.8)   # mean gap 4 over the 100 images
+    logits[:, 3] = 4.0
+    logits[torch.arange(100), winner] = 10.0
+    starved = raise_starved_experts(model, logits)
     assert starved.tolist() == [False, False, True, True]
     torch.testing.assert_close(model.gating_network.fc3.bias.detach() - before,
-                               torch.tensor([0.0, 0.0, GATE_BIAS_STEP, GATE_BIAS_STEP]))
-    counts_seen = []
-    raise_starved_experts(model, expert_idx, reduce=lambda c: counts_seen.append(c) or c * 2)
-    assert counts_seen[0].tolist() == [60.0, 28.0, 12.0, 0.0]   # what data-parallel ranks would sum
+                               GATE_BIAS_RATE * torch.tensor([0.0, 0.0, 4.0, 6.0]))
+    seen = []
+    raise_starved_experts(model, logits, reduce=lambda t: seen.append(t.clone()) or t * 2)
+    assert seen[0].tolist() == [60.0, 28.0, 12.0, 0.0]   # the win counts data-parallel ranks would sum
 
 
 def test_random_routing_ignores_the_gate_and_covers_every_expert():

@@ -40,7 +40,7 @@ NOISE_MODES = ("global", "keyed")
 # GATE_BIAS_FLOOR of its fair share of the batch (raise_starved_experts).
 COLLAPSE_PREVENTIONS = ("none", "revive", "gate-bias")
 GATE_BIAS_FLOOR = 0.5
-GATE_BIAS_STEP = 0.05
+GATE_BIAS_RATE = 0.05
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
@@ -250,23 +250,28 @@ def revive_dead_experts(model: SMoEVAE, optimizer: torch.optim.Optimizer, wins: 
 
 
 @torch.no_grad()
-def raise_starved_experts(model: SMoEVAE, expert_idx: torch.Tensor, floor: float = GATE_BIAS_FLOOR,
-                          step: float = GATE_BIAS_STEP, reduce=None) -> torch.Tensor:
+def raise_starved_experts(model: SMoEVAE, logits: torch.Tensor, floor: float = GATE_BIAS_FLOOR,
+                          rate: float = GATE_BIAS_RATE, reduce=None) -> torch.Tensor:
     """Loss-free load balancing on the gate's output bias, after the routing bias of Wang et al. (2024)
     and DeepSeek-V3: every expert that won fewer than ``floor / E`` of this batch's images (argmax of
-    the gate) gets ``step`` added to its logit bias ``gating_network.fc3.bias``.
+    the gate ``logits`` [B, E]) has its logit bias ``gating_network.fc3.bias`` raised by ``rate``
+    times its mean gap to the winning logit, so it closes that share of the gap at every step
+    whatever the logits' scale (the entropy term makes them grow during training).
 
     The bias moves the soft gates in training and the argmax in eval alike, so a starved expert is
-    offered images until its decoder earns them; experts above the floor are left alone (no forced
-    uniformity). Nothing is added to the loss and the authors' checkpoint layout is unchanged.
-    ``reduce`` sums the per-expert counts over data-parallel ranks. Returns the starved mask [E].
+    offered the images it is nearest to winning until its decoder earns them; experts above the floor
+    are left alone (no forced uniformity). Nothing is added to the loss and the authors' checkpoint
+    layout is unchanged. ``reduce`` sums over data-parallel ranks. Returns the starved mask [E].
     """
-    counts = torch.bincount(expert_idx.detach().flatten(), minlength=model.num_experts).float()
+    logits = logits.detach().float()
+    wins = torch.bincount(logits.argmax(-1), minlength=model.num_experts).float()
+    gaps = (logits.max(-1, keepdim=True).values - logits).sum(0)
     if reduce is not None:
-        counts = reduce(counts)
-    starved = counts < floor * counts.sum() / model.num_experts
+        wins, gaps = reduce(wins), reduce(gaps)
+    images = wins.sum()
+    starved = wins < floor * images / model.num_experts
     bias = model.gating_network.fc3.bias
-    bias += step * starved.to(bias)
+    bias += rate * starved.to(bias) * gaps.to(bias) / images.clamp_min(1).to(bias)
     return starved
 
 
@@ -368,7 +373,7 @@ def train(config: TrainConfig, train_data, test_data, out_dir: str | os.PathLike
             rank_loss.backward()
             optimizer.step()
             if config.collapse_prevention == "gate-bias":
-                raise_starved_experts(model, out_b.expert_idx, reduce=distributed.global_sum if world > 1 else None)
+                raise_starved_experts(model, out_b.logits, reduce=distributed.global_sum if world > 1 else None)
             terms = dataclasses.replace(terms, **{k: v.detach() for k, v in vars(terms).items() if v is not None})
             sums["loss"] += float(terms.total) * (n if config.reduction == "per_sample" else 1)
             sums["recon"] += float(terms.recon)
