@@ -52,6 +52,7 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS, IMAGE_SHAPE, alloc_output
 
+from .activations import elu, relu, sigmoid
 from .grouping import group_by_expert_fwd
 from .launch import device_guard, dot_precision, find_tile, log2_ceil, max_programs, tile_bound, tile_offsets
 from .tuning import experts_hard_config
@@ -85,7 +86,7 @@ def _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, w, b, e, L, 
                       other=0.0)
         b_h = _mm(b_z, b_w, INPUT_PRECISION) + tl.load(b + e * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
         if APPLY_RELU:
-            b_h = tl.maximum(b_h, 0.0)
+            b_h = relu(b_h)
         tl.store(p_dst + o_m[:, None] * N + n0 + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
 
 
@@ -147,7 +148,7 @@ def _upconv3x3_to_scratch(p_src, p_dst, w, b, e, n_tokens,
         for r0 in range(0, n_out, BR):
             b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, n_out, py, px, ci, dy, dx, CIN, H, W, BR)
             b_h = _mm(b_a, b_w, INPUT_PRECISION) + b_bias[None, :]
-            b_h = tl.where(b_h > 0, b_h, tl.exp(tl.minimum(b_h, 0.0)) - 1.0)
+            b_h = elu(b_h)
             o_out = (o_t * (COUT * 4 * H * W) + (2 * o_i + py) * (2 * W) + 2 * o_j + px)[:, None] + o_n[None, :] * (4 * H * W)
             tl.store(p_dst + o_out, b_h, mask=m_r[:, None])
 
@@ -176,7 +177,7 @@ def _conv3x3_to_image(p_src, out, p_tok, w, b, e, n_tokens,
                 b_y = tl.sum(b_a * b_w[None, :], axis=1) + b_bias
                 b_tok = tl.load(p_tok + o_t, mask=m_r, other=0).to(tl.int64)
                 o_pix = (2 * o_i + py) * (2 * W) + 2 * o_j + px
-                tl.store(out + b_tok * (4 * H * W) + o_pix, 1.0 / (1.0 + tl.exp(-b_y)), mask=m_r)
+                tl.store(out + b_tok * (4 * H * W) + o_pix, sigmoid(b_y), mask=m_r)
     else:
         o_c = tl.arange(0, CIN)
         o_r = tl.arange(0, BR)
@@ -196,7 +197,7 @@ def _conv3x3_to_image(p_src, out, p_tok, w, b, e, n_tokens,
                     b_y += tl.sum(b_a * b_w[None, :], axis=1)
             b_y += b_bias
             b_tok = tl.load(p_tok + o_t, mask=m_r, other=0).to(tl.int64)
-            tl.store(out + b_tok * (H * W) + o_i * W + o_j, 1.0 / (1.0 + tl.exp(-b_y)), mask=m_r)
+            tl.store(out + b_tok * (H * W) + o_i * W + o_j, sigmoid(b_y), mask=m_r)
 
 
 @triton.jit
@@ -292,8 +293,7 @@ def _experts_hard_mlp_fwd_kernel(
                                   mask=m_n[None, :] & m_h[:, None], other=0.0)
                     b_y += _mm(b_a, b_w, INPUT_PRECISION)
                 b_y += tl.load(fc2_b + e * PIXELS + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-                tl.store(out + b_tok[:, None] * PIXELS + n0 + o_n[None, :], 1.0 / (1.0 + tl.exp(-b_y)),
-                         mask=m_m[:, None] & m_n[None, :])
+                tl.store(out + b_tok[:, None] * PIXELS + n0 + o_n[None, :], sigmoid(b_y), mask=m_m[:, None] & m_n[None, :])
 
 
 _CONV_CHANNELS = {"lite": (8, 16, 1), "medium": (32, 64, 32)}
