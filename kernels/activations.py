@@ -2,21 +2,26 @@
 
 | helper                | computes                         | torch's formula it follows                           |
 |-----------------------|----------------------------------|------------------------------------------------------|
-| relu(x)               | x < 0 ? 0 : x                    | torch.relu (clamp_min: NaN stays NaN)                |
+| relu(x)               | max(x, 0), NaN if x is NaN       | torch.relu (clamp_min: NaN stays NaN)                |
 | relu_grad(g, y)       | y <= 0 ? 0 : g                   | threshold_backward(g, y, 0)                          |
 | elu(x)                | x > 0 ? x : exp(x) - 1           | F.elu, alpha 1                                       |
 | elu_grad(g, y)        | y <= 0 ? g (y + 1) : g           | elu_backward (x <= 0 iff y <= 0; exp(x) = y + 1)     |
 | sigmoid(x)            | 1 / (1 + exp(-x))                | torch.sigmoid                                        |
-| sigmoid_grad(g, y)    | g (1 - y) y                      | sigmoid_backward(g, y)                               |
+| sigmoid_grad(g, y)    | g y (1 - y)                      | sigmoid_backward(g, y)                               |
 | activate(x, ACT)      | one of the above by ``ACT``      | ACT_NONE, ACT_ELU, ACT_SIGMOID, ACT_RELU             |
 | activate_grad(g, y, ACT) | its backward from the output y |                                                      |
 
-NaN and Inf propagate as in torch by construction: only comparisons (false for NaN), ``tl.where`` and
-arithmetic, never ``tl.minimum``/``tl.maximum``. Those lower to fminf/fmaxf on the GPU (default
-``propagate_nan=NONE``), which return the other operand when one is NaN: a ReLU or ELU written with
-them turns a NaN pre-activation into a finite value. The interpreter's numpy minimum/maximum do
-propagate NaN, so no CPU test can see that bug; tests/test_nan_propagation.py checks the kernel
-sources instead (every exp and clamp of an activation lives here).
+NaN and Inf propagate as in torch by construction: comparisons (false for NaN), ``tl.where``,
+arithmetic, and ``tl.maximum`` only with ``propagate_nan=ALL`` (one ``max.NaN.f32``, sm_80+). The
+default ``tl.minimum``/``tl.maximum`` (``propagate_nan=NONE``) lower to fminf/fmaxf on the GPU, which
+return the other operand when one is NaN: a ReLU or ELU clamped with them turns a NaN pre-activation
+into a finite value. Whether the interpreter shows that depends on the triton version (3.9 maps them
+to np.fmin/np.fmax, NaN dropped as on the GPU), so tests/test_nan_propagation.py also checks the
+kernel sources: every exp and clamp of an activation lives here.
+
+Each form is also the cheapest one found in the audit's register and spill counts: ELU's exp may
+overflow to inf in the branch ``tl.where`` discards (harmless, and one select fewer than clamping
+its argument), and ReLU is one instruction.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ ACT_NONE, ACT_ELU, ACT_SIGMOID, ACT_RELU = 0, 1, 2, 3
 
 @triton.jit
 def relu(x):
-    return tl.where(x < 0, 0., x)
+    return tl.maximum(x, 0., propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -39,8 +44,7 @@ def relu_grad(g, y):
 
 @triton.jit
 def elu(x):
-    # exp only sees x <= 0 (or NaN): no overflow to inf in the branch that is not taken
-    return tl.where(x > 0, x, tl.exp(tl.where(x > 0, 0., x)) - 1.)
+    return tl.where(x > 0, x, tl.exp(x) - 1.)
 
 
 @triton.jit
@@ -57,7 +61,7 @@ def sigmoid(x):
 @triton.jit
 def sigmoid_grad(g, y):
     """dL/dx from g = dL/dy and y = sigmoid(x)."""
-    return g * (1. - y) * y
+    return g * y * (1. - y)
 
 
 @triton.jit

@@ -6,7 +6,7 @@
 | max_programs        | the persistent-grid cap: 2 programs per SM on a GPU, 2 in the interpreter         |
 | device_arch         | 90 for sm_90, 80 for sm_80, ...; 0 for CPU tensors or the interpreter           |
 | dot_precision       | ``tl.dot`` input precision, read from torch's own TF32 setting at call time       |
-| dot_mode            | the hard-gated GEMM mode: dot_precision, or bf16/fp16 tensor cores for half inputs |
+| dot_mode            | hard-gated GEMM mode: dot_precision, or bf16/fp16 tensor cores for half inputs    |
 | mm (jit)            | one GEMM tile with fp32 accumulation in a dot_mode                                |
 | log2_ceil           | binary-search steps over E experts (the ``LOG_E`` constexpr of every tile lookup) |
 | tile_bound          | host-side bound on the tiles of any routing (a grid size with no host sync)       |

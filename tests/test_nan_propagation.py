@@ -10,10 +10,10 @@ Weight gradients of an expert that a poisoned token reaches are NaN in the refer
 routes the poisoned tokens to experts 0 and 1 only, so experts 2 and 3 must stay finite (a NaN row
 of a tile must not leak into other experts' partials).
 
-Kernels run in the Triton interpreter (tests/conftest.py). The interpreter's ``tl.minimum`` and
-``tl.maximum`` follow the GPU (np.fmin/np.fmax: NaN dropped) in triton 3.9, but that is an
+Kernels run in the Triton interpreter (tests/conftest.py). The interpreter's default ``tl.minimum``
+and ``tl.maximum`` follow the GPU (np.fmin/np.fmax: NaN dropped) in triton 3.9, but that is an
 interpreter detail, so the source guards at the end also keep every activation in
-kernels/activations.py and every min/max off the data.
+kernels/activations.py and every min/max without ``propagate_nan=ALL`` off the data.
 """
 from __future__ import annotations
 
@@ -213,14 +213,17 @@ def _touches_data(node: ast.Call) -> bool:
     return False
 
 
+def _propagates_nan(node: ast.Call) -> bool:
+    return any(kw.arg == "propagate_nan" and ast.unparse(kw.value).endswith("PropagateNan.ALL") for kw in node.keywords)
+
+
 def activation_violations(source: str) -> list[str]:
     """What a kernel module outside kernels/activations.py may not do: call exp/sigmoid/... itself
     (every one of them in a decoder is an activation) or take min/max of data (a clamp: fminf/fmaxf
     drop NaN on the GPU). Only index bounds such as ``tl.minimum(B - r0, BM)`` remain."""
     found = []
     for name, node in _tl_calls(ast.parse(source)):
-        propagates = any(kw.arg == "propagate_nan" and "ALL" in ast.unparse(kw.value) for kw in node.keywords)
-        if name in _TRANSCENDENTAL or (name in _MIN_MAX and _touches_data(node) and not propagates):
+        if name in _TRANSCENDENTAL or (name in _MIN_MAX and _touches_data(node) and not _propagates_nan(node)):
             found.append(f"line {node.lineno}: {ast.unparse(node)}")
     return found
 
@@ -230,8 +233,10 @@ def test_the_guard_catches_the_old_elu_and_relu():
     old = ("b_h = tl.where(b_h > 0, b_h, tl.exp(tl.minimum(b_h, 0.0)) - 1.0)\n"
            "b_h = tl.maximum(b_h, 0.0)\n"
            "y = tl.sigmoid(acc)\n"
-           "n = tl.minimum(B - r0, BM)\n")
-    assert len(activation_violations(old)) == 4   # exp, minimum, maximum, sigmoid; not the row bound
+           "n = tl.minimum(B - r0, BM)\n"
+           "b_h = tl.maximum(b_h, 0., propagate_nan=tl.PropagateNan.ALL)\n")
+    # exp, minimum, maximum, sigmoid; not the row bound, not the NaN-propagating max
+    assert len(activation_violations(old)) == 4
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in KERNELS_DIR.glob("*.py") if p.name != "activations.py"))
@@ -239,9 +244,10 @@ def test_kernels_take_every_activation_from_the_shared_helpers(path):
     assert activation_violations((KERNELS_DIR / path).read_text()) == []
 
 
-def test_the_shared_helpers_use_no_min_or_max():
-    names = {name for name, _ in _tl_calls(ast.parse((KERNELS_DIR / "activations.py").read_text()))}
-    assert not names & _MIN_MAX, f"kernels/activations.py calls {sorted(names & _MIN_MAX)}; use comparisons and tl.where"
+def test_the_shared_helpers_take_min_or_max_only_nan_propagating():
+    calls = [node for name, node in _tl_calls(ast.parse((KERNELS_DIR / "activations.py").read_text()))
+             if name in _MIN_MAX and not _propagates_nan(node)]
+    assert not calls, f"kernels/activations.py: {[ast.unparse(c) for c in calls]} drop NaN on the GPU"
 
 
 @pytest.mark.parametrize("path", ["experts_hard.py", "decoder_blocks.py", "grouped_layers.py"])
