@@ -306,13 +306,14 @@ inline void activate_tile(Vec<scalar_t>* v, Activation act) {
   }
 }
 
-// d(activation)/d(input), written in terms of the activation's output a.
+// d(activation)/d(input), written in terms of the activation's output a. A NaN a passes the gradient
+// through (derivative 1), as torch's threshold_backward and elu_backward do (kernels/activations.py).
 template <typename scalar_t>
 inline Vec<scalar_t> activation_grad(const Vec<scalar_t>& a, Activation act) {
   const Vec<scalar_t> one = broadcast(scalar_t(1)), zero = broadcast(scalar_t(0));
   switch (act) {
-    case Activation::kRelu: return a > zero ? one : zero;
-    case Activation::kElu: return a > zero ? one : a + one;
+    case Activation::kRelu: return a <= zero ? zero : one;
+    case Activation::kElu: return a <= zero ? a + one : one;
     case Activation::kSigmoid: return a * (one - a);
     default: return one;
   }

@@ -42,12 +42,13 @@ __device__ __forceinline__ scalar_t activate(scalar_t x, Activation act) {
   }
 }
 
-// d(activation)/d(input), written in terms of the activation's output a (as experts_cpu.cpp).
+// d(activation)/d(input), written in terms of the activation's output a (as experts_cpu.cpp: a NaN a
+// passes the gradient through, like torch's threshold_backward and elu_backward).
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t activation_grad(scalar_t a, Activation act) {
   switch (act) {
-    case Activation::kRelu: return a > scalar_t(0) ? scalar_t(1) : scalar_t(0);
-    case Activation::kElu: return a > scalar_t(0) ? scalar_t(1) : a + scalar_t(1);
+    case Activation::kRelu: return a <= scalar_t(0) ? scalar_t(0) : scalar_t(1);
+    case Activation::kElu: return a <= scalar_t(0) ? a + scalar_t(1) : scalar_t(1);
     case Activation::kSigmoid: return a * (scalar_t(1) - a);
     default: return scalar_t(1);
   }

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activations import elu, elu_grad, relu, relu_grad, sigmoid, sigmoid_grad
 from .launch import tile_expert
 from .tuning import TRAIN_BLOCK_M
 
@@ -140,7 +141,7 @@ def _lite_forward_rows(
             m_src = m_r[:, None] & (src_y >= 0) & (src_y < 7) & (src_x >= 0) & (src_x < 7)
             b_a = tl.load(p_h0 + i_b[:, None] * 392 + k_ci[None, :] * 49 + src_y * 7 + src_x, mask=m_src, other=0.)
             b_c1 = tl.dot(b_a, b_w1, input_precision=PREC) + b_b1[None, :]
-            b_a1 = tl.where(b_c1 > 0, b_c1, tl.exp(b_c1) - 1.)
+            b_a1 = elu(b_c1)
             o_p14 = (2 * j + c // 2) * 14 + 2 * i + c % 2
             tl.store(p_a1 + i_b[:, None] * 3136 + o_co[None, :] * 196 + o_p14[:, None], b_a1, mask=m_r[:, None])
     tl.debug_barrier()
@@ -159,7 +160,7 @@ def _lite_forward_rows(
         b_a = tl.load(p_a1 + o_b[:, None] * 3136 + (k // 4) * 196 + (src_y * 14 + src_x)[None, :],
                       mask=m_b[:, None] & m_src[None, :], other=0.)
         b_acc += b_a * b_w2[None, :]
-    return tl.sigmoid(b_acc + tl.load(p_b2).to(tl.float32))
+    return sigmoid(b_acc + tl.load(p_b2).to(tl.float32))
 
 
 @triton.jit
@@ -202,7 +203,7 @@ def _lite_backward_rows(
     m_p = o_p < 784
     m_bp = m_b[:, None] & m_p[None, :]
     # sigmoid backward; masked so a garbage y on a padded row cannot leak in
-    b_g2 = tl.where(m_bp, b_dy * y * (1. - y), 0.)
+    b_g2 = tl.where(m_bp, sigmoid_grad(b_dy, y), 0.)
     acc_b2 += tl.sum(tl.sum(b_g2, axis=1), axis=0)
     tl.store(p_g2 + o_b[:, None] * 784 + o_p[None, :], b_g2, mask=m_bp)
 
@@ -223,7 +224,7 @@ def _lite_backward_rows(
     tl.debug_barrier()
 
     # conv2 data grad as a gather-GEMM over rows (b, 14x14 pixel): [rows, K=(class, s, r)] @ [K, ci],
-    # then ELU backward (ELU'(c1) = 1 where a1 > 0, else a1 + 1)
+    # then ELU backward from the stored a1
     o_kk = tl.arange(0, 16)
     kk_c, kk_s, kk_r = o_kk // 4, (o_kk // 2) % 2, o_kk % 2
     o_ci = tl.arange(0, 16)
@@ -240,7 +241,7 @@ def _lite_backward_rows(
         b_da1 = tl.dot(b_a, b_w2t, input_precision=PREC)
         o_a1 = i_b[:, None] * 3136 + o_ci[None, :] * 196 + o_p14[:, None]
         b_a1 = tl.load(p_a1 + o_a1, mask=m_r[:, None], other=0.)
-        tl.store(p_c1g + o_a1, b_da1 * tl.where(b_a1 > 0, 1., b_a1 + 1.), mask=m_r[:, None])
+        tl.store(p_c1g + o_a1, elu_grad(b_da1, b_a1), mask=m_r[:, None])
     tl.debug_barrier()
 
     acc_w1c0, b_db1 = _lite_conv1_wgrad_class(acc_w1c0, n_valid, p_h0, p_c1g, 0, 0, BR, PREC)
@@ -331,7 +332,7 @@ def _mlp_out_tile(b_h, p_w2, p_b2, n0, H, HP: tl.constexpr, BN: tl.constexpr, PR
     m_n = o_n < 784
     b_w2t = tl.load(p_w2 + o_n[None, :] * H + o_h[:, None], mask=(o_h[:, None] < H) & m_n[None, :], other=0.).to(tl.float32)
     b_b2 = tl.load(p_b2 + o_n, mask=m_n, other=0.).to(tl.float32)
-    return tl.sigmoid(tl.dot(b_h, b_w2t, input_precision=PREC) + b_b2[None, :]), b_w2t
+    return sigmoid(tl.dot(b_h, b_w2t, input_precision=PREC) + b_b2[None, :]), b_w2t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,7 +409,7 @@ def _experts_fwd_body(
             e64 = tl.cast(e, tl.int64)
             if IS_MLP:
                 b_pre, b_w1t = _mlp_hidden(b_z, p_wa + e64 * H * L, p_wb + e64 * H, L, H, LP, HP, PREC)
-                y, b_w2t = _mlp_out_tile(tl.maximum(b_pre, 0.), p_wc + e64 * 784 * H, p_wd + e64 * 784,
+                y, b_w2t = _mlp_out_tile(relu(b_pre), p_wc + e64 * 784 * H, p_wd + e64 * 784,
                                          i_n * BN, H, HP, BN, PREC)
             else:
                 y = _lite_forward_rows(b_z, n_valid, p_wa + e64 * 392 * L, p_wb + e64 * 392, p_wc + e64 * 2048,
@@ -475,7 +476,7 @@ def _experts_bwd_body(
                               mask=m_row[:, None] & m_l[None, :], other=0.).to(tl.float32)
                 b_gate = tl.load(p_g + o_gate, mask=m_row, other=0.).to(tl.float32)
                 b_pre, b_w1t = _mlp_hidden(b_z, p_w1, p_b1, L, H, LP, HP, PREC)
-                b_h = tl.maximum(b_pre, 0.)
+                b_h = relu(b_pre)
                 b_dh = tl.zeros((BM, HP), dtype=tl.float32)
                 b_dgate = tl.zeros((BM,), dtype=tl.float32)
                 for n0 in range(0, 784, BN):
@@ -484,10 +485,10 @@ def _experts_bwd_body(
                     y, b_w2t = _mlp_out_tile(b_h, p_w2, p_b2, n0, H, HP, BN, PREC)
                     b_do = tl.load(p_do + o_tok[:, None] * stride_dob + o_n[None, :] * stride_dop, mask=m_rn, other=0.).to(tl.float32)
                     b_dgate += tl.sum(b_do * y, axis=1)
-                    b_g2 = tl.where(m_rn, b_gate[:, None] * b_do * y * (1. - y), 0.)
+                    b_g2 = tl.where(m_rn, sigmoid_grad(b_gate[:, None] * b_do, y), 0.)
                     b_dh += tl.dot(b_g2, tl.trans(b_w2t), input_precision=PREC)
-                # relu backward (torch's: zero gradient where the pre-activation is exactly 0)
-                b_dh = tl.where(b_pre > 0, b_dh, 0.)
+                # torch's relu backward: zero gradient where the output is exactly 0, NaN passes
+                b_dh = relu_grad(b_dh, b_h)
                 acc_w1 += tl.dot(tl.trans(b_dh), b_z, input_precision=PREC)
                 acc_b1 += tl.sum(b_dh, axis=0)
                 b_dz = tl.dot(b_dh, tl.trans(b_w1t), input_precision=PREC)
@@ -515,10 +516,10 @@ def _experts_bwd_body(
                                   mask=m_row[:, None] & m_l[None, :], other=0.).to(tl.float32)
                     b_gate = tl.load(p_g + o_gate, mask=m_row, other=0.).to(tl.float32)
                     b_pre, b_w1t = _mlp_hidden(b_z, p_w1, p_b1, L, H, LP, HP, PREC)
-                    b_h = tl.maximum(b_pre, 0.)
+                    b_h = relu(b_pre)
                     y, b_w2t = _mlp_out_tile(b_h, p_w2, p_b2, n0, H, HP, BN, PREC)
                     b_do = tl.load(p_do + o_tok[:, None] * stride_dob + o_n[None, :] * stride_dop, mask=m_rn, other=0.).to(tl.float32)
-                    b_g2 = tl.where(m_rn, b_gate[:, None] * b_do * y * (1. - y), 0.)
+                    b_g2 = tl.where(m_rn, sigmoid_grad(b_gate[:, None] * b_do, y), 0.)
                     acc_w2 += tl.dot(tl.trans(b_g2), b_h, input_precision=PREC)
                     acc_b2 += tl.sum(b_g2, axis=0)
                 m_n = o_n < 784

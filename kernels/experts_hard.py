@@ -36,10 +36,14 @@ whatever E and the routing. Indices are range-checked by ``smoe_fast.ops`` befor
 (``check_indices=True``); with the check off, a token with an out-of-range expert gets no tile and its
 x_hat row is left unwritten, but nothing outside the tensors is read or written.
 
-Precision. fp32 inputs: ``tl.dot`` in IEEE fp32 unless torch allows TF32 matmuls (``launch.dot_precision``:
-``fp32_precision`` or ``allow_tf32``, read at every call), then TF32. fp16/bf16 inputs (GPU autocast):
-operands are exact in TF32, products use TF32 tensor cores, accumulation, the phase-merged weights
-and the scratch are fp32, x_hat is in the input dtype. Block sizes and warps come from kernels/tuning.py.
+Precision (``launch.dot_mode``, the ``INPUT_PRECISION`` constexpr, read at every call). fp32 inputs:
+``tl.dot`` in IEEE fp32 unless torch allows TF32 matmuls (``fp32_precision`` or ``allow_tf32``), then
+TF32. bf16/fp16 inputs (GPU autocast): every GEMM tile (z, the fc/fc1/fc2 weights, the gathered
+activations, the phase-merged conv weights) is cast to the input dtype and ``tl.dot`` runs on the
+half-precision tensor cores with fp32 accumulation; the scratch stays fp32 and x_hat is in the input
+dtype. The one-channel last conv stays an fp32 weighted sum on the FMA units. The interpreter cannot
+run half-precision dots, so there half inputs are widened to fp32 instead. Block sizes and warps come
+from kernels/tuning.py.
 
 >>> from smoe_fast.kernels.experts_hard import experts_hard
 >>> x_hat = experts_hard(z, logits.argmax(-1), model.experts.weights(), kind="lite")   # [B, 1, 28, 28]
@@ -52,17 +56,12 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS, IMAGE_SHAPE, alloc_output
 
+from .activations import elu, relu, sigmoid
 from .grouping import group_by_expert_fwd
-from .launch import device_guard, dot_precision, find_tile, log2_ceil, max_programs, tile_bound, tile_offsets
+from .launch import device_guard, dot_mode, find_tile, log2_ceil, max_programs, mm, tile_bound, tile_offsets
 from .tuning import experts_hard_config
 
 __all__ = ["experts_hard", "experts_hard_fwd"]
-
-
-@triton.jit
-def _mm(a, b, INPUT_PRECISION: tl.constexpr):
-    """fp32 GEMM tile with fp32 accumulation; operands are converted first (fp16/bf16 are exact in TF32)."""
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -83,9 +82,9 @@ def _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, w, b, e, L, 
         # [BLOCK_L, BN]
         b_w = tl.load(w + e * N * L + (n0 + o_n[None, :]) * L + o_l[:, None], mask=m_n[None, :] & (o_l[:, None] < L),
                       other=0.0)
-        b_h = _mm(b_z, b_w, INPUT_PRECISION) + tl.load(b + e * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        b_h = mm(b_z, b_w, INPUT_PRECISION) + tl.load(b + e * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
         if APPLY_RELU:
-            b_h = tl.maximum(b_h, 0.0)
+            b_h = relu(b_h)
         tl.store(p_dst + o_m[:, None] * N + n0 + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
 
 
@@ -146,8 +145,8 @@ def _upconv3x3_to_scratch(p_src, p_dst, w, b, e, n_tokens,
                                     py, px, dy[:, None], dx[:, None])
         for r0 in range(0, n_out, BR):
             b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, n_out, py, px, ci, dy, dx, CIN, H, W, BR)
-            b_h = _mm(b_a, b_w, INPUT_PRECISION) + b_bias[None, :]
-            b_h = tl.where(b_h > 0, b_h, tl.exp(tl.minimum(b_h, 0.0)) - 1.0)
+            b_h = mm(b_a, b_w, INPUT_PRECISION) + b_bias[None, :]
+            b_h = elu(b_h)
             o_out = (o_t * (COUT * 4 * H * W) + (2 * o_i + py) * (2 * W) + 2 * o_j + px)[:, None] + o_n[None, :] * (4 * H * W)
             tl.store(p_dst + o_out, b_h, mask=m_r[:, None])
 
@@ -176,7 +175,7 @@ def _conv3x3_to_image(p_src, out, p_tok, w, b, e, n_tokens,
                 b_y = tl.sum(b_a * b_w[None, :], axis=1) + b_bias
                 b_tok = tl.load(p_tok + o_t, mask=m_r, other=0).to(tl.int64)
                 o_pix = (2 * o_i + py) * (2 * W) + 2 * o_j + px
-                tl.store(out + b_tok * (4 * H * W) + o_pix, 1.0 / (1.0 + tl.exp(-b_y)), mask=m_r)
+                tl.store(out + b_tok * (4 * H * W) + o_pix, sigmoid(b_y), mask=m_r)
     else:
         o_c = tl.arange(0, CIN)
         o_r = tl.arange(0, BR)
@@ -196,7 +195,7 @@ def _conv3x3_to_image(p_src, out, p_tok, w, b, e, n_tokens,
                     b_y += tl.sum(b_a * b_w[None, :], axis=1)
             b_y += b_bias
             b_tok = tl.load(p_tok + o_t, mask=m_r, other=0).to(tl.int64)
-            tl.store(out + b_tok * (H * W) + o_i * W + o_j, 1.0 / (1.0 + tl.exp(-b_y)), mask=m_r)
+            tl.store(out + b_tok * (H * W) + o_i * W + o_j, sigmoid(b_y), mask=m_r)
 
 
 @triton.jit
@@ -290,10 +289,9 @@ def _experts_hard_mlp_fwd_kernel(
                     # [BH, BN] of fc2.weight [E, PIXELS, HIDDEN]
                     b_w = tl.load(fc2_w + e * PIXELS * HIDDEN + (n0 + o_n[None, :]) * HIDDEN + h0 + o_h[:, None],
                                   mask=m_n[None, :] & m_h[:, None], other=0.0)
-                    b_y += _mm(b_a, b_w, INPUT_PRECISION)
+                    b_y += mm(b_a, b_w, INPUT_PRECISION)
                 b_y += tl.load(fc2_b + e * PIXELS + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-                tl.store(out + b_tok[:, None] * PIXELS + n0 + o_n[None, :], 1.0 / (1.0 + tl.exp(-b_y)),
-                         mask=m_m[:, None] & m_n[None, :])
+                tl.store(out + b_tok[:, None] * PIXELS + n0 + o_n[None, :], sigmoid(b_y), mask=m_m[:, None] & m_n[None, :])
 
 
 _CONV_CHANNELS = {"lite": (8, 16, 1), "medium": (32, 64, 32)}
@@ -310,7 +308,7 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
     layers = [w.contiguous() for w in layers]
     device = z.device
     programs_cap = max_programs(device)
-    precision = dot_precision(z.dtype)
+    precision = dot_mode(z.dtype, device)
     block_l = max(16, triton.next_power_of_2(L))
 
     def run(config):

@@ -13,7 +13,8 @@ One layer, per expert e (weights stacked with a leading E):
 
 KS=1, H=W=1, UP=1 is a linear layer (W_e [C_OUT, C_IN]); ``HAS_IDX`` reads input row
 ``idx[r] // IDX_DIV`` instead of row r (the first layer reads z[token] straight from z). ACT: 0 none,
-1 ELU (alpha 1), 2 sigmoid. Convolutions are implicit GEMMs that gather their inputs by address:
+1 ELU (alpha 1), 2 sigmoid, the helpers of kernels/activations.py. Convolutions are implicit GEMMs that
+gather their inputs by address:
 
 | kernel                        | M                        | N     | reduction              |
 |-------------------------------|--------------------------|-------|------------------------|
@@ -35,6 +36,7 @@ import triton.language as tl
 
 from smoe_fast.contract import alloc_output
 
+from .activations import ACT_ELU, ACT_NONE, ACT_SIGMOID, activate, activate_grad
 from .decoder_blocks import _segment_sum_kernel
 from .launch import device_arch, dot_precision, find_tile, log2_ceil, tile_bound
 from .tuning import GROUPED_TILE_ROWS, grouped_layer_config
@@ -42,18 +44,12 @@ from .tuning import GROUPED_TILE_ROWS, grouped_layer_config
 TILE_ROWS = GROUPED_TILE_ROWS   # sorted rows of one expert per tile
 _SUM_BLOCK = 1024     # partial columns per segment-sum program
 
-ACT_NONE, ACT_ELU, ACT_SIGMOID = 0, 1, 2
-
 
 @triton.jit
 def _act_grad(b_dy, p_y, o_y, m_y, ACT: tl.constexpr):
-    """d(pre-activation) from d(output) and the stored output y."""
-    if ACT == 1:
-        b_y = tl.load(p_y + o_y, mask=m_y, other=0.)
-        b_dy = tl.where(b_y > 0, b_dy, b_dy * (b_y + 1.))
-    elif ACT == 2:
-        b_y = tl.load(p_y + o_y, mask=m_y, other=0.)
-        b_dy = b_dy * b_y * (1. - b_y)
+    """d(pre-activation) from d(output) and the stored output y (read only when ACT has a derivative)."""
+    if ACT != 0:
+        b_dy = activate_grad(b_dy, tl.load(p_y + o_y, mask=m_y, other=0.), ACT)
     return b_dy
 
 
@@ -114,10 +110,7 @@ def _grouped_conv_fwd_kernel(
                       other=0.).to(tl.float32)
         b_acc = tl.dot(b_x, b_w, b_acc, input_precision=PREC)
     b_acc += tl.load(p_b + e * C_OUT + o_n, mask=m_n, other=0.).to(tl.float32)[None, :]
-    if ACT == 1:
-        b_acc = tl.where(b_acc > 0, b_acc, tl.exp(b_acc) - 1.)
-    elif ACT == 2:
-        b_acc = 1. / (1. + tl.exp(-b_acc))
+    b_acc = activate(b_acc, ACT)
     tl.store(p_y + o_r[:, None] * (C_OUT * P_OUT) + o_n[None, :] * P_OUT + o_p[:, None], b_acc,
              mask=m_m[:, None] & m_n[None, :])
 

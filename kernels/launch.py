@@ -6,6 +6,8 @@
 | max_programs        | the persistent-grid cap: 2 programs per SM on a GPU, 2 in the interpreter         |
 | device_arch         | 90 for sm_90, 80 for sm_80, ...; 0 for CPU tensors or the interpreter           |
 | dot_precision       | ``tl.dot`` input precision, read from torch's own TF32 setting at call time       |
+| dot_mode            | hard-gated GEMM mode: dot_precision, or bf16/fp16 tensor cores for half inputs    |
+| mm (jit)            | one GEMM tile with fp32 accumulation in a dot_mode                                |
 | log2_ceil           | binary-search steps over E experts (the ``LOG_E`` constexpr of every tile lookup) |
 | tile_bound          | host-side bound on the tiles of any routing (a grid size with no host sync)       |
 | tile_offsets        | [E+1] exclusive scan of cdiv(expert_counts, block_m), one launch, on the device   |
@@ -28,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["interpreting", "device_guard", "max_programs", "device_arch", "dot_precision", "log2_ceil",
-           "tile_bound", "tile_offsets", "tile_expert", "find_tile"]
+__all__ = ["interpreting", "device_guard", "max_programs", "device_arch", "dot_precision", "dot_mode", "mm",
+           "log2_ceil", "tile_bound", "tile_offsets", "tile_expert", "find_tile"]
 
 # programs per SM of a persistent grid: two resident CTAs hide each other's barriers and gathers
 PROGRAMS_PER_SM = 2
@@ -95,6 +97,32 @@ def dot_precision(dtype: torch.dtype = torch.float32) -> str:
     if dtype in (torch.float16, torch.bfloat16):
         return "tf32"
     return "tf32" if _torch_allows_tf32() else "ieee"
+
+
+_HALF_DOTS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def dot_mode(dtype: torch.dtype, device: torch.device) -> str:
+    """GEMM mode of kernels that cast their tiles themselves (``mm``): "bf16" or "fp16" for half inputs
+    (GPU autocast) on a GPU, so ``tl.dot`` runs on the half-precision tensor cores with fp32
+    accumulation; else :func:`dot_precision` ("ieee" or "tf32"). The interpreter cannot run
+    half-precision dots: there, and for CPU tensors, half inputs are widened to fp32 (exact)."""
+    if dtype in _HALF_DOTS and device.type == "cuda" and not interpreting():
+        return _HALF_DOTS[dtype]
+    return dot_precision(dtype)
+
+
+@triton.jit
+def mm(a, b, DOT: tl.constexpr):
+    """a [M, K] @ b [K, N] -> fp32 [M, N] in mode DOT (:func:`dot_mode`): "bf16"/"fp16" cast both
+    tiles to that dtype, "ieee"/"tf32" widen them to fp32 and use that input precision."""
+    if DOT == "bf16":
+        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    elif DOT == "fp16":
+        c = tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+    else:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
+    return c
 
 
 def log2_ceil(num_experts: int) -> int:

@@ -42,6 +42,27 @@ def test_dot_precision_follows_torch_setting():
     assert launch.dot_precision(torch.float16) == "tf32"
 
 
+def test_dot_mode_uses_half_precision_tensor_cores_for_half_inputs_on_a_gpu(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    # fp32 follows torch's TF32 setting
+    assert launch.dot_mode(torch.float32, cuda) == "ieee"
+    with _tf32(True):
+        assert launch.dot_mode(torch.float32, cuda) == "tf32"
+        # half inputs (autocast): half-precision dots whatever the TF32 setting
+        assert launch.dot_mode(torch.bfloat16, cuda) == "bf16"
+        assert launch.dot_mode(torch.float16, cuda) == "fp16"
+    with _tf32(False):
+        assert launch.dot_mode(torch.bfloat16, cuda) == "bf16"
+        assert launch.dot_mode(torch.float16, cuda) == "fp16"
+        # no compiled kernel on CPU tensors: half operands widened to fp32 (exact), as dot_precision says
+        assert launch.dot_mode(torch.bfloat16, cpu) == launch.dot_precision(torch.bfloat16) == "tf32"
+    # the interpreter cannot run half-precision dots, even for CUDA tensors
+    monkeypatch.setattr(launch, "interpreting", lambda: True)
+    assert launch.dot_mode(torch.bfloat16, cuda) == "tf32"
+    assert launch.dot_mode(torch.float32, cuda) == "ieee"
+
+
 @pytest.mark.parametrize("num_experts,steps", [(1, 1), (2, 1), (3, 2), (64, 6), (65, 7), (65536, 16)])
 def test_log2_ceil(num_experts, steps):
     assert launch.log2_ceil(num_experts) == steps

@@ -160,6 +160,48 @@ def test_experts_hard_compiles_without_graph_breaks():
     assert_close(compiled(z, idx), reference.experts_hard(z, idx, weights, "mlp") * 2)
 
 
+class _RecordingKernel:
+    """Stands in for a jit kernel: records each launch's keyword arguments and runs nothing."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda **kwargs: self.launches.append(kwargs)
+
+
+# (torch setting, TF32 allowed, z dtype the kernel sees, dot mode on CPU tensors)
+PRECISION_SETTINGS = [
+    pytest.param(None, False, torch.float32, "ieee", id="fp32-default-ieee"),
+    pytest.param(None, True, torch.float32, "tf32", id="fp32-torch-allows-tf32"),
+    pytest.param(torch.bfloat16, False, torch.bfloat16, "tf32", id="autocast-bf16-widened-off-gpu"),
+    pytest.param(torch.float16, True, torch.float16, "tf32", id="autocast-fp16-widened-off-gpu"),
+]
+
+
+@pytest.mark.parametrize("kind", ["lite", "medium", "mlp"])
+@pytest.mark.parametrize("autocast,tf32,dtype,mode", PRECISION_SETTINGS)
+def test_launcher_passes_the_dot_mode_of_its_inputs(monkeypatch, kind, autocast, tf32, dtype, mode):
+    # the launcher asks launch.dot_mode with the dtype and device the kernel reads (after autocast's
+    # cast) and passes its answer as INPUT_PRECISION; which mode a GPU gets is test_launch's table
+    name = "_experts_hard_mlp_fwd_kernel" if kind == "mlp" else "_experts_hard_conv_fwd_kernel"
+    kernel, asked = _RecordingKernel(), []
+    real_dot_mode = experts_hard_module.dot_mode
+    monkeypatch.setattr(experts_hard_module, name, kernel)
+    monkeypatch.setattr(experts_hard_module, "dot_mode", lambda *a: asked.append(a) or real_dot_mode(*a))
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if tf32 else "ieee"
+    else:
+        matmul.allow_tf32 = tf32
+    weights = random_weights(kind, 3)
+    z, idx = torch.randn(5, 32), routing_case("uniform", 5, 3)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        experts_hard(z, idx, weights, kind)
+    assert asked and all(a == (dtype, z.device) for a in asked), asked
+    assert kernel.launches and all(k["INPUT_PRECISION"] == mode and k["z"].dtype == dtype for k in kernel.launches)
+
+
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("kind", ["lite", "medium", "mlp"])
 @pytest.mark.parametrize("num_experts", [1, 8, 257], ids=["E1", "E8", "E257-prime"])
@@ -173,9 +215,10 @@ def test_experts_hard_on_gpu(kind, num_experts):
 
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("kind", ["lite", "mlp"])
+@pytest.mark.parametrize("kind", ["lite", "medium", "mlp"])
 def test_experts_hard_under_autocast(kind, dtype):
-    # DESIGN.md: at most 2x the error of the reference run in the same dtype, with a small floor
+    # half-precision tensor-core dots (launch.dot_mode), fp32 accumulation. DESIGN.md: at most 2x the
+    # error of the reference run in the same dtype, with a small floor
     weights = random_weights(kind, 8, device="cuda")
     z = torch.randn(512, 32, device="cuda")
     idx = routing_case("uniform", 512, 8).cuda()

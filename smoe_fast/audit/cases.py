@@ -120,8 +120,9 @@ def grouping_cases(arch: int, full: bool) -> list[Case]:
 # hard-gated experts
 # ----------------------------------------------------------------------------------------------------
 
-_HARD_DTYPES = {"fp32/ieee": ("fp32", "ieee"), "fp32/tf32": ("fp32", "tf32"), "bf16": ("bf16", "tf32"),
-                "fp16": ("fp16", "tf32")}
+# label -> (pointer dtype, the INPUT_PRECISION constexpr launch.dot_mode picks for it on a GPU)
+_HARD_DTYPES = {"fp32/ieee": ("fp32", "ieee"), "fp32/tf32": ("fp32", "tf32"), "bf16": ("bf16", "bf16"),
+                "fp16": ("fp16", "fp16")}
 
 
 def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W.Work:

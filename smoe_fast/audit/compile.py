@@ -67,13 +67,17 @@ def _cache_key(kernel, case, arch: int) -> str:
 
 
 def _ptxas_log_by_hand(ptx: str, arch: int) -> str:
+    import inspect
+
     from triton.backends.nvidia.compiler import get_ptxas
 
+    # triton 3.9 picks the ptxas by arch; older versions take no argument
+    ptxas = get_ptxas(arch) if inspect.signature(get_ptxas).parameters else get_ptxas()
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         open(src, "w").write(ptx)
         gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        run = subprocess.run([get_ptxas().path, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
+        run = subprocess.run([ptxas.path, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
                              capture_output=True, text=True)
         return run.stderr + run.stdout
 

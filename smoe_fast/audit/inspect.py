@@ -146,8 +146,9 @@ class TTGIR:
 
     def dots(self) -> list[Dot]:
         out = []
-        pattern = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) .*?: tensor<([\dx]+)x(\w+),.*?\* "
-                             r"tensor<([\dx]+)x\w+,.*?-> tensor<[\dx]+x\w+, (#[\w]+)>.*?loc\((#loc\d*)\)")
+        # wgmma (ttng.warp_group_dot) reads an operand from shared memory: a !ttg.memdesc, not a tensor
+        pattern = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) .*?: (?:tensor|!ttg\.memdesc)<([\dx]+)x(\w+),.*?\* "
+                             r"(?:tensor|!ttg\.memdesc)<([\dx]+)x\w+,.*?-> tensor<[\dx]+x\w+, (#[\w]+)>.*?loc\((#loc\d*)\)")
         for op, a_shape, operand, b_shape, result_layout, loc in pattern.findall(self.text):
             m, k = (int(v) for v in a_shape.split("x")[-2:])
             n = int(b_shape.split("x")[-1])
