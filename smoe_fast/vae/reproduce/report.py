@@ -87,8 +87,9 @@ def write_report(plan: Plan, results: list[dict[str, Any]], figures: dict[str, P
     if synthetic:
         lines += ["> **Not comparable in absolute value.** These numbers come from the built-in synthetic sketches, "
                   "not QuickDraw: image statistics, data set sizes and epochs differ from the paper, so only the "
-                  "*qualitative* findings (more active experts help, supervised routing is not better, about half "
-                  "the experts collapse, experts are more separable than classes) can be compared. Run "
+                  "*qualitative* findings (more active experts help, supervised routing is not better, random routing "
+                  "is worse, about half the experts collapse, experts are more separable than classes) can be "
+                  "compared. Run "
                   "`smoe-fast reproduce --preset paper --data quickdraw --root DIR` for comparable numbers.", ""]
     elif plan.preset != "paper" or plan.epochs != 20:
         lines += [f"> Settings differ from the paper (epochs {plan.epochs}, preset {plan.preset}): expect higher SSE "

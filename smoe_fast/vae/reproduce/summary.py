@@ -134,6 +134,18 @@ def qualitative_findings(summary: dict[str, Any]) -> list[tuple[str, str, bool]]
         share = float(np.mean([c["active_subsample"] / c["num_experts"] for c in plain]))
         findings.append(("about half the configured experts collapse (stay inactive)",
                          f"{share:.0%} of configured experts active", 0.3 <= share <= 0.7))
+    for prevention in COLLAPSE_PREVENTIONS[1:]:   # ours (issue 15's target), not the paper's
+        pairs = [(c, next((p for p in summary["collapse"] if p["prevention"] == "none"
+                           and p["num_experts"] == c["num_experts"]), None))
+                 for c in summary["collapse"] if c["prevention"] == prevention and c["num_experts"] > 1]
+        pairs = [(c, p) for c, p in pairs if p is not None]
+        if pairs:
+            findings.append((f"(ours) --collapse-prevention {prevention} keeps >= 90% of the experts active at no "
+                             "SSE cost",
+                             "; ".join(f"E={c['num_experts']}: {c['active_subsample']:.1f} active, SSE {c['sse']:.2f} "
+                                       f"vs {p['sse']:.2f} without" for c, p in pairs),
+                             all(c["active_subsample"] >= 0.9 * c["num_experts"] and c["sse"] <= p["sse"]
+                                 for c, p in pairs)))
     for row in summary["separability"]:
         if row["separability_experts"] is not None and row["separability_labels"] is not None:
             findings.append((f"experts are more linearly separable than classes (E={row['num_experts']})",
