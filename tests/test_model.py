@@ -131,7 +131,7 @@ def test_empty_batch_returns_empty_result():
     ({"num_experts": 0}, ValueError, "num_experts must be an integer >= 1, got 0"),
     ({"encoder": "large"}, ValueError, "unknown encoder 'large'"),
     ({"decoder": "big"}, ValueError, "unknown decoder 'big'"),
-    ({"routing": "random"}, ValueError, "unknown routing 'random'"),
+    ({"routing": "oracle"}, ValueError, "unknown routing 'oracle'"),
     ({"gating": "gumbel"}, ValueError, "unknown gating 'gumbel'"),
     ({"gating": "topk", "top_k": 9, "num_experts": 4}, ValueError, r"top_k must lie in \[1, num_experts=4\], got 9"),
     ({"backend": "cuda"}, ValueError, "unknown backend 'cuda'"),
