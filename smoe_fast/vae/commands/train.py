@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training gating override (default: soft for unsupervised, hard otherwise)")
     m.add_argument("--top-k", type=int, default=2, help="experts per image with --gating topk")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=3, help="passes over the training set (the paper: 20)")
+    o.add_argument("--epochs", type=int, default=12,
+                   help="passes over the training set (the paper: 20; soft-gated training spends its first 2-3 epochs "
+                        "at the mean image)")
     o.add_argument("--batch-size", type=int, default=128, help="images per optimiser step (the paper's)")
     o.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper's)")
     o.add_argument("--beta", type=float, default=0.01, help="KL weight (the authors' code value)")
