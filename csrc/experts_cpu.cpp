@@ -600,34 +600,67 @@ void pack_conv_up2(const Layer& layer, const scalar_t* weight, scalar_t* packed,
     }
 }
 
+// Software prefetch (into L2) of memory the next work item will read, a few cache lines per register
+// tile of the current item's convolutions, so that those reads overlap compute. Used for the weights
+// of the next shared block's experts: at E = 8,192 they come from DRAM (fc alone is 50 KB per expert,
+// 411 MB per call) and the weight copy of each shared block waited on them.
+struct Prefetcher {
+  static constexpr int kMaxRanges = 8;
+  static constexpr int kLinesPerTile = 24;  // ~3,500 lines over the ~190 conv tiles of a lite block
+  const char* next[kMaxRanges];
+  const char* end[kMaxRanges];
+  int count = 0, current = 0;
+
+  void clear() { count = current = 0; }
+  void add(const void* p, int64_t bytes) {
+    if (count == kMaxRanges) return;
+    next[count] = static_cast<const char*>(p);
+    end[count] = next[count] + bytes;
+    ++count;
+  }
+  void step() {
+    for (int lines = 0; lines < kLinesPerTile && current < count;) {
+      if (next[current] >= end[current]) {
+        ++current;
+        continue;
+      }
+      __builtin_prefetch(next[current], 0, 2);
+      next[current] += 64;
+      ++lines;
+    }
+  }
+};
+
 template <typename scalar_t, int NP, int W, int NE>
 inline void conv_up2_row_tiles_from(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias,
-                                    scalar_t* out, int out_pad, int q0) {
+                                    scalar_t* out, int out_pad, int q0, Prefetcher* prefetch) {
   constexpr int T = kLanes<scalar_t>;
   const int out_w = layer.out_w + 2 * out_pad;
   const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
   for (int co = 0; co < layer.out_c; ++co)
-    for (int p = 0; p < W; ++p)
+    for (int p = 0; p < W; ++p) {
       conv_up2_row_tile<scalar_t, NP, W, NE>(layer.in_c, in + (static_cast<int64_t>(p) * (W + 2) + q0) * T,
                                              packed + static_cast<int64_t>(co) * layer.in_c * 16 * NE, bias + co * NE, out_w, layer.act,
                                          out + co * out_channel + ((2 * p + out_pad) * static_cast<int64_t>(out_w) + 2 * q0 + out_pad) * T);
+      if (prefetch) prefetch->step();
+    }
 }
 
 template <typename scalar_t, int W, int NE>
 void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias, scalar_t* out,
-                  int out_pad) {
+                  int out_pad, Prefetcher* prefetch) {
   constexpr int T = kLanes<scalar_t>;
   const int out_w = layer.out_w + 2 * out_pad;
   const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
   if (layer.out_c % kPhaseTileChannels != 0) {
     // Row tiles: W = 7 as 4 + 3 pixels, W = 14 as 5 + 5 + 4.
     if (W == 7) {
-      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 0);
-      conv_up2_row_tiles_from<scalar_t, 3, W, NE>(layer, in, packed, bias, out, out_pad, 4);
+      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 0, prefetch);
+      conv_up2_row_tiles_from<scalar_t, 3, W, NE>(layer, in, packed, bias, out, out_pad, 4, prefetch);
     } else {
-      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 0);
-      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 5);
-      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 10);
+      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 0, prefetch);
+      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 5, prefetch);
+      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 10, prefetch);
     }
     return;
   }
@@ -647,9 +680,11 @@ void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed
     for (int g = 0; g < groups; ++g) {
       const scalar_t* w = packed + (static_cast<int64_t>(ph) * groups + g) * Cin * 4 * OB * NE;
       scalar_t* out_g = out_ph + g * OB * out_channel;
-      for (int m = 0; m < full; m += NP)
+      for (int m = 0; m < full; m += NP) {
         conv_up2_phase_tile<scalar_t, OB, NP, W, NE>(Cin, in_ph, w, bias + g * OB * NE, in_off + m, out_off + m,
                                                      out_channel, layer.act, out_g);
+        if (prefetch) prefetch->step();
+      }
       for (int m = full; m < pixels; ++m)
         conv_up2_phase_tile<scalar_t, OB, 1, W, NE>(Cin, in_ph, w, bias + g * OB * NE, in_off + m, out_off + m,
                                                     out_channel, layer.act, out_g);
@@ -665,11 +700,11 @@ inline bool has_up2_kernel(const Layer& layer) {
 // NE > 1 (several experts' tokens in one block) only for layers with an up == 2 kernel.
 template <typename scalar_t, int NE = 1>
 void conv_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const Vec<scalar_t>* folded_vec,
-              const scalar_t* bias, scalar_t* out, int out_pad) {
+              const scalar_t* bias, scalar_t* out, int out_pad, Prefetcher* prefetch = nullptr) {
   if (has_up2_kernel(layer) && layer.in_w == 7) {
-    conv_up2_fwd<scalar_t, 7, NE>(layer, in, packed, bias, out, out_pad);
+    conv_up2_fwd<scalar_t, 7, NE>(layer, in, packed, bias, out, out_pad, prefetch);
   } else if (has_up2_kernel(layer)) {
-    conv_up2_fwd<scalar_t, 14, NE>(layer, in, packed, bias, out, out_pad);
+    conv_up2_fwd<scalar_t, 14, NE>(layer, in, packed, bias, out, out_pad, prefetch);
   } else if (NE > 1) {
     TORCH_CHECK(false, "internal: shared-expert blocks need an up == 2 conv kernel");
   } else if (layer.up == 2) {
@@ -903,19 +938,27 @@ void conv_bwd(const Layer& layer, const scalar_t* in, const scalar_t* folded, co
 // ----------------------------------------------------------------------------------------------
 // The experts engine: hard (K = 1, no gates), top-k (K slots) and soft (K = E, slot k = expert k).
 
-// Runs body(i, state) for every i in [begin, end) on up to at::get_num_threads() threads, each taking the
-// next index from a shared counter, with per-thread state from make_state() (scratch buffers). Dynamic
-// because items differ in cost (shared tail blocks come after whole-expert items, and empty items cost
-// nothing): at::parallel_for's split into contiguous halves left one thread idle for much of a call.
-// Results never depend on which thread ran an index.
-template <typename MakeState, typename Body>
+// Runs body(i, following, state) for every i in [begin, end) on up to at::get_num_threads() threads, each
+// taking the next index from a shared counter, with per-thread state from make_state() (scratch buffers).
+// Dynamic because items differ in cost (shared tail blocks come after whole-expert items, and empty items
+// cost nothing): at::parallel_for's split into contiguous halves left one thread idle for much of a call.
+// kClaimAhead: a thread claims its next index before running the current one and passes it as
+// `following` (so the body can prefetch for it; it holds at most one item back from the others, so use
+// it where the last items are small); else following == end. Results never depend on which thread ran
+// an index.
+template <bool kClaimAhead, typename MakeState, typename Body>
 void parallel_items(int64_t begin, int64_t end, const MakeState& make_state, const Body& body) {
   if (begin >= end) return;
   std::atomic<int64_t> next{begin};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), end - begin);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto state = make_state();
-    for (int64_t i = next.fetch_add(1); i < end; i = next.fetch_add(1)) body(i, state);
+    int64_t i = next.fetch_add(1);
+    while (i < end) {
+      const int64_t following = kClaimAhead ? next.fetch_add(1) : end;
+      body(i, following, state);
+      i = kClaimAhead ? following : next.fetch_add(1);
+    }
   });
 }
 
@@ -948,6 +991,7 @@ struct Scratch {
 
   std::vector<std::vector<Vec<scalar_t>>> folded_vec, grad_weight_lanes, grad_bias_lanes;
   int pad[kMaxLayers + 1];
+  Prefetcher prefetch;  // the next shared block's weights
 
   Scratch(const DecoderPlan& plan, bool backward) {
     constexpr int T = kLanes<scalar_t>;
@@ -1148,10 +1192,11 @@ inline void share_tails(std::vector<WorkItem>& items, int64_t begin, int64_t end
   if (used > 0) flush();
 }
 
-// Decodes a shared block: interleaves its experts' weights (bcast) and runs the layers with NE.
+// Decodes a shared block: interleaves its experts' weights (bcast) and runs the layers with NE; meanwhile
+// prefetches the weights of `next` (the shared block this thread runs next, or nullptr).
 template <typename scalar_t, int NE>
 void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s, const SharedBlock& b,
-                         int64_t* tokens, scalar_t* gate) {
+                         const SharedBlock* next, int64_t* tokens, scalar_t* gate) {
   constexpr int T = kLanes<scalar_t>;
   const DecoderPlan& plan = pb.plan;
   const int64_t L = pb.latent;
@@ -1190,11 +1235,17 @@ void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& 
     for (int e = 0; e < NE; ++e)
       pack_conv_up2(layer, pb.weight[i] + b.expert[e] * layer.weight_size(), s.shared_weight[i].data(), NE, e);
   }
+  s.prefetch.clear();
+  for (int e = 0; next != nullptr && e < NE; ++e) {
+    if (next->count[e] == 0 || (e > 0 && next->expert[e] == next->expert[e - 1])) continue;
+    s.prefetch.add(pb.weight[0] + next->expert[e] * plan.layers[0].weight_size(),
+                   plan.layers[0].weight_size() * static_cast<int64_t>(sizeof(scalar_t)));
+  }
   for (int i = 0; i < plan.num_layers; ++i) {
     const Layer& layer = plan.layers[i];
     if (layer.is_conv) {
       conv_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), nullptr, s.shared_bias[i].data(),
-                             s.act[i + 1].data(), s.pad[i + 1]);
+                             s.act[i + 1].data(), s.pad[i + 1], &s.prefetch);
     } else {
       linear_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), s.shared_bias[i].data(),
                                s.act[i + 1].data(), s.pad[i + 1]);
@@ -1226,11 +1277,13 @@ void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
       }
       return s;
     };
-    parallel_items(0, num_items + static_cast<int64_t>(shared.size()), make_scratch, [&](int64_t i, Scratch<scalar_t>& s) {
+    const int64_t num_work = num_items + static_cast<int64_t>(shared.size());
+    parallel_items<true>(0, num_work, make_scratch, [&](int64_t i, int64_t following, Scratch<scalar_t>& s) {
       int64_t tokens[T];
       scalar_t gate[T];
       if (i >= num_items) {
-        decode_shared_block<scalar_t, kSharedSlots>(pb, s, shared[i - num_items], tokens, gate);
+        const SharedBlock* next = following < num_work ? &shared[following - num_items] : nullptr;
+        decode_shared_block<scalar_t, kSharedSlots>(pb, s, shared[i - num_items], next, tokens, gate);
         write_block_output(s.act[pb.plan.num_layers].data(), tokens, gate, k > 0, out);
         return;
       }
@@ -1261,8 +1314,8 @@ void experts_backward(const ExpertsProblem<scalar_t>& pb, const scalar_t* grad_o
   std::vector<scalar_t> partials(num_partials * params, scalar_t(0));
 
   for (int64_t k = 0; k < pb.slots; ++k) {
-    parallel_items(pb.phase_begin[k], pb.phase_begin[k + 1], [&]() { return Scratch<scalar_t>(plan, true); },
-                   [&](int64_t i, Scratch<scalar_t>& s) {
+    parallel_items<false>(pb.phase_begin[k], pb.phase_begin[k + 1], [&]() { return Scratch<scalar_t>(plan, true); },
+                          [&](int64_t i, int64_t, Scratch<scalar_t>& s) {
       int64_t tokens[T];
       {
         const WorkItem& item = pb.items[i];
