@@ -73,7 +73,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section(f"smoe_fast benchmarks on {harness.DEVICE} (device time, median per call)")
     width = max(len(row["group"]) for row in harness.SUMMARY)
     header = (f"{'group':<{width}} {'implementation':<28} {'tokens':>6} {'ms':>9} {'ns/token':>10} {'Mtok/s':>8} "
-              f"{'GB/s':>8} {'TFLOP/s':>8} {'peak MB':>8} {'x ref':>7}")
+              f"{'GB/s':>8} {'GFLOP/s':>9} {'%sgemm':>6} {'peak MB':>8} {'x ref':>7}")
     write(header)
     last_group = None
     for row in harness.SUMMARY:
@@ -81,7 +81,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             write("")
         last_group = row["group"]
         peak = None if row["peak_memory_bytes"] is None else row["peak_memory_bytes"] / 2 ** 20
+        pct_sgemm = None if row["sgemm_fraction"] is None else 100 * row["sgemm_fraction"]
         write(f"{row['group']:<{width}} {row['impl']:<28} {row['tokens']:>6d} {row['median_s'] * 1e3:>9.3f} "
               f"{row['ns_per_token']:>10.1f} {row['tokens_per_s'] / 1e6:>8.3f} {_fmt(row['gb_per_s'], '8.2f')} "
-              f"{_fmt(row['tflop_per_s'], '8.3f')} {_fmt(peak, '8.1f')} {_fmt(row['speedup_vs_reference'], '7.2f')}")
+              f"{_fmt(row['gflop_per_s'], '9.1f')} {_fmt(pct_sgemm, '6.1f')} {_fmt(peak, '8.1f')} "
+              f"{_fmt(row['speedup_vs_reference'], '7.2f')}")
     write("x ref: time per token of the reference backend in the same run / this row's (higher is faster).")
+    ceilings = sorted({row["sgemm_gflop_per_s"] for row in harness.SUMMARY if row["sgemm_gflop_per_s"] is not None})
+    if ceilings:
+        write(f"%sgemm: the row's useful GFLOP/s / a {harness.SGEMM_SIZE}^3 fp32 torch.mm timed in this session at "
+              f"the same thread count ({', '.join(f'{g:.1f}' for g in ceilings)} GFLOP/s).")

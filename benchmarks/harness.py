@@ -7,7 +7,9 @@ Every case goes through :func:`run_case`, which
   about ``SMOE_BENCH_TARGET_S`` seconds (at least 3), and cycles through pre-generated input sets so
   no round re-reads the previous round's inputs from cache,
 - records in ``benchmark.extra_info``: tokens/s, ns/token, achieved GB/s for the bytes the stage must
-  move, useful TFLOP/s, peak memory (CUDA only; None on CPU rather than a guess) and the speed-up per
+  move, useful TFLOP/s and GFLOP/s, that rate as a fraction of the session's own fp32 sgemm ceiling
+  (``sgemm_fraction``: a 2048^3 torch.mm on CPU, 8192^3 on CUDA, timed once per session and thread count by
+  :func:`smoe_fast.measure.measure_sgemm_gflops`), peak memory (CUDA only; None on CPU rather than a guess) and the speed-up per
   token over the reference backend measured earlier in the same run.
 
 Environment knobs: ``SMOE_BENCH_TARGET_S`` (seconds per case, default 0.1 on CUDA, 0.3 on CPU),
@@ -27,7 +29,7 @@ import pytest
 import torch
 
 from smoe_fast import BackendUnavailableError, resolve_backend
-from smoe_fast.measure import synchronize, time_device
+from smoe_fast.measure import measure_sgemm_gflops, synchronize, time_device
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
@@ -58,6 +60,8 @@ TARGET_SECONDS = float(os.environ.get("SMOE_BENCH_TARGET_S", "0.1" if ON_CUDA el
 BUDGET_SECONDS = float(os.environ["SMOE_BENCH_BUDGET_S"]) if os.environ.get("SMOE_BENCH_BUDGET_S") else (
     200.0 if ON_CUDA else None)
 MIN_ROUNDS, MAX_ROUNDS = 3, 200
+# Side of the square fp32 matmul behind sgemm_fraction (CPU: 17 GFLOP, about 0.14 s on 2 cores).
+SGEMM_SIZE = 8192 if ON_CUDA else 2048
 
 # {group: seconds per token of the reference backend}, filled as cases run (reference first).
 REFERENCE_NS_PER_TOKEN: dict[str, float] = {}
@@ -180,6 +184,8 @@ def _record(benchmark, group: str, impl: str, work: Work, peak: int | None, devi
     if impl == "reference":
         REFERENCE_NS_PER_TOKEN[group] = ns_per_token
     reference = REFERENCE_NS_PER_TOKEN.get(group)
+    gflop_per_s = None if work.flops is None else work.flops / median / 1e9
+    sgemm = measure_sgemm_gflops(DEVICE, SGEMM_SIZE) if gflop_per_s is not None else None
     info = dict(
         median_s=median,
         timing="cuda-events" if device_s is not None else "wall-clock",
@@ -188,6 +194,9 @@ def _record(benchmark, group: str, impl: str, work: Work, peak: int | None, devi
         tokens_per_s=work.tokens / median,
         gb_per_s=None if work.bytes_moved is None else work.bytes_moved / median / 1e9,
         tflop_per_s=None if work.flops is None else work.flops / median / 1e12,
+        gflop_per_s=gflop_per_s,
+        sgemm_gflop_per_s=sgemm,
+        sgemm_fraction=None if sgemm is None else gflop_per_s / sgemm,
         peak_memory_bytes=peak,
         speedup_vs_reference=None if reference is None else reference / ns_per_token,
     )

@@ -3,17 +3,19 @@
 // Layout of the work: rows (token, slot) are grouped by (slot, expert) with a stable counting sort;
 // slot k forms phase k, so within a phase every token appears once and outputs / dz can be written
 // or accumulated without races and in a fixed order. A phase's rows of one expert are split into
-// chunks (work items, at::parallel_for); an item decodes its rows in blocks of `kLanes` tokens held
+// chunks (work items); an item decodes its rows in blocks of `kLanes` tokens held
 // token-innermost ([C][H][W][lanes]), so every multiply-add is a vector over the lanes. In the
-// forward (16 lanes, AVX-512 float), the last 1-8 rows of an expert share a block with other experts'
-// tails (SharedBlock: lane t belongs to expert t % NE, weights interleaved), so that many experts
-// with few tokens each do not leave most lanes empty.
+// forward (16 lanes, AVX-512 float), the last 1-12 rows of an expert share a block with other experts'
+// tails (SharedBlock: four slots of 4 lanes, lane t in slot t % 4, weights interleaved), so that many
+// experts with few tokens each do not leave most lanes empty. Items are scheduled dynamically
+// (parallel_items), blocks write disjoint outputs, so results do not depend on the thread count.
 // The up == 2 convolutions run phase-split (the nearest upsampling folded into four 2x2 kernels) as
 // register-tiled micro-kernels (conv_up2_*), forward and backward, with the folded weights packed
 // once per item. Weight gradients: an item accumulates per lane, then adds into the expert's gradient
 // (its first item) or into its own partial slot; partial slots are added in item order at the end,
 // so the result does not depend on the thread count or timing.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -155,18 +157,14 @@ inline Vec<scalar_t> broadcast(scalar_t x) {
 }
 
 // The weights of NE experts whose tokens share a block (lane t belongs to expert t % NE), interleaved
-// in memory as p[0 .. NE): vbroadcastss / vbroadcastsd / vbroadcastf32x4 for NE = 1 / 2 / 4.
+// in memory as p[0 .. NE): vbroadcastss / vbroadcastf32x4 for NE = 1 / 4.
 template <int NE, typename scalar_t>
 inline Vec<scalar_t> bcast(const scalar_t* p) {
   if constexpr (NE == 1) {
     return broadcast(*p);
   } else {
 #if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
-    if constexpr (std::is_same<scalar_t, float>::value && NE == 2) {
-      double pair;
-      std::memcpy(&pair, p, sizeof(pair));
-      return _mm512_castpd_ps(_mm512_set1_pd(pair));
-    } else if constexpr (std::is_same<scalar_t, float>::value && NE == 4) {
+    if constexpr (std::is_same<scalar_t, float>::value && NE == 4) {
       return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
     }
 #endif
@@ -323,12 +321,23 @@ inline int64_t buffer_size(int c, int h, int w, int pad, int lanes) {
   return static_cast<int64_t>(c) * (h + 2 * pad) * (w + 2 * pad) * lanes;
 }
 
-// Offset (in pixels) of flat output o of a layer with output shape [c][h][w] in a buffer with `pad`.
-inline int64_t pixel_offset(const Layer& layer, int o, int pad) {
-  const int hw = layer.out_h * layer.out_w;
-  const int c = o / hw, y = (o % hw) / layer.out_w, x = o % layer.out_w;
-  return (static_cast<int64_t>(c) * (layer.out_h + 2 * pad) + y + pad) * (layer.out_w + 2 * pad) + x + pad;
-}
+// Offsets (in pixels) of flat outputs o, o + 1, ... of a layer with output shape [c][h][w] in a buffer
+// with `pad`, walked with the divisions done once, not per output (perf annotate of the hard lite
+// forward at E = 8,192: the fc's output loop, three idiv per output, took ~5% of the shared blocks' time).
+struct PixelWalk {
+  int c, y, x, out_h, out_w, pad;
+  PixelWalk(const Layer& layer, int o, int pad_)
+      : c(o / (layer.out_h * layer.out_w)), y((o % (layer.out_h * layer.out_w)) / layer.out_w), x(o % layer.out_w),
+        out_h(layer.out_h), out_w(layer.out_w), pad(pad_) {}
+  int64_t offset() const { return (static_cast<int64_t>(c) * (out_h + 2 * pad) + y + pad) * (out_w + 2 * pad) + x + pad; }
+  void next() {
+    if (++x < out_w) return;
+    x = 0;
+    if (++y < out_h) return;
+    y = 0;
+    ++c;
+  }
+};
 
 // out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB (weights and biases of NE
 // experts interleaved, see bcast).
@@ -345,9 +354,10 @@ inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar
     SMOE_FAST_UNROLL
     for (int ob = 0; ob < OB; ++ob) acc[ob] += bcast<NE>(weight + (static_cast<int64_t>(o0 + ob) * K + k) * NE) * src;
   }
-  for (int ob = 0; ob < OB; ++ob) {
+  PixelWalk at(layer, o0, out_pad);
+  for (int ob = 0; ob < OB; ++ob, at.next()) {
     activate(acc[ob], layer.act);
-    store(out + pixel_offset(layer, o0 + ob, out_pad) * T, acc[ob]);
+    store(out + at.offset() * T, acc[ob]);
   }
 }
 
@@ -369,8 +379,9 @@ __attribute__((noinline)) void linear_bwd(const Layer& layer, const scalar_t* in
   constexpr int T = kLanes<scalar_t>;
   const int K = layer.in_c, N = layer.out_size();
   std::fill(grad_in, grad_in + static_cast<int64_t>(K) * T, scalar_t(0));
-  for (int o = 0; o < N; ++o) {
-    const Vec<scalar_t> g = load(grad_out + pixel_offset(layer, o, out_pad) * T);
+  PixelWalk at(layer, 0, out_pad);
+  for (int o = 0; o < N; ++o, at.next()) {
+    const Vec<scalar_t> g = load(grad_out + at.offset() * T);
     grad_bias_lanes[o] += g;
     const scalar_t* w_row = weight + static_cast<int64_t>(o) * K;
     Vec<scalar_t>* gw_row = grad_weight_lanes + static_cast<int64_t>(o) * K;
@@ -565,54 +576,105 @@ inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* pack
 constexpr int kPhaseTileChannels = 4;  // OB of conv_up2_phase_tile
 constexpr int kPhaseTilePixels = 6;    // NP: 24 accumulators + 4 weights + 1 input of 32 vector registers
 
-// Packed weights of an up == 2 conv, from the folded weights folded[phase][co][ci][r][s]:
+// Packed weights of an up == 2 conv, folded straight from weight[co][ci][3][3] (no folded[] pass):
 // out_c % 4 == 0: [phase][co / 4][ci][r][s][co % 4] (phase tiles); else [co][ci][phase][r][s] (row tiles).
+// Element j goes to packed[j * ne + slot] (the interleaved weights of a shared block; ne = 1 otherwise).
+// Folded tap (r, s) of phase (a, c) sums the 3x3 taps kh in rows(a, r), kw in rows(c, s), with
+// rows(0, 0) = {0}, rows(0, 1) = {1, 2}, rows(1, 0) = {0, 1}, rows(1, 1) = {2}. Measured at E = 8,192,
+// B = 65,536: the generic fold + pack (index arithmetic per tap) took 8% of the hard lite forward.
 template <typename scalar_t>
-void pack_conv_up2(const Layer& layer, const scalar_t* folded, scalar_t* packed) {
+void pack_conv_up2(const Layer& layer, const scalar_t* weight, scalar_t* packed, int ne = 1, int slot = 0) {
   const int Cout = layer.out_c, Cin = layer.in_c;
-  const int64_t n = static_cast<int64_t>(Cout) * Cin;
   constexpr int OB = kPhaseTileChannels;
-  for (int ph = 0; ph < 4; ++ph)
-    for (int co = 0; co < Cout; ++co)
-      for (int ci = 0; ci < Cin; ++ci)
-        for (int t = 0; t < 4; ++t) {
-          const scalar_t w = folded[(ph * n + static_cast<int64_t>(co) * Cin + ci) * 4 + t];
-          if (Cout % OB == 0) {
-            packed[(((static_cast<int64_t>(ph) * (Cout / OB) + co / OB) * Cin + ci) * 4 + t) * OB + co % OB] = w;
-          } else {
-            packed[(static_cast<int64_t>(co) * Cin + ci) * 16 + ph * 4 + t] = w;
+  const bool phase_tiles = Cout % OB == 0;
+  for (int co = 0; co < Cout; ++co)
+    for (int ci = 0; ci < Cin; ++ci) {
+      const scalar_t* w = weight + (static_cast<int64_t>(co) * Cin + ci) * 9;
+      // row[a][r][kw]: the 3x3 rows of folded row tap r of phase a, summed.
+      scalar_t row[2][2][3];
+      for (int kw = 0; kw < 3; ++kw) {
+        row[0][0][kw] = w[kw];
+        row[0][1][kw] = w[3 + kw] + w[6 + kw];
+        row[1][0][kw] = w[kw] + w[3 + kw];
+        row[1][1][kw] = w[6 + kw];
+      }
+      for (int a = 0; a < 2; ++a)
+        for (int c = 0; c < 2; ++c)
+          for (int r = 0; r < 2; ++r) {
+            const scalar_t* x = row[a][r];
+            const scalar_t folded[2] = {c == 0 ? x[0] : x[0] + x[1], c == 0 ? x[1] + x[2] : x[2]};
+            for (int s_tap = 0; s_tap < 2; ++s_tap) {
+              const int ph = a * 2 + c, t = r * 2 + s_tap;
+              const int64_t j = phase_tiles
+                  ? (((static_cast<int64_t>(ph) * (Cout / OB) + co / OB) * Cin + ci) * 4 + t) * OB + co % OB
+                  : (static_cast<int64_t>(co) * Cin + ci) * 16 + ph * 4 + t;
+              packed[j * ne + slot] = folded[s_tap];
+            }
           }
-        }
+    }
 }
+
+// Software prefetch (into L2) of memory the next work item will read, a few cache lines per register
+// tile of the current item's convolutions, so that those reads overlap compute. Used for the weights
+// of the next shared block's experts: at E = 8,192 they come from DRAM (fc alone is 50 KB per expert,
+// 411 MB per call) and the weight copy of each shared block waited on them.
+struct Prefetcher {
+  static constexpr int kMaxRanges = 8;
+  static constexpr int kLinesPerTile = 24;  // ~3,500 lines over the ~190 conv tiles of a lite block
+  const char* next[kMaxRanges];
+  const char* end[kMaxRanges];
+  int count = 0, current = 0;
+
+  void clear() { count = current = 0; }
+  void add(const void* p, int64_t bytes) {
+    if (count == kMaxRanges) return;
+    next[count] = static_cast<const char*>(p);
+    end[count] = next[count] + bytes;
+    ++count;
+  }
+  void step() {
+    for (int lines = 0; lines < kLinesPerTile && current < count;) {
+      if (next[current] >= end[current]) {
+        ++current;
+        continue;
+      }
+      __builtin_prefetch(next[current], 0, 2);
+      next[current] += 64;
+      ++lines;
+    }
+  }
+};
 
 template <typename scalar_t, int NP, int W, int NE>
 inline void conv_up2_row_tiles_from(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias,
-                                    scalar_t* out, int out_pad, int q0) {
+                                    scalar_t* out, int out_pad, int q0, Prefetcher* prefetch) {
   constexpr int T = kLanes<scalar_t>;
   const int out_w = layer.out_w + 2 * out_pad;
   const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
   for (int co = 0; co < layer.out_c; ++co)
-    for (int p = 0; p < W; ++p)
+    for (int p = 0; p < W; ++p) {
       conv_up2_row_tile<scalar_t, NP, W, NE>(layer.in_c, in + (static_cast<int64_t>(p) * (W + 2) + q0) * T,
                                              packed + static_cast<int64_t>(co) * layer.in_c * 16 * NE, bias + co * NE, out_w, layer.act,
                                          out + co * out_channel + ((2 * p + out_pad) * static_cast<int64_t>(out_w) + 2 * q0 + out_pad) * T);
+      if (prefetch) prefetch->step();
+    }
 }
 
 template <typename scalar_t, int W, int NE>
 void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias, scalar_t* out,
-                  int out_pad) {
+                  int out_pad, Prefetcher* prefetch) {
   constexpr int T = kLanes<scalar_t>;
   const int out_w = layer.out_w + 2 * out_pad;
   const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
   if (layer.out_c % kPhaseTileChannels != 0) {
     // Row tiles: W = 7 as 4 + 3 pixels, W = 14 as 5 + 5 + 4.
     if (W == 7) {
-      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 0);
-      conv_up2_row_tiles_from<scalar_t, 3, W, NE>(layer, in, packed, bias, out, out_pad, 4);
+      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 0, prefetch);
+      conv_up2_row_tiles_from<scalar_t, 3, W, NE>(layer, in, packed, bias, out, out_pad, 4, prefetch);
     } else {
-      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 0);
-      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 5);
-      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 10);
+      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 0, prefetch);
+      conv_up2_row_tiles_from<scalar_t, 5, W, NE>(layer, in, packed, bias, out, out_pad, 5, prefetch);
+      conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 10, prefetch);
     }
     return;
   }
@@ -632,9 +694,11 @@ void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed
     for (int g = 0; g < groups; ++g) {
       const scalar_t* w = packed + (static_cast<int64_t>(ph) * groups + g) * Cin * 4 * OB * NE;
       scalar_t* out_g = out_ph + g * OB * out_channel;
-      for (int m = 0; m < full; m += NP)
+      for (int m = 0; m < full; m += NP) {
         conv_up2_phase_tile<scalar_t, OB, NP, W, NE>(Cin, in_ph, w, bias + g * OB * NE, in_off + m, out_off + m,
                                                      out_channel, layer.act, out_g);
+        if (prefetch) prefetch->step();
+      }
       for (int m = full; m < pixels; ++m)
         conv_up2_phase_tile<scalar_t, OB, 1, W, NE>(Cin, in_ph, w, bias + g * OB * NE, in_off + m, out_off + m,
                                                     out_channel, layer.act, out_g);
@@ -650,11 +714,11 @@ inline bool has_up2_kernel(const Layer& layer) {
 // NE > 1 (several experts' tokens in one block) only for layers with an up == 2 kernel.
 template <typename scalar_t, int NE = 1>
 void conv_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const Vec<scalar_t>* folded_vec,
-              const scalar_t* bias, scalar_t* out, int out_pad) {
+              const scalar_t* bias, scalar_t* out, int out_pad, Prefetcher* prefetch = nullptr) {
   if (has_up2_kernel(layer) && layer.in_w == 7) {
-    conv_up2_fwd<scalar_t, 7, NE>(layer, in, packed, bias, out, out_pad);
+    conv_up2_fwd<scalar_t, 7, NE>(layer, in, packed, bias, out, out_pad, prefetch);
   } else if (has_up2_kernel(layer)) {
-    conv_up2_fwd<scalar_t, 14, NE>(layer, in, packed, bias, out, out_pad);
+    conv_up2_fwd<scalar_t, 14, NE>(layer, in, packed, bias, out, out_pad, prefetch);
   } else if (NE > 1) {
     TORCH_CHECK(false, "internal: shared-expert blocks need an up == 2 conv kernel");
   } else if (layer.up == 2) {
@@ -888,6 +952,30 @@ void conv_bwd(const Layer& layer, const scalar_t* in, const scalar_t* folded, co
 // ----------------------------------------------------------------------------------------------
 // The experts engine: hard (K = 1, no gates), top-k (K slots) and soft (K = E, slot k = expert k).
 
+// Runs body(i, following, state) for every i in [begin, end) on up to at::get_num_threads() threads, each
+// taking the next index from a shared counter, with per-thread state from make_state() (scratch buffers).
+// Dynamic because items differ in cost (shared tail blocks come after whole-expert items, and empty items
+// cost nothing): at::parallel_for's split into contiguous halves left one thread idle for much of a call.
+// kClaimAhead: a thread claims its next index before running the current one and passes it as
+// `following` (so the body can prefetch for it; it holds at most one item back from the others, so use
+// it where the last items are small); else following == end. Results never depend on which thread ran
+// an index.
+template <bool kClaimAhead, typename MakeState, typename Body>
+void parallel_items(int64_t begin, int64_t end, const MakeState& make_state, const Body& body) {
+  if (begin >= end) return;
+  std::atomic<int64_t> next{begin};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), end - begin);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    int64_t i = next.fetch_add(1);
+    while (i < end) {
+      const int64_t following = kClaimAhead ? next.fetch_add(1) : end;
+      body(i, following, state);
+      i = kClaimAhead ? following : next.fetch_add(1);
+    }
+  });
+}
+
 struct WorkItem {
   int64_t slot, expert, row_begin, row_end;
   int64_t partial;  // -1: accumulate straight into the expert's gradient; else a partial slot
@@ -917,6 +1005,7 @@ struct Scratch {
 
   std::vector<std::vector<Vec<scalar_t>>> folded_vec, grad_weight_lanes, grad_bias_lanes;
   int pad[kMaxLayers + 1];
+  Prefetcher prefetch;  // the next shared block's weights
 
   Scratch(const DecoderPlan& plan, bool backward) {
     constexpr int T = kLanes<scalar_t>;
@@ -989,12 +1078,16 @@ void fold_item_weights(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s,
   for (int i = 0; i < pb.plan.num_layers; ++i) {
     const Layer& layer = pb.plan.layers[i];
     if (!layer.is_conv) continue;
-    fold_conv_weight(layer, pb.weight[i] + expert * layer.weight_size(), s.folded[i].data());
+    const scalar_t* weight = pb.weight[i] + expert * layer.weight_size();
     if (has_up2_kernel(layer)) {  // the up == 2 kernels broadcast from packed scalar weights
-      pack_conv_up2(layer, s.folded[i].data(), s.packed[i].data());
-      if (!s.packed_t[i].empty() && has_up2_bwd_kernel(layer)) pack_conv_up2_transposed(layer, s.folded[i].data(), s.packed_t[i].data());
+      pack_conv_up2(layer, weight, s.packed[i].data());
+      if (!s.packed_t[i].empty()) {  // backward: the folded weights feed the transposed pack or conv_bwd
+        fold_conv_weight(layer, weight, s.folded[i].data());
+        if (has_up2_bwd_kernel(layer)) pack_conv_up2_transposed(layer, s.folded[i].data(), s.packed_t[i].data());
+      }
       continue;
     }
+    fold_conv_weight(layer, weight, s.folded[i].data());
     for (size_t j = 0; j < s.folded[i].size(); ++j) s.folded_vec[i][j] = broadcast(s.folded[i][j]);
   }
 }
@@ -1045,6 +1138,29 @@ inline void write_block_output(const float* y, const int64_t* tokens, const floa
 }
 #endif
 
+// out[j] = the sum of v[j]'s lanes (lane 0 first), for j < n: the per-lane weight-gradient accumulators
+// of a backward item, reduced once per item. AVX-512 float: 16 accumulators at a time, transposed in
+// registers and added as vectors (5 instructions per sum instead of ~30 for the extract-and-add of
+// lane_sum; with 128-row items in soft gating this reduction runs once per 8 blocks).
+inline void lane_sums(const VecFloat* v, int64_t n, float* out) {
+  int64_t j = 0;
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+  for (; j + 16 <= n; j += 16) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = v[j + i];
+    transpose16(r);
+    __m512 sum = r[0];
+    for (int t = 1; t < 16; ++t) sum = _mm512_add_ps(sum, r[t]);
+    _mm512_storeu_ps(out + j, sum);
+  }
+#endif
+  for (; j < n; ++j) out[j] = lane_sum<float>(v[j]);
+}
+
+inline void lane_sums(const VecDouble* v, int64_t n, double* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = lane_sum<double>(v[j]);
+}
+
 template <typename scalar_t>
 void write_block_output(const scalar_t* y, const int64_t* tokens, const scalar_t* gate, bool accumulate,
                         scalar_t* out) {
@@ -1060,13 +1176,14 @@ void write_block_output(const scalar_t* y, const int64_t* tokens, const scalar_t
   }
 }
 
-// A block whose lanes hold the last few tokens of NE experts (lane t: expert slot t % NE, its
-// (t / NE)-th token). With many experts most tokens are in such tails (E = 8,192 at B = 65,536: about 8
-// tokens per expert), which one-expert blocks of 16 lanes would leave half empty.
+// A block whose 16 lanes are four slots of up to 4 tokens (lane t: slot t % 4, its (t / 4)-th token),
+// each slot one expert's, so that many experts with few tokens each do not leave most lanes empty
+// (E = 8,192 at B = 65,536: about 8 tokens per expert). An expert's tail may take several slots.
+constexpr int kSharedSlots = 4;
+constexpr int kMaxSharedTail = 12;  // longer tails (13 .. 15 rows) fill a one-expert block as well
 struct SharedBlock {
-  int ne;
-  int64_t expert[4], row_begin[4];
-  int count[4];  // <= 16 / ne; 0 for an unused slot (its expert repeats slot 0's)
+  int64_t expert[kSharedSlots], row_begin[kSharedSlots];
+  int count[kSharedSlots];  // <= 4; 0 for an unused slot (its expert repeats the last used slot's)
 };
 
 // Whether blocks may hold several experts: 16 lanes (AVX-512 float) and an up == 2 kernel for every conv.
@@ -1078,45 +1195,45 @@ bool can_share_blocks(const DecoderPlan& plan) {
   return true;
 }
 
-// Moves the tails (1 .. 8 rows past the last full block) of the items[begin, end) of one phase into
-// shared blocks: tails of <= 4 rows four to a block, of 5 .. 8 rows two to a block, in expert order.
+// Moves the tails (1 .. kMaxSharedTail rows past the last full block) of the items[begin, end) of one
+// phase into shared blocks, ceil(tail / 4) slots each, in expert order. Lanes in use at E = 8,192,
+// B = 65,536 (uniform routing; counted over the blocks this makes): 84%, against 73% with the
+// previous slots of 4 or 8 lanes for tails of at most 8 rows and one-expert blocks for longer ones.
 inline void share_tails(std::vector<WorkItem>& items, int64_t begin, int64_t end, int lanes,
                         std::vector<SharedBlock>& shared) {
-  std::vector<SharedBlock> open(2);  // [0]: filling with ne = 4, [1]: with ne = 2
-  open[0].ne = 4;
-  open[1].ne = 2;
-  int used[2] = {0, 0};
-  auto flush = [&](int which) {
-    SharedBlock b = open[which];
-    for (int e = used[which]; e < b.ne; ++e) {
-      b.expert[e] = b.expert[0];
-      b.row_begin[e] = b.row_begin[0];
-      b.count[e] = 0;
+  constexpr int slot_lanes = 4;
+  SharedBlock open{};
+  int used = 0;
+  auto flush = [&]() {
+    for (int e = used; e < kSharedSlots; ++e) {
+      open.expert[e] = open.expert[used - 1];
+      open.row_begin[e] = open.row_begin[used - 1];
+      open.count[e] = 0;
     }
-    shared.push_back(b);
-    used[which] = 0;
+    shared.push_back(open);
+    used = 0;
   };
   for (int64_t i = begin; i < end; ++i) {
     WorkItem& item = items[i];
     const bool last_of_expert = i + 1 == end || items[i + 1].expert != item.expert;
     const int tail = static_cast<int>((item.row_end - item.row_begin) % lanes);
-    if (!last_of_expert || tail == 0 || tail > lanes / 2) continue;
-    const int which = tail <= lanes / 4 ? 0 : 1;
+    if (!last_of_expert || tail == 0 || tail > kMaxSharedTail) continue;
     item.row_end -= tail;
-    SharedBlock& b = open[which];
-    b.expert[used[which]] = item.expert;
-    b.row_begin[used[which]] = item.row_end;
-    b.count[used[which]] = tail;
-    if (++used[which] == b.ne) flush(which);
+    for (int64_t r = item.row_end; r < item.row_end + tail; r += slot_lanes) {
+      open.expert[used] = item.expert;
+      open.row_begin[used] = r;
+      open.count[used] = static_cast<int>(std::min<int64_t>(slot_lanes, item.row_end + tail - r));
+      if (++used == kSharedSlots) flush();
+    }
   }
-  for (int which = 0; which < 2; ++which)
-    if (used[which] > 0) flush(which);
+  if (used > 0) flush();
 }
 
-// Decodes a shared block: interleaves its experts' weights (bcast) and runs the layers with NE.
+// Decodes a shared block: interleaves its experts' weights (bcast) and runs the layers with NE; meanwhile
+// prefetches the weights of `next` (the shared block this thread runs next, or nullptr).
 template <typename scalar_t, int NE>
 void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s, const SharedBlock& b,
-                         int64_t* tokens, scalar_t* gate) {
+                         const SharedBlock* next, int64_t* tokens, scalar_t* gate) {
   constexpr int T = kLanes<scalar_t>;
   const DecoderPlan& plan = pb.plan;
   const int64_t L = pb.latent;
@@ -1148,21 +1265,24 @@ void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& 
       SMOE_FAST_UNROLL
       for (int e = 0; e < NE; ++e) sw[j * NE + e] = w[e][j];
   }
-  for (int e = 0; e < NE; ++e) {
-    fold_item_weights(pb, s, b.expert[e]);
-    for (int i = 0; i < plan.num_layers; ++i) {
-      const Layer& layer = plan.layers[i];
-      if (!layer.is_conv) continue;
-      const scalar_t* w = s.packed[i].data();
-      scalar_t* sw = s.shared_weight[i].data();
-      for (int64_t j = 0; j < folded_size(layer); ++j) sw[j * NE + e] = w[j];
-    }
+  // Conv weights: folded and packed straight into the interleaved layout (every conv has an up == 2 kernel here).
+  for (int i = 0; i < plan.num_layers; ++i) {
+    const Layer& layer = plan.layers[i];
+    if (!layer.is_conv) continue;
+    for (int e = 0; e < NE; ++e)
+      pack_conv_up2(layer, pb.weight[i] + b.expert[e] * layer.weight_size(), s.shared_weight[i].data(), NE, e);
+  }
+  s.prefetch.clear();
+  for (int e = 0; next != nullptr && e < NE; ++e) {
+    if (next->count[e] == 0 || (e > 0 && next->expert[e] == next->expert[e - 1])) continue;
+    s.prefetch.add(pb.weight[0] + next->expert[e] * plan.layers[0].weight_size(),
+                   plan.layers[0].weight_size() * static_cast<int64_t>(sizeof(scalar_t)));
   }
   for (int i = 0; i < plan.num_layers; ++i) {
     const Layer& layer = plan.layers[i];
     if (layer.is_conv) {
       conv_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), nullptr, s.shared_bias[i].data(),
-                             s.act[i + 1].data(), s.pad[i + 1]);
+                             s.act[i + 1].data(), s.pad[i + 1], &s.prefetch);
     } else {
       linear_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), s.shared_bias[i].data(),
                                s.act[i + 1].data(), s.pad[i + 1]);
@@ -1181,39 +1301,37 @@ void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
     std::vector<SharedBlock> shared;
     if (share) share_tails(items, pb.phase_begin[k], pb.phase_begin[k + 1], T, shared);
     const int64_t num_items = pb.phase_begin[k + 1] - pb.phase_begin[k];
-    at::parallel_for(0, num_items + static_cast<int64_t>(shared.size()), 1, [&](int64_t i0, int64_t i1) {
+    auto make_scratch = [&]() {
       Scratch<scalar_t> s(pb.plan, false);
       if (share) {
         s.shared_weight.resize(pb.plan.num_layers);
         s.shared_bias.resize(pb.plan.num_layers);
         for (int i = 0; i < pb.plan.num_layers; ++i) {
           const Layer& layer = pb.plan.layers[i];
-          s.shared_weight[i].resize(4 * (layer.is_conv ? folded_size(layer) : layer.weight_size()));
-          s.shared_bias[i].resize(4 * layer.bias_size());
+          s.shared_weight[i].resize(kSharedSlots * (layer.is_conv ? folded_size(layer) : layer.weight_size()));
+          s.shared_bias[i].resize(kSharedSlots * layer.bias_size());
         }
       }
+      return s;
+    };
+    const int64_t num_work = num_items + static_cast<int64_t>(shared.size());
+    parallel_items<true>(0, num_work, make_scratch, [&](int64_t i, int64_t following, Scratch<scalar_t>& s) {
       int64_t tokens[T];
       scalar_t gate[T];
-      for (int64_t i = i0; i < i1; ++i) {
-        if (i >= num_items) {
-          const SharedBlock& b = shared[i - num_items];
-          if (b.ne == 4) {
-            decode_shared_block<scalar_t, 4>(pb, s, b, tokens, gate);
-          } else {
-            decode_shared_block<scalar_t, 2>(pb, s, b, tokens, gate);
-          }
-          write_block_output(s.act[pb.plan.num_layers].data(), tokens, gate, k > 0, out);
-          continue;
-        }
-        const WorkItem& item = items[pb.phase_begin[k] + i];
-        if (item.row_begin == item.row_end) continue;
-        fold_item_weights(pb, s, item.expert);
-        for (int64_t r0 = item.row_begin; r0 < item.row_end; r0 += T) {
-          const int n = static_cast<int>(std::min<int64_t>(T, item.row_end - r0));
-          decode_block(pb, s, item.expert, r0, n, tokens);
-          for (int t = 0; t < n; ++t) gate[t] = pb.gates ? pb.gates[pb.rows[r0 + t]] : scalar_t(1);
-          write_block_output(s.act[pb.plan.num_layers].data(), tokens, gate, k > 0, out);
-        }
+      if (i >= num_items) {
+        const SharedBlock* next = following < num_work ? &shared[following - num_items] : nullptr;
+        decode_shared_block<scalar_t, kSharedSlots>(pb, s, shared[i - num_items], next, tokens, gate);
+        write_block_output(s.act[pb.plan.num_layers].data(), tokens, gate, k > 0, out);
+        return;
+      }
+      const WorkItem& item = items[pb.phase_begin[k] + i];
+      if (item.row_begin == item.row_end) return;
+      fold_item_weights(pb, s, item.expert);
+      for (int64_t r0 = item.row_begin; r0 < item.row_end; r0 += T) {
+        const int n = static_cast<int>(std::min<int64_t>(T, item.row_end - r0));
+        decode_block(pb, s, item.expert, r0, n, tokens);
+        for (int t = 0; t < n; ++t) gate[t] = pb.gates ? pb.gates[pb.rows[r0 + t]] : scalar_t(1);
+        write_block_output(s.act[pb.plan.num_layers].data(), tokens, gate, k > 0, out);
       }
     });
   }
@@ -1233,80 +1351,78 @@ void experts_backward(const ExpertsProblem<scalar_t>& pb, const scalar_t* grad_o
   std::vector<scalar_t> partials(num_partials * params, scalar_t(0));
 
   for (int64_t k = 0; k < pb.slots; ++k) {
-    at::parallel_for(pb.phase_begin[k], pb.phase_begin[k + 1], 1, [&](int64_t i0, int64_t i1) {
-      Scratch<scalar_t> s(plan, true);
+    parallel_items<false>(pb.phase_begin[k], pb.phase_begin[k + 1], [&]() { return Scratch<scalar_t>(plan, true); },
+                          [&](int64_t i, int64_t, Scratch<scalar_t>& s) {
       int64_t tokens[T];
-      for (int64_t i = i0; i < i1; ++i) {
-        const WorkItem& item = pb.items[i];
-        fold_item_weights(pb, s, item.expert);
-        for (int l = 0; l < nl; ++l) {
-          std::fill(s.grad_weight_lanes[l].begin(), s.grad_weight_lanes[l].end(), Vec<scalar_t>{});
-          std::fill(s.grad_bias_lanes[l].begin(), s.grad_bias_lanes[l].end(), Vec<scalar_t>{});
+      const WorkItem& item = pb.items[i];
+      fold_item_weights(pb, s, item.expert);
+      for (int l = 0; l < nl; ++l) {
+        std::fill(s.grad_weight_lanes[l].begin(), s.grad_weight_lanes[l].end(), Vec<scalar_t>{});
+        std::fill(s.grad_bias_lanes[l].begin(), s.grad_bias_lanes[l].end(), Vec<scalar_t>{});
+      }
+      for (int64_t r0 = item.row_begin; r0 < item.row_end; r0 += T) {
+        const int n = static_cast<int>(std::min<int64_t>(T, item.row_end - r0));
+        decode_block(pb, s, item.expert, r0, n, tokens);
+        const scalar_t* y = s.act[nl].data();
+        scalar_t* dy = s.grad[nl].data();
+        for (int t = 0; t < T; ++t) {
+          if (t >= n) {
+            for (int pix = 0; pix < kImagePixels; ++pix) dy[pix * T + t] = scalar_t(0);
+            continue;
+          }
+          const int64_t row = pb.rows[r0 + t];
+          const scalar_t gate = pb.gates ? pb.gates[row] : scalar_t(1);
+          const scalar_t* g = grad_out + tokens[t] * kImagePixels;
+          scalar_t dgate = 0;
+          for (int pix = 0; pix < kImagePixels; ++pix) {
+            dgate += g[pix] * y[pix * T + t];
+            dy[pix * T + t] = gate * g[pix];
+          }
+          if (grad_gates) grad_gates[row] = dgate;
         }
-        for (int64_t r0 = item.row_begin; r0 < item.row_end; r0 += T) {
-          const int n = static_cast<int>(std::min<int64_t>(T, item.row_end - r0));
-          decode_block(pb, s, item.expert, r0, n, tokens);
-          const scalar_t* y = s.act[nl].data();
-          scalar_t* dy = s.grad[nl].data();
-          for (int t = 0; t < T; ++t) {
-            if (t >= n) {
-              for (int pix = 0; pix < kImagePixels; ++pix) dy[pix * T + t] = scalar_t(0);
-              continue;
-            }
-            const int64_t row = pb.rows[r0 + t];
-            const scalar_t gate = pb.gates ? pb.gates[row] : scalar_t(1);
-            const scalar_t* g = grad_out + tokens[t] * kImagePixels;
-            scalar_t dgate = 0;
-            for (int pix = 0; pix < kImagePixels; ++pix) {
-              dgate += g[pix] * y[pix * T + t];
-              dy[pix * T + t] = gate * g[pix];
-            }
-            if (grad_gates) grad_gates[row] = dgate;
-          }
-          for (int l = nl - 1; l >= 0; --l) {
-            const Layer& layer = plan.layers[l];
-            const scalar_t* a = s.act[l + 1].data();
-            scalar_t* d = s.grad[l + 1].data();
-            for (size_t j = 0; j < s.grad[l + 1].size(); j += T) store(d + j, load(d + j) * activation_grad<scalar_t>(load(a + j), layer.act));
-            if (layer.is_conv) {
-            if (has_up2_bwd_kernel(layer) && layer.in_w == 7) {
-                conv_up2_bwd<scalar_t, 7>(layer, s.act[l].data(), s.packed_t[l].data(), d, s.pad[l + 1], s.phase_grad[l].data(),
-                                          s.grad[l].data(), s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
-              } else if (has_up2_bwd_kernel(layer)) {
-                conv_up2_bwd<scalar_t, 14>(layer, s.act[l].data(), s.packed_t[l].data(), d, s.pad[l + 1], s.phase_grad[l].data(),
-                                           s.grad[l].data(), s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
-              } else {
-                conv_bwd(layer, s.act[l].data(), s.folded[l].data(), d, s.pad[l + 1], s.grad[l].data(),
-                         s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
-              }
-            } else {
-              linear_bwd(layer, s.act[l].data(), pb.weight[l] + item.expert * layer.weight_size(), d, s.pad[l + 1],
-                         s.grad[l].data(), s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
-            }
-          }
-          const scalar_t* dzt = s.grad[0].data();
-          for (int t = 0; t < n; ++t) {
-            scalar_t* dst = grad_z + tokens[t] * pb.latent;
-            for (int64_t l = 0; l < pb.latent; ++l) dst[l] = (k == 0 ? scalar_t(0) : dst[l]) + dzt[l * T + t];
-          }
-        }
-        // The item's weight gradients go to the expert's gradient or to the item's partial slot.
-        scalar_t* partial = item.partial >= 0 ? partials.data() + item.partial * params : nullptr;
-        for (int l = 0; l < nl; ++l) {
+        for (int l = nl - 1; l >= 0; --l) {
           const Layer& layer = plan.layers[l];
-          for (size_t j = 0; j < s.grad_bias[l].size(); ++j) s.grad_bias[l][j] = lane_sum<scalar_t>(s.grad_bias_lanes[l][j]);
-          scalar_t* gw = partial ? partial : grad_weight[l] + item.expert * layer.weight_size();
+          const scalar_t* a = s.act[l + 1].data();
+          scalar_t* d = s.grad[l + 1].data();
+          for (size_t j = 0; j < s.grad[l + 1].size(); j += T) store(d + j, load(d + j) * activation_grad<scalar_t>(load(a + j), layer.act));
           if (layer.is_conv) {
-            for (size_t j = 0; j < s.grad_weight[l].size(); ++j) s.grad_weight[l][j] = lane_sum<scalar_t>(s.grad_weight_lanes[l][j]);
-            unfold_conv_grad(layer, s.grad_weight[l].data(), gw);
+            if (has_up2_bwd_kernel(layer) && layer.in_w == 7) {
+              conv_up2_bwd<scalar_t, 7>(layer, s.act[l].data(), s.packed_t[l].data(), d, s.pad[l + 1], s.phase_grad[l].data(),
+                                        s.grad[l].data(), s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
+            } else if (has_up2_bwd_kernel(layer)) {
+              conv_up2_bwd<scalar_t, 14>(layer, s.act[l].data(), s.packed_t[l].data(), d, s.pad[l + 1], s.phase_grad[l].data(),
+                                         s.grad[l].data(), s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
+            } else {
+              conv_bwd(layer, s.act[l].data(), s.folded[l].data(), d, s.pad[l + 1], s.grad[l].data(),
+                       s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
+            }
           } else {
-            for (int j = 0; j < layer.weight_size(); ++j) gw[j] += lane_sum<scalar_t>(s.grad_weight_lanes[l][j]);
+            linear_bwd(layer, s.act[l].data(), pb.weight[l] + item.expert * layer.weight_size(), d, s.pad[l + 1],
+                       s.grad[l].data(), s.grad_weight_lanes[l].data(), s.grad_bias_lanes[l].data());
           }
-          if (partial) partial += layer.weight_size();
-          scalar_t* gb = partial ? partial : grad_bias[l] + item.expert * layer.bias_size();
-          for (int j = 0; j < layer.bias_size(); ++j) gb[j] += s.grad_bias[l][j];
-          if (partial) partial += layer.bias_size();
         }
+        const scalar_t* dzt = s.grad[0].data();
+        for (int t = 0; t < n; ++t) {
+          scalar_t* dst = grad_z + tokens[t] * pb.latent;
+          for (int64_t l = 0; l < pb.latent; ++l) dst[l] = (k == 0 ? scalar_t(0) : dst[l]) + dzt[l * T + t];
+        }
+      }
+      // The item's weight gradients go to the expert's gradient or to the item's partial slot.
+      scalar_t* partial = item.partial >= 0 ? partials.data() + item.partial * params : nullptr;
+      for (int l = 0; l < nl; ++l) {
+        const Layer& layer = plan.layers[l];
+        lane_sums(s.grad_bias_lanes[l].data(), static_cast<int64_t>(s.grad_bias[l].size()), s.grad_bias[l].data());
+        lane_sums(s.grad_weight_lanes[l].data(), static_cast<int64_t>(s.grad_weight[l].size()), s.grad_weight[l].data());
+        scalar_t* gw = partial ? partial : grad_weight[l] + item.expert * layer.weight_size();
+        if (layer.is_conv) {
+          unfold_conv_grad(layer, s.grad_weight[l].data(), gw);
+        } else {
+          for (int j = 0; j < layer.weight_size(); ++j) gw[j] += s.grad_weight[l][j];
+        }
+        if (partial) partial += layer.weight_size();
+        scalar_t* gb = partial ? partial : grad_bias[l] + item.expert * layer.bias_size();
+        for (int j = 0; j < layer.bias_size(); ++j) gb[j] += s.grad_bias[l][j];
+        if (partial) partial += layer.bias_size();
       }
     });
   }
@@ -1355,8 +1471,10 @@ void plan_items(const at::Tensor& idx, int64_t num_tokens, int64_t slots, int64_
     key_offsets.resize(slots * num_experts + 1);
     stable_counting_sort(keys.data(), total, slots * num_experts, key_offsets.data(), rows.data());
   }
-  // Chunks depend on the sizes only (never on the thread count): at most ~64 chunks beyond one per group.
-  const int64_t chunk = std::max<int64_t>(8 * lanes, ((total + 63) / 64 + lanes - 1) / lanes * lanes);
+  // Chunks depend on the sizes only (never on the thread count): at most ~64 per phase beyond one per
+  // group, so that soft gating (E phases of B rows, one expert each) still has several items per phase
+  // to spread over the threads (64 per call left soft B=1,024, E=64 with one item per phase).
+  const int64_t chunk = std::max<int64_t>(8 * lanes, ((num_tokens + 63) / 64 + lanes - 1) / lanes * lanes);
   std::vector<bool> expert_seen(num_experts, false);
   int64_t next_partial = 0;
   phase_begin.assign(slots + 1, 0);

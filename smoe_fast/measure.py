@@ -8,6 +8,7 @@ benchmarks/, so both time the same way and count the same work.
 | time_device                 | median seconds of a call: CUDA events on GPU, synchronise + perf_counter elsewhere |
 | synchronize                 | wait for the device (a no-op on CPU)                                   |
 | measure_copy_bandwidth      | achieved device-memory copy GB/s (the bandwidth floor)                 |
+| measure_sgemm_gflops        | achieved fp32 torch.mm GFLOP/s in this process (the compute ceiling), cached per device and thread count |
 | known_bandwidth, device_name | data-sheet GB/s of known GPUs; a printable device name                |
 | decoder_flops_per_token     | useful FLOPs of one expert on one token (lite, medium, mlp)            |
 | expert_bytes                | bytes of one expert's parameters                                       |
@@ -84,6 +85,37 @@ def measure_copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: 
     return 2 * n / seconds / 1e9
 
 
+# {(device, threads, n, TF32 allowed): GFLOP/s}: one measurement per process, reused by every row.
+_SGEMM_GFLOPS: dict[tuple[str, int, int, bool], float] = {}
+
+
+def measure_sgemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5,
+                         timer: Callable[[Callable[[], object], torch.device], float] | None = None) -> float:
+    """Achieved GFLOP/s of an n x n x n fp32 ``torch.mm`` on ``device`` at the current thread count: the
+    compute ceiling that kernel rates are quoted against (a fraction of it, in the same process, is a
+    ratio that survives a machine shared with other jobs). Measured once per (device, threads, n, TF32
+    setting) and cached; ``timer(fn, device) -> seconds`` replaces :func:`time_device` (tests).
+
+    >>> measure_sgemm_gflops(torch.device("cpu"))   # about 125 on 2 cores of this project's machines
+    """
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    key = (str(device), torch.get_num_threads(), n, tf32)
+    if timer is None and key in _SGEMM_GFLOPS:
+        return _SGEMM_GFLOPS[key]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    out = torch.empty(n, n, device=device)
+    if timer is None:
+        seconds = time_device(lambda: torch.mm(a, b, out=out), device, warmup=1, repeats=repeats)
+    else:
+        seconds = timer(lambda: torch.mm(a, b, out=out), device)
+    gflops = 2 * n ** 3 / seconds / 1e9
+    if timer is None:
+        _SGEMM_GFLOPS[key] = gflops
+    return gflops
+
+
 def known_bandwidth(device: torch.device) -> tuple[str, float] | None:
     """(device name, data-sheet GB/s) for GPUs in :data:`KNOWN_BANDWIDTH_GBPS`, else None."""
     if device.type != "cuda":
@@ -104,13 +136,16 @@ def device_name(device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------- the work model
 def decoder_flops_per_token(kind: str, latent_dim: int, hidden_dim: int = DEFAULT_MLP_HIDDEN) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one expert on one token."""
+    """Useful multiply-add FLOPs (2 per MAC) of one expert on one token. A 3x3 convolution after nearest
+    x2 upsampling counts phase-split (each output phase is a 2x2 convolution of the low-res map: 4 taps,
+    not 9), as DESIGN.md does: lite is 326 kFLOP (fc 25 k, conv1 201 k, conv2 100 k), 702 k counted
+    naively on the upsampled maps; medium 16.6 MFLOP."""
     if kind == "mlp":
         return 2 * (latent_dim * hidden_dim + hidden_dim * IMAGE_PIXELS)
     if kind == "lite":
-        return 2 * (latent_dim * 392 + 14 * 14 * 16 * 8 * 9 + 28 * 28 * 1 * 16 * 9)
+        return 2 * (latent_dim * 392 + 14 * 14 * 16 * 8 * 4 + 28 * 28 * 1 * 16 * 4)
     if kind == "medium":
-        return 2 * (latent_dim * 1568 + 14 * 14 * 64 * 32 * 9 + 28 * 28 * 32 * 64 * 9 + 28 * 28 * 32 * 9)
+        return 2 * (latent_dim * 1568 + 14 * 14 * 64 * 32 * 4 + 28 * 28 * 32 * 64 * 4 + 28 * 28 * 32 * 9)
     raise ValueError(f"unknown decoder kind {kind!r}; expected one of {DECODER_KINDS}")
 
 

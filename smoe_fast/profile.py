@@ -3,7 +3,10 @@
 Sweeps E (and optionally B) at fixed tokens for each backend and stage, times the device (CUDA
 events, or synchronise + perf_counter on CPU; warm-up first, median of repeats, inputs rotated), and
 prints a table with the time per token, tokens/s, achieved GB/s for the bytes the stage must move,
-TFLOP/s and the speed-up over the reference backend. ``--csv`` and ``--plot`` write the same numbers
+GFLOP/s of the useful work, that rate as a fraction of the process's own sgemm ceiling (an n^3 fp32
+``torch.mm`` timed in the same process at the same thread count, :func:`measure.measure_sgemm_gflops`)
+and the speed-up over the reference backend. ``--threads 1,2`` sweeps CPU thread counts in one process
+(thread scaling). ``--csv`` and ``--plot`` write the same numbers
 as a CSV file and a log-log PNG of time per token against E with the memory-bandwidth floor
 (bytes per token / copy bandwidth measured on the device; on known GPUs also the data-sheet figure).
 
@@ -34,8 +37,8 @@ import torch
 from . import ops
 from .backends import BackendUnavailableError, resolve_backend
 from .experts import random_weights
-from .measure import (STAGES, device_name, known_bandwidth, measure_copy_bandwidth, random_routing, stage_bytes,
-                      stage_flops, time_device)
+from .measure import (STAGES, device_name, known_bandwidth, measure_copy_bandwidth, measure_sgemm_gflops,
+                      random_routing, stage_bytes, stage_flops, time_device)
 
 BACKENDS = ("reference", "triton", "cpp")
 DEFAULT_EXPERTS = {"cpu": (1, 8, 64, 256), "cuda": (1, 8, 64, 256, 1024)}
@@ -45,6 +48,10 @@ DEFAULT_BATCH = {"cpu": {"hard": 1024, "soft": 1024, "topk": 1024},
                  "cuda": {"hard": 65536, "soft": 1024, "topk": 8192}}
 # Soft gating runs every expert on every token: points with B*E above this are skipped, with the reason.
 DEFAULT_MAX_SOFT_PAIRS = {"cpu": 1 << 16, "cuda": 1 << 18}
+# Side of the square fp32 matmul that measures the compute ceiling (cpu: 17 GFLOP, ~0.14 s on 2 cores).
+DEFAULT_SGEMM_SIZE = {"cpu": 2048, "cuda": 8192}
+
+
 def build_stage(stage: str, backend: str, batch: int, num_experts: int, kind: str, device: torch.device,
                 latent_dim: int = 32, hidden_dim: int = 256, top_k: int = 2, routing: str = "uniform",
                 input_sets: int = 3, seed: int = 0) -> tuple[Callable[[], object], int]:
@@ -103,12 +110,16 @@ class Row:
     num_experts: int
     batch: int
     status: str                      # "ok" or "skipped: <reason>"
+    threads: int | None = None       # torch CPU threads the point ran with
     seconds: float | None = None     # median per call
     ns_per_token: float | None = None
     tokens_per_s: float | None = None
     bytes_moved: int | None = None
     gb_per_s: float | None = None
     tflop_per_s: float | None = None
+    gflop_per_s: float | None = None          # useful FLOPs / seconds / 1e9
+    sgemm_gflop_per_s: float | None = None    # the ceiling: fp32 torch.mm measured in this process, same threads
+    sgemm_fraction: float | None = None       # gflop_per_s / sgemm_gflop_per_s
     floor_ns_per_token: float | None = None   # bytes per token / measured copy bandwidth
     speedup_vs_reference: float | None = None
 
@@ -154,9 +165,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per point; the median is reported "
                         "(default cpu: 3; cuda: 10)" + _NO_DEFAULT_SUFFIX)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's own choice); the table title reports it"
+    parser.add_argument("--threads", type=lambda s: _csv_list(s, int), default=None,
+                        help="comma-separated CPU thread counts for torch and the C++ backend, each point timed at "
+                             "each (e.g. 1,2: thread scaling in one process; default: torch's own choice)"
                         + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--sgemm-size", type=int, default=None,
+                        help="n of the n^3 fp32 torch.mm that measures the compute ceiling behind the %%sgemm column "
+                             "(0: not measured; default cpu: 2048, cuda: 8192)" + _NO_DEFAULT_SUFFIX)
     parser.add_argument("--tf32", action="store_true",
                         help="allow TF32 in matmuls and convolutions (default: IEEE fp32 on every backend, so the "
                              "comparison is like with like)")
@@ -175,9 +190,9 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-TABLE_COLUMNS = (("stage", 5, "s"), ("backend", 9, "s"), ("E", 5, "d"), ("B", 6, "d"), ("ms", 9, ".3f"),
-                 ("ns/token", 10, ".1f"), ("Mtok/s", 8, ".2f"), ("GB/s", 8, ".1f"), ("%floor", 6, ".0f"),
-                 ("TFLOP/s", 8, ".3f"), ("x ref", 7, ".2f"))
+TABLE_COLUMNS = (("stage", 5, "s"), ("backend", 9, "s"), ("E", 5, "d"), ("B", 6, "d"), ("thr", 3, "d"),
+                 ("ms", 9, ".3f"), ("ns/token", 10, ".1f"), ("Mtok/s", 8, ".2f"), ("GB/s", 8, ".1f"),
+                 ("%floor", 6, ".0f"), ("GFLOP/s", 9, ".1f"), ("%sgemm", 6, ".1f"), ("x ref", 7, ".2f"))
 
 
 def format_header() -> str:
@@ -186,11 +201,13 @@ def format_header() -> str:
 
 def format_row(row: Row) -> str:
     if row.status != "ok":
-        head = [f"{row.stage:>5}", f"{row.backend:>9}", f"{row.num_experts:>5d}", f"{row.batch:>6d}"]
+        head = [f"{row.stage:>5}", f"{row.backend:>9}", f"{row.num_experts:>5d}", f"{row.batch:>6d}",
+                f"{_fmt(row.threads, 'd'):>3}"]
         return "  ".join(head) + "  " + row.status
     pct = None if row.floor_ns_per_token is None else 100 * row.floor_ns_per_token / row.ns_per_token
-    values = (row.stage, row.backend, row.num_experts, row.batch, row.seconds * 1e3, row.ns_per_token,
-              row.tokens_per_s / 1e6, row.gb_per_s, pct, row.tflop_per_s, row.speedup_vs_reference)
+    pct_sgemm = None if row.sgemm_fraction is None else 100 * row.sgemm_fraction
+    values = (row.stage, row.backend, row.num_experts, row.batch, row.threads, row.seconds * 1e3, row.ns_per_token,
+              row.tokens_per_s / 1e6, row.gb_per_s, pct, row.gflop_per_s, pct_sgemm, row.speedup_vs_reference)
     return "  ".join(f"{_fmt(v, spec):>{width}}" for v, (_, width, spec) in zip(values, TABLE_COLUMNS))
 
 
@@ -210,8 +227,34 @@ def _available_backends(names: list[str], device: torch.device) -> dict[str, str
     return status
 
 
-def sweep(args: argparse.Namespace, device: torch.device, copy_gbps: float | None, progress: bool) -> list[Row]:
-    """Run every (stage, backend, E, B) point; rows print as they finish."""
+def thread_counts(args: argparse.Namespace, device: torch.device) -> list[int | None]:
+    """The CPU thread counts to time each point at; [None] (leave torch's setting) on CUDA or when not given."""
+    return list(args.threads) if args.threads and device.type == "cpu" else [None]
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def measure_ceilings(args: argparse.Namespace, device: torch.device) -> dict[int | None, float]:
+    """{thread count: sgemm GFLOP/s} measured in this process (empty with --sgemm-size 0)."""
+    n = DEFAULT_SGEMM_SIZE[device.type] if args.sgemm_size is None else args.sgemm_size
+    ceilings = {}
+    if n <= 0:
+        return ceilings
+    for threads in thread_counts(args, device):
+        set_threads(threads)
+        ceilings[threads] = measure_sgemm_gflops(device, n)
+        print(f"sgemm ceiling: {n}^3 fp32 torch.mm at {ceilings[threads]:.1f} GFLOP/s on {device_name(device)} "
+              f"(this process; %sgemm = GFLOP/s of the useful work / this)")
+    return ceilings
+
+
+def sweep(args: argparse.Namespace, device: torch.device, copy_gbps: float | None, progress: bool,
+          ceilings: dict[int | None, float] | None = None) -> list[Row]:
+    """Run every (stage, backend, E, B, threads) point; rows print as they finish. Thread counts are
+    innermost, so a thread-scaling ratio compares runs taken seconds apart."""
     from tqdm.auto import tqdm
 
     stages = list(STAGES) if args.stage == "all" else [args.stage]
@@ -219,18 +262,21 @@ def sweep(args: argparse.Namespace, device: torch.device, copy_gbps: float | Non
     max_soft = args.max_soft_pairs or DEFAULT_MAX_SOFT_PAIRS[device.type]
     repeats = args.repeats or (10 if device.type == "cuda" else 3)
     backends = _available_backends(args.backends or list(BACKENDS), device)
-    name = device_name(device)
-    points = [(stage, backend, E, B) for stage in stages for B in (args.batch or [DEFAULT_BATCH[device.type][stage]])
-              for E in experts for backend in backends]
+    ceilings = ceilings or {}
+    points = [(stage, backend, E, B, threads) for stage in stages
+              for B in (args.batch or [DEFAULT_BATCH[device.type][stage]])
+              for E in experts for backend in backends for threads in thread_counts(args, device)]
     rows, reference_seconds = [], {}
     for backend, reason in backends.items():
         if reason is not None:
             print(f"skipped backend {backend}: {reason}")
     print(format_header())
     bar = tqdm(total=len(points), desc="profile", unit="point", file=sys.stderr, disable=not progress, leave=False)
-    for stage, backend, E, B in points:
-        bar.set_postfix_str(f"{stage} {backend} E={E} B={B}")
-        row = Row(name, args.decoder, stage, backend, E, B, "ok")
+    for stage, backend, E, B, threads in points:
+        bar.set_postfix_str(f"{stage} {backend} E={E} B={B}" + ("" if threads is None else f" threads={threads}"))
+        set_threads(threads)
+        row = Row(device_name(device), args.decoder, stage, backend, E, B, "ok",
+                  threads=torch.get_num_threads() if device.type == "cpu" else None)
         if backends[backend] is not None:
             row.status = f"skipped: {backends[backend]}"
         elif stage == "soft" and B * E > max_soft:
@@ -239,11 +285,11 @@ def sweep(args: argparse.Namespace, device: torch.device, copy_gbps: float | Non
         elif stage == "topk" and not 1 <= args.top_k <= E:
             row.status = f"skipped: top-k needs 1 <= k={args.top_k} <= E"
         else:
-            _measure(row, args, device, repeats, copy_gbps)
-            if backend == "reference":
-                reference_seconds[(stage, E, B)] = row.seconds
-            if (stage, E, B) in reference_seconds:
-                row.speedup_vs_reference = reference_seconds[(stage, E, B)] / row.seconds
+            _measure(row, args, device, repeats, copy_gbps, ceilings.get(threads))
+            if backend == "reference" and row.seconds is not None:
+                reference_seconds[(stage, E, B, threads)] = row.seconds
+            if row.seconds is not None and (stage, E, B, threads) in reference_seconds:
+                row.speedup_vs_reference = reference_seconds[(stage, E, B, threads)] / row.seconds
         rows.append(row)
         if backends[backend] is None:
             bar.write(format_row(row), file=sys.stdout)
@@ -252,7 +298,8 @@ def sweep(args: argparse.Namespace, device: torch.device, copy_gbps: float | Non
     return rows
 
 
-def _measure(row: Row, args, device: torch.device, repeats: int, copy_gbps: float | None) -> None:
+def _measure(row: Row, args, device: torch.device, repeats: int, copy_gbps: float | None,
+             sgemm_gflops: float | None = None) -> None:
     stage, E, B = row.stage, row.num_experts, row.batch
     try:
         call, touched = build_stage(stage, row.backend, B, E, args.decoder, device, args.latent_dim, args.hidden_dim,
@@ -267,7 +314,12 @@ def _measure(row: Row, args, device: torch.device, repeats: int, copy_gbps: floa
     row.ns_per_token = seconds / B * 1e9
     row.tokens_per_s = B / seconds
     row.gb_per_s = moved / seconds / 1e9
-    row.tflop_per_s = stage_flops(stage, B, E, args.decoder, args.latent_dim, args.hidden_dim, args.top_k) / seconds / 1e12
+    flops = stage_flops(stage, B, E, args.decoder, args.latent_dim, args.hidden_dim, args.top_k)
+    row.gflop_per_s = flops / seconds / 1e9
+    row.tflop_per_s = row.gflop_per_s / 1e3
+    if sgemm_gflops:
+        row.sgemm_gflop_per_s = sgemm_gflops
+        row.sgemm_fraction = row.gflop_per_s / sgemm_gflops
     if copy_gbps:
         row.floor_ns_per_token = moved / B / copy_gbps
 
@@ -347,25 +399,22 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda was requested but torch sees no CUDA GPU; use --device cpu", file=sys.stderr)
         return 2
-    for name in ("experts", "batch"):
+    for name in ("experts", "batch", "threads"):
         values = getattr(args, name)
         if values is not None and (not values or min(values) < 1):
             print(f"error: --{name} needs positive integers, got {values}", file=sys.stderr)
             return 2
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"error: --threads needs a positive integer, got {args.threads}", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    set_threads(thread_counts(args, device)[0])
     print(f"device: {device_name(device)}; decoder {args.decoder}; routing {args.routing}; "
           f"{'TF32' if args.tf32 else 'IEEE fp32'}; torch {torch.__version__}")
     copy_gbps = measure_copy_bandwidth(device, args.copy_mb) if args.copy_mb > 0 else None
     spec = known_bandwidth(device)
     print("bandwidth: " + (f"measured copy {copy_gbps:.1f} GB/s" if copy_gbps else "not measured (--copy-mb 0)")
           + (f"; data sheet {spec[1]:.0f} GB/s ({spec[0]})" if spec else ""))
+    ceilings = measure_ceilings(args, device)
     try:
-        rows = sweep(args, device, copy_gbps, progress=not args.no_progress)
+        rows = sweep(args, device, copy_gbps, progress=not args.no_progress, ceilings=ceilings)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
