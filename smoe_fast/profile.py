@@ -131,55 +131,47 @@ def _csv_list(text: str, cast=str) -> list:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
 
 
-# Appended to the help of arguments whose default depends on the device: formats to nothing, and stops
-# argparse.ArgumentDefaultsHelpFormatter from adding "(default: None)" after the real explanation.
-_NO_DEFAULT_SUFFIX = "%(default).0s"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``smoe-fast profile``."""
     parser.description = ("Time the expert stage against the number of experts for each backend; print a table and "
                           "optionally write a CSV and a log-log plot with the memory-bandwidth floor.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="device to profile (default: cuda if available, else cpu)" + _NO_DEFAULT_SUFFIX)
+                        help="device to profile (default: cuda if available, else cpu)")
     parser.add_argument("--backends", type=lambda s: _csv_list(s), default=None,
                         help="comma-separated backends from reference,triton,cpp (default: all; unavailable ones are "
-                             "listed as skipped with the reason)" + _NO_DEFAULT_SUFFIX)
+                             "listed as skipped with the reason)")
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="hard",
                         help="hard: inference forward; soft/topk: training forward + backward; all: the three")
     parser.add_argument("--decoder", choices=("lite", "medium", "mlp"), default="lite", help="expert decoder kind")
     parser.add_argument("--experts", type=lambda s: _csv_list(s, int), default=None,
-                        help="comma-separated numbers of experts (default cpu: 1,8,64,256; cuda: 1,8,64,256,1024)"
-                        + _NO_DEFAULT_SUFFIX)
+                        help="comma-separated numbers of experts (default cpu: 1,8,64,256; cuda: 1,8,64,256,1024)")
     parser.add_argument("--batch", type=lambda s: _csv_list(s, int), default=None,
                         help="comma-separated token counts B (default cpu: 1024; cuda: 65536 hard, 1024 soft, "
-                             "8192 topk)" + _NO_DEFAULT_SUFFIX)
+                             "8192 topk)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token for --stage topk")
     parser.add_argument("--routing", choices=("uniform", "skewed"), default="uniform",
                         help="uniform random experts, or skewed (expert e favoured by 2^(-e/4))")
     parser.add_argument("--latent-dim", type=int, default=32, help="latent size L")
     parser.add_argument("--hidden-dim", type=int, default=256, help="hidden size of the mlp decoder")
     parser.add_argument("--max-soft-pairs", type=int, default=None,
-                        help="skip soft points with B*E above this (default cpu: 65536; cuda: 262144)"
-                        + _NO_DEFAULT_SUFFIX)
+                        help="skip soft points with B*E above this (default cpu: 65536; cuda: 262144)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per point; the median is reported "
-                        "(default cpu: 3; cuda: 10)" + _NO_DEFAULT_SUFFIX)
+                        "(default cpu: 3; cuda: 10)")
     parser.add_argument("--threads", type=lambda s: _csv_list(s, int), default=None,
                         help="comma-separated CPU thread counts for torch and the C++ backend, each point timed at "
-                             "each (e.g. 1,2: thread scaling in one process; default: torch's own choice)"
-                        + _NO_DEFAULT_SUFFIX)
+                             "each (e.g. 1,2: thread scaling in one process; default: torch's own choice)")
     parser.add_argument("--sgemm-size", type=int, default=None,
                         help="n of the n^3 fp32 torch.mm that measures the compute ceiling behind the %%sgemm column "
-                             "(0: not measured; default cpu: 2048, cuda: 8192)" + _NO_DEFAULT_SUFFIX)
+                             "(0: not measured; default cpu: 2048, cuda: 8192)")
     parser.add_argument("--tf32", action="store_true",
                         help="allow TF32 in matmuls and convolutions (default: IEEE fp32 on every backend, so the "
                              "comparison is like with like)")
     parser.add_argument("--copy-mb", type=int, default=256,
                         help="size of the copy that measures the bandwidth floor (0: no floor)")
-    parser.add_argument("--csv", type=Path, default=None, help="write the rows to this CSV file" + _NO_DEFAULT_SUFFIX)
+    parser.add_argument("--csv", type=Path, default=None, help="write the rows to this CSV file")
     parser.add_argument("--plot", type=Path, default=None,
-                        help="write a log-log PNG of time per token against E" + _NO_DEFAULT_SUFFIX)
+                        help="write a log-log PNG of time per token against E")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--distributed", action="store_true",
                         help="under torchrun: expert parallelism (shard_experts), all-to-all bytes and time per step "
