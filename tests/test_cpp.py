@@ -133,6 +133,23 @@ def test_experts_hard_matches_reference(name, batch, num_experts, routing, kind,
     assert_close(out, reference.experts_hard(z, expert_idx, weights, kind), name="x_hat")
 
 
+@pytest.mark.parametrize("poison", ["1", "0"], ids=["poisoned", "plain"])
+def test_large_outputs_on_huge_pages_are_ordinary_tensors(poison, monkeypatch):
+    # B = 1,031 (prime): a 3.2 MB output, past the 2 MiB from which csrc/common.h allocates on huge
+    # pages; its values, and a storage torch can free, resize and copy like any other.
+    monkeypatch.setenv("SMOE_FAST_POISON_OUTPUTS", poison)
+    weights = random_weights("lite", 9, seed=3)
+    z = _inputs(1031, 9, torch.float32)
+    expert_idx = routing_case("skewed", 1031, 9)
+    with torch.no_grad():
+        out = ops.experts_hard(z, expert_idx, weights, kind="lite", backend="cpp")
+    assert out.untyped_storage().nbytes() == 1031 * 784 * 4
+    assert_close(out, reference.experts_hard(z, expert_idx, weights, "lite"), name="x_hat")
+    copy = out.clone()
+    out.resize_(2 * 1031, 1, 28, 28)  # the storage grows (and copies) through its allocator
+    assert torch.equal(out[:1031], copy)
+    del out
+
 @pytest.mark.parametrize("kind", ["lite", "mlp"])
 def test_nan_and_inf_propagate_like_the_reference(kind):
     # Token 1 is NaN, token 2 +inf, token 3 -inf: the vectorised exp must not clamp NaN away.
