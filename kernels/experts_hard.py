@@ -13,23 +13,26 @@ no padded or permuted copy of z or x_hat: z rows are gathered through sorted_tok
 output row is written straight to its original token.
 
 Decoder, per tile (conv kinds):
-1. fc: [BM, L] x [L, C0*49] with ``tl.dot`` -> scratch h0 [BM, C0, 7, 7].
+1. fc: [BM, L] x [L, C0*49] with ``tl.dot`` -> scratch h0 [C0, 9, 9, BM].
 2. per group of TS tokens: nearest x2 up-sampling followed by a 3x3 convolution (padding 1) is the
    same as four 2x2 convolutions on the low-resolution map, one per output parity ("phase"), with
    the 3x3 taps that land on one low-resolution pixel summed. Each phase is a GEMM with
    K = C_in * 4 (32 for lite's conv1, exactly one tensor-core K step) instead of C_in * 9 on the
-   up-sampled map: 2.25x fewer multiply-adds and no up-sampled tensor. Rows are (token, pixel),
-   gathered from scratch; conv1 (+ELU) -> scratch h1 [TS, C1, 14, 14]; medium's conv2 (+ELU) ->
-   scratch h2 [TS, 32, 28, 28].
+   up-sampled map: 2.25x fewer multiply-adds and no up-sampled tensor. Rows are (pixel, token),
+   gathered from scratch; conv1 (+ELU) -> scratch h1 [C1, 16, 16, TS]; medium's conv2 (+ELU) ->
+   scratch h2 [32, 30, 30, TS].
 3. the last convolution has one output channel, too narrow for ``tl.dot``: a row-wise weighted sum
    over its K taps, then sigmoid, stored at ``x_hat[token]``.
 mlp: relu(z W1^T + b1) -> scratch h [BM, hidden] -> sigmoid(h W2^T + b2) -> x_hat[token].
 
 Scratch. Triton cannot gather from registers, so the stages exchange activations through a small
-per-program buffer in global memory, fp32, sized by the grid and not by B (it stays in L1/L2):
-lite BM*392 + TS*3136 floats per program (BM=16, TS=2: 12.5K floats, 50 KB), medium
-BM*1568 + TS*(12544 + 25088) floats (BM=16, TS=1: 62.7K floats, 250 KB), mlp BM*hidden floats.
-With 2 programs per SM on an H100 that is 13 MB (lite) and 66 MB (medium) in all.
+per-program buffer in global memory, fp32, sized by the grid and not by B (it stays in L1/L2). The
+conv kinds keep their maps token-innermost with a zero border, [C][H+2][W+2][tokens]: a GEMM row is
+(pixel, token) with the token fastest, so a warp's rows read consecutive addresses and vectorise
+(TS tokens per vector), and no tap needs a bounds mask (the border is the padding; the buffer is
+zero-filled once per call and only interiors are written). Per program: lite C0*81*BM + C1*256*TS
+floats (BM=16, TS=2: 18.6K floats, 74 KB), medium also C2*900*TS (BM=16, TS=1: 86.7K floats, 347 KB),
+mlp BM*hidden floats. With 2 programs per SM on an H100 that is 19 MB (lite) and 87 MB (medium).
 
 Launches: two for grouping (kernels/grouping.py), one for the tile scan and one decoder kernel,
 whatever E and the routing. Indices are range-checked by ``smoe_fast.ops`` before the launch
@@ -67,8 +70,10 @@ __all__ = ["experts_hard", "experts_hard_fwd"]
 @triton.jit
 def _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, w, b, e, L, N, p_dst,
                             BM: tl.constexpr, BLOCK_L: tl.constexpr, BN: tl.constexpr,
-                            APPLY_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dst[m, :N] = act(z[tok[m]] @ w[e]^T + b[e]) for the BM rows of a tile; w [E, N, L]."""
+                            APPLY_RELU: tl.constexpr, TO_MAPS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """act(z[tok[m]] @ w[e]^T + b[e]) for the BM rows of a tile; w [E, N, L]. TO_MAPS: column
+    n = (c, i, j) of 7x7 maps goes to the zero-bordered maps [C][9][9][BM] (token innermost, see
+    ``_gather_phase_rows``); else to rows [BM, N]."""
     o_m = tl.arange(0, BM)
     o_l = tl.arange(0, BLOCK_L)
     o_n = tl.arange(0, BN)
@@ -85,7 +90,13 @@ def _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, w, b, e, L, 
         b_h = mm(b_z, b_w, INPUT_PRECISION) + tl.load(b + e * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
         if APPLY_RELU:
             b_h = relu(b_h)
-        tl.store(p_dst + o_m[:, None] * N + n0 + o_n[None, :], b_h, mask=m_m[:, None] & m_n[None, :])
+        if TO_MAPS:
+            o_c = (n0 + o_n) // 49
+            o_ij = (n0 + o_n) % 49
+            p_h = p_dst + (((o_c * 9 + o_ij // 7 + 1) * 9 + o_ij % 7 + 1) * BM)[None, :] + o_m[:, None]
+        else:
+            p_h = p_dst + o_m[:, None] * N + n0 + o_n[None, :]
+        tl.store(p_h, b_h, mask=m_m[:, None] & m_n[None, :])
 
 
 @triton.jit
@@ -108,59 +119,60 @@ def _merged_phase_weights(p_w, py, px, dy, dx):
 
 
 @triton.jit
-def _gather_phase_rows(p_src, r0, n_out, py, px, ci, dy, dx, CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                       BR: tl.constexpr):
-    """A tile [BR, CIN*4] of a phase GEMM: row (t, i, j) x column (ci, dy, dx) reads
-    src[t, ci, i+py+dy-1, j+px+dx-1] (zero outside the map). Returns (tile, row mask, t, i, j)."""
+def _gather_phase_rows(p_src, r0, py, px, ci, dy, dx, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr,
+                       SRC_T: tl.constexpr, BR: tl.constexpr):
+    """A tile [BR, CIN*4] of a phase GEMM. Maps live zero-bordered with the token innermost,
+    src [CIN][H+2][W+2][SRC_T] (low-res pixel (y, x) of token t at [ci][y+1][x+1][t]), so no tap needs a
+    bounds mask, and rows are (i, j, t) with t fastest: row x column (ci, dy, dx) reads
+    src[ci][i+py+dy][j+px+dx][t], and a warp's rows are consecutive addresses (TS tokens, then the
+    next pixel). Returns (tile, row mask, t, i, j)."""
     o_r = r0 + tl.arange(0, BR)
-    m_r = o_r < n_out
-    o_t = o_r // (H * W)
-    o_i = (o_r % (H * W)) // W
-    o_j = o_r % W
-    o_dy = py + dy - 1
-    o_dx = px + dx - 1
-    m_a = (m_r[:, None] & (o_i[:, None] + o_dy[None, :] >= 0) & (o_i[:, None] + o_dy[None, :] < H)
-           & (o_j[:, None] + o_dx[None, :] >= 0) & (o_j[:, None] + o_dx[None, :] < W))
-    p_a = p_src + (o_t * (CIN * H * W) + o_i * W + o_j)[:, None] + (ci * (H * W) + o_dy * W + o_dx)[None, :]
-    return tl.load(p_a, mask=m_a, other=0.0), m_r, o_t, o_i, o_j
+    m_r = o_r < H * W * TS
+    o_t = o_r % TS
+    o_i = (o_r // TS) // W
+    o_j = (o_r // TS) % W
+    o_row = ((o_i + py) * (W + 2) + o_j + px) * SRC_T + o_t
+    o_col = ((ci * (H + 2) + dy) * (W + 2) + dx) * SRC_T
+    return tl.load(p_src + o_row[:, None] + o_col[None, :], mask=m_r[:, None], other=0.0), m_r, o_t, o_i, o_j
 
 
 @triton.jit
-def _upconv3x3_to_scratch(p_src, p_dst, w, b, e, n_tokens,
+def _upconv3x3_to_scratch(p_src, p_dst, w, b, e,
                           CIN: tl.constexpr, COUT: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                          BR: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dst = ELU(conv3x3(up2(src)) + b): src [n, CIN, H, W] -> dst [n, COUT, 2H, 2W], four phase GEMMs."""
+                          TS: tl.constexpr, SRC_T: tl.constexpr, BR: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dst = ELU(conv3x3(up2(src)) + b) for TS tokens, four phase GEMMs: src [CIN][H+2][W+2][SRC_T]
+    -> dst [COUT][2H+2][2W+2][TS] (both zero-bordered, token innermost; the borders are never written)."""
     o_k = tl.arange(0, CIN * 4)
     ci = o_k // 4
     dy = (o_k // 2) % 2
     dx = o_k % 2
     o_n = tl.arange(0, COUT)
     b_bias = tl.load(b + e * COUT + o_n).to(tl.float32)
-    n_out = n_tokens * H * W
     for phase in tl.static_range(4):
         py = phase // 2
         px = phase % 2
         # [CIN*4, COUT]
         b_w = _merged_phase_weights(w + e * COUT * CIN * 9 + o_n[None, :] * (CIN * 9) + ci[:, None] * 9,
                                     py, px, dy[:, None], dx[:, None])
-        for r0 in range(0, n_out, BR):
-            b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, n_out, py, px, ci, dy, dx, CIN, H, W, BR)
-            b_h = mm(b_a, b_w, INPUT_PRECISION) + b_bias[None, :]
-            b_h = elu(b_h)
-            o_out = (o_t * (COUT * 4 * H * W) + (2 * o_i + py) * (2 * W) + 2 * o_j + px)[:, None] + o_n[None, :] * (4 * H * W)
-            tl.store(p_dst + o_out, b_h, mask=m_r[:, None])
+        for r0 in range(0, H * W * TS, BR):
+            b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, py, px, ci, dy, dx, H, W, TS, SRC_T, BR)
+            b_h = elu(mm(b_a, b_w, INPUT_PRECISION) + b_bias[None, :])
+            o_out = ((2 * o_i + py + 1) * (2 * W + 2) + 2 * o_j + px + 1) * TS + o_t
+            tl.store(p_dst + o_out[:, None] + o_n[None, :] * ((2 * H + 2) * (2 * W + 2) * TS), b_h, mask=m_r[:, None])
 
 
 @triton.jit
 def _conv3x3_to_image(p_src, out, p_tok, w, b, e, n_tokens,
-                      CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, UP: tl.constexpr, BR: tl.constexpr):
-    """x_hat[tok] = sigmoid(conv3x3(up2(src) if UP else src) + b) with one output channel.
+                      CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, UP: tl.constexpr, TS: tl.constexpr,
+                      BR: tl.constexpr):
+    """x_hat[tok] = sigmoid(conv3x3(up2(src) if UP else src) + b) with one output channel, for the
+    first n_tokens of TS tokens.
 
-    src [n, CIN, H, W]; the image is 28x28. One output channel is too narrow for tl.dot: each row
-    is a weighted sum of its gathered taps (phase-merged when UP, K = CIN*4; else 9 taps of CIN)."""
+    src [CIN][H+2][W+2][TS] (zero-bordered, token innermost); the image is 28x28. One output channel
+    is too narrow for tl.dot: each row (pixel, token) is a weighted sum of its taps (phase-merged when
+    UP, K = CIN*4; else 9 taps of CIN), read at consecutive addresses across a warp's rows."""
     b_bias = tl.load(b + e).to(tl.float32)
     p_w = w + e * CIN * 9
-    n_out = n_tokens * H * W
     if UP:
         o_k = tl.arange(0, CIN * 4)
         ci = o_k // 4
@@ -170,39 +182,40 @@ def _conv3x3_to_image(p_src, out, p_tok, w, b, e, n_tokens,
             py = phase // 2
             px = phase % 2
             b_w = _merged_phase_weights(p_w + ci * 9, py, px, dy, dx)
-            for r0 in range(0, n_out, BR):
-                b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, n_out, py, px, ci, dy, dx, CIN, H, W, BR)
+            for r0 in range(0, H * W * TS, BR):
+                b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, py, px, ci, dy, dx, H, W, TS, TS, BR)
                 b_y = tl.sum(b_a * b_w[None, :], axis=1) + b_bias
-                b_tok = tl.load(p_tok + o_t, mask=m_r, other=0).to(tl.int64)
+                m_o = m_r & (o_t < n_tokens)
+                b_tok = tl.load(p_tok + o_t, mask=m_o, other=0).to(tl.int64)
                 o_pix = (2 * o_i + py) * (2 * W) + 2 * o_j + px
-                tl.store(out + b_tok * (4 * H * W) + o_pix, sigmoid(b_y), mask=m_r)
+                tl.store(out + b_tok * (4 * H * W) + o_pix, sigmoid(b_y), mask=m_o)
     else:
         o_c = tl.arange(0, CIN)
         o_r = tl.arange(0, BR)
-        for r0 in range(0, n_out, BR):
-            m_r = r0 + o_r < n_out
-            o_t = (r0 + o_r) // (H * W)
-            o_i = ((r0 + o_r) % (H * W)) // W
-            o_j = (r0 + o_r) % W
-            # [BR, CIN] at tap (1, 1); the other taps are fixed offsets from it
-            p_a = p_src + (o_t * (CIN * H * W) + o_i * W + o_j)[:, None] + o_c[None, :] * (H * W)
+        for r0 in range(0, H * W * TS, BR):
+            m_r = r0 + o_r < H * W * TS
+            o_t = (r0 + o_r) % TS
+            o_i = ((r0 + o_r) // TS) // W
+            o_j = ((r0 + o_r) // TS) % W
+            # [BR, CIN] at tap (0, 0), padded (i, j); tap (ky, kx) is a fixed offset from it
+            p_a = p_src + (((o_i * (W + 2) + o_j) * TS + o_t)[:, None] + o_c[None, :] * ((H + 2) * (W + 2) * TS))
             b_y = tl.zeros([BR], dtype=tl.float32)
             for ky in tl.static_range(3):
                 for kx in tl.static_range(3):
-                    m_a = m_r & (o_i >= 1 - ky) & (o_i < H + 1 - ky) & (o_j >= 1 - kx) & (o_j < W + 1 - kx)
-                    b_a = tl.load(p_a + ((ky - 1) * W + kx - 1), mask=m_a[:, None], other=0.0)
+                    b_a = tl.load(p_a + (ky * (W + 2) + kx) * TS, mask=m_r[:, None], other=0.0)
                     b_w = tl.load(p_w + o_c * 9 + ky * 3 + kx).to(tl.float32)
                     b_y += tl.sum(b_a * b_w[None, :], axis=1)
             b_y += b_bias
-            b_tok = tl.load(p_tok + o_t, mask=m_r, other=0).to(tl.int64)
-            tl.store(out + b_tok * (H * W) + o_i * W + o_j, sigmoid(b_y), mask=m_r)
+            m_o = m_r & (o_t < n_tokens)
+            b_tok = tl.load(p_tok + o_t, mask=m_o, other=0).to(tl.int64)
+            tl.store(out + b_tok * (H * W) + o_i * W + o_j, sigmoid(b_y), mask=m_o)
 
 
 @triton.jit
 def _experts_hard_conv_fwd_kernel(
     z,                   # [B, L] any strides
     out,                 # [B, 784] contiguous, original token order
-    scratch,             # [programs, scratch_per_program] fp32
+    scratch,             # [programs, scratch_per_program] fp32, zero-filled (the maps' borders)
     sorted_token_idx,    # [B] int32
     expert_offsets,      # [E+1] int32
     tile_offsets,        # [E+1] int32
@@ -221,9 +234,9 @@ def _experts_hard_conv_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     i_p = tl.program_id(0)
-    p_h0 = scratch + i_p.to(tl.int64) * scratch_per_program   # [BM, C0, 7, 7]
-    p_h1 = p_h0 + BM * C0 * 49                                # [TS, C1, 14, 14]
-    p_h2 = p_h1 + TS * C1 * 196                               # [TS, C2, 28, 28] (medium)
+    p_h0 = scratch + i_p.to(tl.int64) * scratch_per_program   # [C0, 9, 9, BM]
+    p_h1 = p_h0 + C0 * 81 * BM                                # [C1, 16, 16, TS]
+    p_h2 = p_h1 + C1 * 256 * TS                               # [C2, 30, 30, TS] (medium)
     for tile in range(i_p, max_tiles, tl.num_programs(0)):
         e, row_start, n_rows = find_tile(tile_offsets, expert_offsets, tile, E, LOG_E, BM)
         if n_rows > 0:
@@ -231,19 +244,20 @@ def _experts_hard_conv_fwd_kernel(
             # the previous tile's readers of the scratch are done
             tl.debug_barrier()
             _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, fc_w, fc_b, e, L, C0 * 49, p_h0,
-                                    BM, BLOCK_L, BN_FC, False, INPUT_PRECISION)
+                                    BM, BLOCK_L, BN_FC, False, True, INPUT_PRECISION)
             for g0 in range(0, n_rows, TS):
+                # token slots past n_rows (or past BM when TS does not divide it) compute on stale
+                # scratch and are never stored
                 n_group = tl.minimum(n_rows - g0, TS)
                 tl.debug_barrier()
-                _upconv3x3_to_scratch(p_h0 + g0 * (C0 * 49), p_h1, conv1_w, conv1_b, e, n_group,
-                                      C0, C1, 7, 7, BR, INPUT_PRECISION)
+                _upconv3x3_to_scratch(p_h0 + g0, p_h1, conv1_w, conv1_b, e, C0, C1, 7, 7, TS, BM, BR, INPUT_PRECISION)
                 tl.debug_barrier()
                 if HAS_CONV3:
-                    _upconv3x3_to_scratch(p_h1, p_h2, conv2_w, conv2_b, e, n_group, C1, C2, 14, 14, BR, INPUT_PRECISION)
+                    _upconv3x3_to_scratch(p_h1, p_h2, conv2_w, conv2_b, e, C1, C2, 14, 14, TS, TS, BR, INPUT_PRECISION)
                     tl.debug_barrier()
-                    _conv3x3_to_image(p_h2, out, p_tok + g0, conv3_w, conv3_b, e, n_group, C2, 28, 28, False, BR)
+                    _conv3x3_to_image(p_h2, out, p_tok + g0, conv3_w, conv3_b, e, n_group, C2, 28, 28, False, TS, BR)
                 else:
-                    _conv3x3_to_image(p_h1, out, p_tok + g0, conv2_w, conv2_b, e, n_group, C1, 14, 14, True, BR)
+                    _conv3x3_to_image(p_h1, out, p_tok + g0, conv2_w, conv2_b, e, n_group, C1, 14, 14, True, TS, BR)
 
 
 @triton.jit
@@ -275,7 +289,7 @@ def _experts_hard_mlp_fwd_kernel(
             p_tok = sorted_token_idx + row_start
             tl.debug_barrier()
             _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, fc1_w, fc1_b, e, L, HIDDEN, p_h,
-                                    BM, BLOCK_L, BH, True, INPUT_PRECISION)
+                                    BM, BLOCK_L, BH, True, False, INPUT_PRECISION)
             tl.debug_barrier()
             m_m = o_m < n_rows
             b_tok = tl.load(p_tok + o_m, mask=m_m, other=0).to(tl.int64)
@@ -295,6 +309,13 @@ def _experts_hard_mlp_fwd_kernel(
 
 
 _CONV_CHANNELS = {"lite": (8, 16, 1), "medium": (32, 64, 32)}
+
+
+def conv_scratch_size(kind: str, bm: int, ts: int) -> int:
+    """fp32 scratch elements per program of the conv kinds: the zero-bordered maps h0 [C0][9][9][BM],
+    h1 [C1][16][16][TS] and (medium) h2 [C2][30][30][TS]."""
+    c0, c1, c2 = _CONV_CHANNELS[kind]
+    return c0 * 81 * bm + c1 * 256 * ts + (c2 * 900 * ts if kind == "medium" else 0)
 
 
 def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layers: list[torch.Tensor]) -> torch.Tensor:
@@ -349,8 +370,9 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
             return
         c0, c1, c2 = _CONV_CHANNELS[kind]
         ts = config["TS"]
-        per_program = bm * c0 * 49 + ts * c1 * 196 + (ts * c2 * 784 if kind == "medium" else 0)
-        scratch = torch.empty(programs * per_program, dtype=torch.float32, device=device)
+        per_program = conv_scratch_size(kind, bm, ts)
+        # zero-filled once per call: the maps' borders (the conv padding) are never written
+        scratch = torch.zeros(programs * per_program, dtype=torch.float32, device=device)
         # lite has no conv3: the kernel never reads it (HAS_CONV3=False); pass conv2 in its place
         conv3 = layers[6:8] if kind == "medium" else layers[4:6]
         _experts_hard_conv_fwd_kernel[(programs,)](

@@ -20,6 +20,7 @@ import csv
 import os
 
 import pytest
+import torch
 
 from smoe_fast import audit
 from smoe_fast.audit import cases as audit_cases
@@ -77,7 +78,7 @@ def test_grouping_never_spills(rows):
 def test_spills_within_the_written_budget(rows):
     over = []
     for r in rows:
-        if r.op.startswith("cuda"):
+        if r.op.startswith("cuda") or r.kernel == audit.MODEL_KERNEL:
             continue
         budget = tuning.spill_budget(r.op)
         if r.spill_bytes > budget:
@@ -112,3 +113,37 @@ def test_table_and_csv(rows, tmp_path):
 def test_a_repeat_run_reads_the_cache(rows):
     again = audit.run_audit(archs=COVERING_ARCHS[:1], gpu="h100", cuda_sources=False)
     assert again and all(r.cached for r in again if not r.error)
+
+
+def test_model_rows_add_the_encoder_to_the_experts(rows):
+    # one whole-model row per (arch, hard kind, precision); the experts' share of it is in `bound`
+    model = {(r.op, r.config.rsplit(",", 1)[1]): r for r in rows if r.kernel == audit.MODEL_KERNEL and r.arch == "sm_90"}
+    hard = {}
+    for r in rows:
+        if r.op.startswith("hard ") and r.arch == "sm_90":
+            hard.setdefault((r.op, r.config.rsplit(",", 1)[1]), r)
+    assert {("model eval lite", p) for p in ("fp32/ieee", "fp32/tf32", "bf16")} <= set(model)
+    for (op, precision), r in model.items():
+        experts = hard[("hard " + op.split()[-1], precision)]
+        assert r.predicted_us > experts.predicted_us and r.ideal_us > experts.ideal_us
+        share = int(r.bound.split("%")[0].split()[-1])
+        assert 0 < share < 100, r.bound
+    # the medium encoder's 15.7 MFLOP per token at the FMA peak (IEEE) bounds the fp32 row from below
+    floor_us = 65_536 * 15_717_376 / 67e12 * 1e6
+    assert model[("model eval lite", "fp32/ieee")].predicted_us > floor_us
+
+
+@pytest.mark.parametrize("encoder", ["medium", "lite"])
+def test_encoder_work_model_counts_what_torch_counts(encoder):
+    # the whole-model rows' encoder + gate FLOPs per token, against torch's own FLOP counter
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from smoe_fast.audit import work
+    from smoe_fast.vae.model import GatingNetwork, LiteEncoder, MediumEncoder
+
+    net = (MediumEncoder if encoder == "medium" else LiteEncoder)(work.LATENT)
+    gate = GatingNetwork(work.LATENT, work.HARD_E)
+    with FlopCounterMode(display=False) as counter:
+        mu, _ = net(torch.zeros(1, 1, 28, 28))
+        gate(mu)
+    assert sum(work.encoder_flops(encoder).values()) == counter.get_total_flops()

@@ -133,6 +133,50 @@ def _nvcc_rows(archs, cache_dir: str) -> list[AuditRow]:
     return rows
 
 
+MODEL_KERNEL = "SMoEVAE.eval"
+# the precision labels of the hard-gated rows -> (tensor-core rate or None for the FMA units, bytes per element)
+_MODEL_PRECISIONS = {"fp32/ieee": (None, 4), "fp32/tf32": ("tf32", 4), "bf16": ("bf16", 2), "fp16": ("bf16", 2)}
+
+
+def _model_rows(rows: list[AuditRow], gpu_name: str, encoder: str = "medium") -> list[AuditRow]:
+    """One whole-model row per (arch, hard-gated decoder kind, precision): an eval forward of
+    SMoEVAE(encoder="medium") at B = 65,536, E = 64 is the encoder and gate (as torch runs them, layer
+    by layer: their FLOPs at the precision's peak or their activations at HBM bandwidth, whichever
+    binds; a roofline, so an optimistic figure), plus grouping and the experts kernel as predicted
+    above from the compiled code. ``bound`` says which share of the predicted time the experts take."""
+    from . import work as W
+
+    gpu = GPUS[gpu_name]
+    enc_flops = sum(W.encoder_flops(encoder).values()) * W.HARD_B
+    grouping_shape = f"N={W.HARD_B} E={W.HARD_E}"
+    out = []
+    for arch in dict.fromkeys(r.arch for r in rows):
+        grouping = {}
+        for r in rows:
+            if r.arch == arch and r.shape == grouping_shape and r.op.startswith("grouping") and not r.error:
+                grouping.setdefault(r.op, r.predicted_us)
+        seen = set()
+        for r in rows:
+            label = r.config.rsplit(",", 1)[-1]
+            if (r.arch != arch or not r.op.startswith("hard ") or r.error or label not in _MODEL_PRECISIONS
+                    or (r.op, label) in seen):
+                continue
+            seen.add((r.op, label))   # the first row of an op is its default config at the target bucket
+            unit, elem = _MODEL_PRECISIONS[label]
+            rate = {None: gpu.fma_tflops, "tf32": gpu.tf32_tflops, "bf16": gpu.bf16_tflops}[unit]
+            compute_us = 1e6 * enc_flops / (rate * 1e12)
+            memory_us = 1e6 * W.HARD_B * W.encoder_bytes(encoder, elem) / (gpu.hbm_gbps * 1e9)
+            enc_us = max(compute_us, memory_us)
+            experts_us = r.predicted_us + sum(grouping.values())
+            total = enc_us + experts_us
+            out.append(AuditRow(MODEL_KERNEL, f"model eval {r.op[5:]}", f"encoder {encoder},{label}", arch, 0,
+                                fits=r.fits, ctas_per_sm=r.ctas_per_sm, predicted_us=round(total, 2),
+                                ideal_us=round(enc_us + r.ideal_us, 2), gpu=gpu_name, shape=r.shape,
+                                bound=f"experts {100 * experts_us / total:.0f}% (encoder+gate {enc_us:.0f} us: "
+                                      f"{'HBM' if memory_us > compute_us else (unit or 'fma') + ' peak'} roofline)"))
+    return out
+
+
 def run_audit(archs=DEFAULT_ARCHS, gpu: str = "h100", full: bool = False, cache_dir: str | None = None,
               cuda_sources: bool = True) -> list[AuditRow]:
     """Compile (or read from the cache) every case for each arch; one :class:`AuditRow` per case."""
@@ -151,6 +195,7 @@ def run_audit(archs=DEFAULT_ARCHS, gpu: str = "h100", full: bool = False, cache_
             raise RuntimeError(f"sm_{arch}: the compile worker returned {len(records[arch])} records for "
                                f"{len(cases)} cases")
         rows += [_row(case, record, arch, gpu) for case, record in zip(cases, records[arch])]
+    rows += _model_rows(rows, gpu)
     if cuda_sources:
         rows += _nvcc_rows(archs, cache_dir)
     return rows
@@ -168,6 +213,10 @@ def format_table(rows: list[AuditRow]) -> str:
     for r in rows:
         if r.error:
             lines.append(f"{_short(r.op, 30):<30} {_short(r.config, 44):<44} {r.arch:<6} ERROR: {_short(r.error, 80)}")
+            continue
+        if r.kernel == MODEL_KERNEL:  # no compiled kernel of its own: only the predicted times
+            lines.append(f"{_short(r.op, 30):<30} {_short(r.config, 44):<44} {r.arch:<6} {'':>52} "
+                         f"{r.predicted_us:>9.1f} {r.ideal_us:>9.1f}  {r.bound}")
             continue
         smem = f"{r.shared_bytes / 1024:.1f}/{r.shared_limit_bytes // 1024}"
         pred = "-" if r.predicted_us != r.predicted_us else f"{r.predicted_us:.1f}"

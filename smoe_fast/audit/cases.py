@@ -152,18 +152,20 @@ def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W
             stages.append(W.Stage("conv3 (1 channel)", b * flops["conv3"]))
             # h0 + a1 + a2 written once, gathered 4 (phase taps) or 9 times per output row
             scratch_per_token = 4 * (1568 + 12544 + 25088) + 4 * (49 * 4 * 128 + 196 * 4 * 256 + 784 * 32 * 9)
-            scratch_footprint = programs * (bm * 1568 + config["TS"] * (12544 + 25088)) * 4
         else:
             stages.append(W.Stage("conv2 (1 channel)", b * flops["conv2"]))
             # h0 and a1 written once; conv1 gathers 32 taps per (pixel, phase), conv2 64 per pixel
             scratch_per_token = 4 * (392 + 3136) + 4 * (49 * 4 * 32 + 784 * 64)
-            scratch_footprint = programs * (bm * 392 + config["TS"] * 3136) * 4
+        # zero-bordered maps, zero-filled once per call
+        scratch_footprint = programs * kernel_module("experts_hard").conv_scratch_size(kind, bm, config["TS"]) * 4
         stages = tuple(stages)
         useful = b * sum(flops.values())
     streams = (W.Stream("z rows + indices", b * (W.LATENT * elem + 12), "hbm"),
                W.Stream("x_hat rows", b * per_token_out, "hbm"),
                W.Stream("expert weights per tile", tiles * params * elem, "l2"),
-               W.Stream("activation scratch", b * scratch_per_token, "scratch", gather=True))
+               W.Stream("activation scratch", b * scratch_per_token, "scratch", gather=True,
+                        sites=("_gather_phase_rows",) if kind == "lite" else None),
+               W.Stream("scratch zero-fill", scratch_footprint if kind != "mlp" else 0, "scratch"))
     tiles_per_program = tiles / programs
     return W.Work(shape=f"B={b} E={e}", programs=programs, stages=stages, streams=streams,
                   serial_steps=tiles_per_program * (6 if kind == "lite" else 8 if kind == "medium" else 4),
@@ -207,7 +209,7 @@ def hard_cases(arch: int, full: bool) -> list[Case]:
                 c0, c1, c2 = experts_hard._CONV_CHANNELS[kind]
                 ptrs = {n: "*" + dtype for n in ("z", "out", "fc_w", "fc_b", "conv1_w", "conv1_b", "conv2_w",
                                                   "conv2_b", "conv3_w", "conv3_b")}
-                per_program = bm * c0 * 49 + config["TS"] * c1 * 196 + (config["TS"] * c2 * 784 if kind == "medium" else 0)
+                per_program = experts_hard.conv_scratch_size(kind, bm, config["TS"])
                 scalars = dict(E=e, L=latent, stride_zb=latent, stride_zl=1, max_tiles=max_tiles,
                                scratch_per_program=per_program)
                 consts = dict(LOG_E=launch.log2_ceil(e), C0=c0, C1=c1, C2=c2, HAS_CONV3=kind == "medium", BM=bm,

@@ -28,7 +28,7 @@ import time
 
 from .inspect import TTGIR, ptx_stats, ptxas_usage
 
-FORMAT = 3   # bump when a record's fields change
+FORMAT = 4   # bump when a record's fields change
 
 
 def default_cache_dir() -> str:

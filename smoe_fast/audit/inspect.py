@@ -159,7 +159,8 @@ class TTGIR:
 
     def accesses(self) -> list[Access]:
         out = []
-        pattern = re.compile(r"= (tt\.load|tt\.store|tt\.atomic_rmw|tt\.atomic_cas)[^\n]*?"
+        # ttg.async_copy_global_to_local: the loads the software pipeliner turned into cp.async copies
+        pattern = re.compile(r"= (tt\.load|ttg\.async_copy_global_to_local|tt\.store|tt\.atomic_rmw|tt\.atomic_cas)[^\n]*?"
                              r"tensor<([\dx]+)x!tt\.ptr<(\w+)>, (#[\w]+)>[^\n]*?loc\((#loc\d*)\)")
         store_pattern = re.compile(r"^\s*tt\.store [^\n]*?: tensor<([\dx]+)x!tt\.ptr<(\w+)>, (#[\w]+)>[^\n]*?"
                                    r"loc\((#loc\d*)\)", re.M)
@@ -173,7 +174,7 @@ class TTGIR:
             lanes = fields.get("threadsPerWarp", [1])
             vector = per_thread[fastest] if kind == "blocked" and fastest < len(per_thread) else 1
             lane = lanes[fastest] if kind == "blocked" and fastest < len(lanes) else 1
-            name = {"tt.load": "load", "tt.store": "store"}.get(op, "atomic")
+            name = {"tt.load": "load", "ttg.async_copy_global_to_local": "load", "tt.store": "store"}.get(op, "atomic")
             out.append(Access(self.chain(loc), name, tuple(int(v) for v in shape.split("x")), dtype, vector, lane))
         return out
 

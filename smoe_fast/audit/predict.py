@@ -11,7 +11,8 @@ PREDICTED, never measured. The model, per launch:
   work at the int32 rate;
 - memory: each stream's bytes at its level's bandwidth (HBM; L2 for re-read weights; scratch at L2
   bandwidth while the grid's scratch fits the L2, else HBM). Gathered streams pay their scalar
-  amplification in proportion to the share of the kernel's tile accesses that did not vectorise;
+  amplification in proportion to the share of their own tile accesses (the stream's ``sites``, else
+  the whole kernel's) that did not vectorise;
 - latency: the longest program's chain of dependent global round trips times GLOBAL_LATENCY_US;
 - predicted time = max(compute / (grid fill x latency hiding), memory / (grid fill x latency hiding),
   latency), and ``bound`` names the term that binds. ``ideal_us`` is the roofline of the useful work (useful FLOPs at the
@@ -55,8 +56,12 @@ def stage_units(case, record: dict) -> dict[str, dict]:
     return out
 
 
-def vector_fraction(record: dict) -> float:
+def vector_fraction(record: dict, sites: tuple[str, ...] | None = None) -> float:
+    """Share of the compiled tile accesses that are vectorised; only those made inside one of the
+    functions ``sites`` when given (a gathered stream's own loads)."""
     accesses = record.get("accesses", [])
+    if sites is not None:
+        accesses = [a for a in accesses if any(site[2] in sites for site in a["chain"])]
     if not accesses:
         return 1.0
     return sum(a["vector"] >= 2 for a in accesses) / len(accesses)
@@ -83,9 +88,9 @@ def predict(case, record: dict, arch: int, gpu_name: str) -> Prediction:
             compute["alu"] += stage.flops / (gpu.alu_tops * 1e12)
         else:
             compute["fma"] += stage.flops / (gpu.fma_tflops * 1e12)
-    scalar_share = 1.0 - vector_fraction(record)
     memory = {"hbm": 0.0, "l2": 0.0}
     for stream in work.streams:
+        scalar_share = 1.0 - vector_fraction(record, stream.sites)
         amp = 1.0 + (stream.scalar_amp - 1.0) * scalar_share if stream.gather else 1.0
         level = stream.level
         if level == "scratch":

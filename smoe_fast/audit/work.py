@@ -46,12 +46,14 @@ class Stream:
     """Bytes moved. ``level``: "hbm" (compulsory traffic), "scratch" (per-program buffers: L1/L2 when
     the grid's scratch fits the L2, else HBM), "l2" (re-read data such as weights). ``gather``: the
     algorithm reads it by computed addresses; unless the compiled loads are vectorised it pays
-    ``scalar_amp`` (32-byte sectors for 4-byte elements spread over several lines)."""
+    ``scalar_amp`` (32-byte sectors for 4-byte elements spread over several lines). ``sites``: the
+    functions whose compiled accesses are the gathers (None: every access of the kernel counts)."""
     name: str
     bytes: float
     level: str
     gather: bool = False
     scalar_amp: float = 4.0
+    sites: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,3 +87,28 @@ def medium_flops() -> dict[str, float]:
 
 LITE_PARAMS = 392 * LATENT + 392 + 16 * 8 * 9 + 16 + 16 * 9 + 1
 MEDIUM_PARAMS = 1568 * LATENT + 1568 + 64 * 32 * 9 + 64 + 32 * 64 * 9 + 32 + 32 * 9 + 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# the rest of an eval forward (encoder + gate), as torch runs it: layer by layer (cuDNN / cuBLAS)
+# ----------------------------------------------------------------------------------------------------
+
+# (name, C_in, C_out, output side) of each 3x3 conv; the fc_mu / fc_logvar heads read C_out x 7 x 7
+ENCODER_CONVS = {"medium": (("conv1", 1, 32, 28), ("conv2", 32, 64, 14), ("conv3", 64, 128, 7)),
+                 "lite": (("conv1", 1, 16, 14), ("conv2", 16, 8, 7))}
+
+
+def encoder_flops(kind: str, num_experts: int = HARD_E) -> dict[str, float]:
+    """Per token: each encoder conv, the two heads (mu, logvar) and the gate MLP (L->64->32->E)."""
+    flops = {name: 2 * side * side * cout * cin * 9 for name, cin, cout, side in ENCODER_CONVS[kind]}
+    _, _, cout, side = ENCODER_CONVS[kind][-1]
+    flops["fc_mu + fc_logvar"] = 2 * 2 * cout * side * side * LATENT
+    flops["gate"] = 2 * (LATENT * 64 + 64 * 32 + 32 * num_experts)
+    return flops
+
+
+def encoder_bytes(kind: str, elem: int) -> float:
+    """Per token, the least a layer-by-layer encoder moves through HBM: the image read once, each
+    conv's output written once and read once by the next layer, mu / logvar / logits written."""
+    activations = sum(cout * side * side for _, _, cout, side in ENCODER_CONVS[kind])
+    return PIXELS * elem + 2 * activations * elem + (2 * LATENT + HARD_E) * elem
