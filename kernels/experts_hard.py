@@ -21,8 +21,11 @@ Decoder, per tile (conv kinds):
    up-sampled map: 2.25x fewer multiply-adds and no up-sampled tensor. Rows are (pixel, token),
    gathered from scratch; conv1 (+ELU) -> scratch h1 [C1, 16, 16, TS]; medium's conv2 (+ELU) ->
    scratch h2 [32, 30, 30, TS].
-3. the last convolution has one output channel, too narrow for ``tl.dot``: a row-wise weighted sum
-   over its K taps, then sigmoid, stored at ``x_hat[token]``.
+3. the last convolution has one output channel. lite's (up-sampled, 16 channels): one GEMM over the
+   channels gives every input pixel's contribution to each (phase, tap) pair, [pixels, 16] x [16, 16]
+   on ``tl.dot`` -> scratch, then each output pixel sums its four taps (each input read once, not 16
+   times). medium's (28x28, 32 channels, no up-sampling): a row-wise weighted sum over its 9 x 32
+   taps. Then sigmoid, stored at ``x_hat[token]``.
 mlp: relu(z W1^T + b1) -> scratch h [BM, hidden] -> sigmoid(h W2^T + b2) -> x_hat[token].
 
 Scratch. Triton cannot gather from registers, so the stages exchange activations through a small
@@ -30,9 +33,10 @@ per-program buffer in global memory, fp32, sized by the grid and not by B (it st
 conv kinds keep their maps token-innermost with a zero border, [C][H+2][W+2][tokens]: a GEMM row is
 (pixel, token) with the token fastest, so a warp's rows read consecutive addresses and vectorise
 (TS tokens per vector), and no tap needs a bounds mask (the border is the padding; the buffer is
-zero-filled once per call and only interiors are written). Per program: lite C0*81*BM + C1*256*TS
-floats (BM=16, TS=2: 18.6K floats, 74 KB), medium also C2*900*TS (BM=16, TS=1: 86.7K floats, 347 KB),
-mlp BM*hidden floats. With 2 programs per SM on an H100 that is 19 MB (lite) and 87 MB (medium).
+zero-filled once per call and only interiors are written). Per program: C0*81*BM + C1*256*TS floats,
+then lite 16*256*TS (BM=16, TS=2: 26.8K floats, 107 KB) or medium C2*900*TS (BM=16, TS=1: 86.7K floats,
+347 KB); mlp BM*hidden floats. With 2 programs per SM on an H100 that is 28 MB (lite, inside the
+50 MB L2) and 87 MB (medium).
 
 Launches: two for grouping (kernels/grouping.py), one for the tile scan and one decoder kernel,
 whatever E and the routing. Indices are range-checked by ``smoe_fast.ops`` before the launch
@@ -163,52 +167,82 @@ def _upconv3x3_to_scratch(p_src, p_dst, w, b, e,
 
 @triton.jit
 def _conv3x3_to_image(p_src, out, p_tok, w, b, e, n_tokens,
-                      CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, UP: tl.constexpr, TS: tl.constexpr,
-                      BR: tl.constexpr):
-    """x_hat[tok] = sigmoid(conv3x3(up2(src) if UP else src) + b) with one output channel, for the
-    first n_tokens of TS tokens.
+                      CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr, BR: tl.constexpr):
+    """x_hat[tok] = sigmoid(conv3x3(src) + b) with one output channel (medium's conv3), for the first
+    n_tokens of TS tokens.
 
-    src [CIN][H+2][W+2][TS] (zero-bordered, token innermost); the image is 28x28. One output channel
-    is too narrow for tl.dot: each row (pixel, token) is a weighted sum of its taps (phase-merged when
-    UP, K = CIN*4; else 9 taps of CIN), read at consecutive addresses across a warp's rows."""
+    src [CIN][H+2][W+2][TS] (zero-bordered, token innermost); the image is H x W. One output channel
+    is too narrow for tl.dot: each row (pixel, token) is a weighted sum of its 9 taps of CIN channels,
+    read at consecutive addresses across a warp's rows."""
     b_bias = tl.load(b + e).to(tl.float32)
     p_w = w + e * CIN * 9
-    if UP:
-        o_k = tl.arange(0, CIN * 4)
-        ci = o_k // 4
-        dy = (o_k // 2) % 2
-        dx = o_k % 2
-        for phase in tl.static_range(4):
-            py = phase // 2
-            px = phase % 2
-            b_w = _merged_phase_weights(p_w + ci * 9, py, px, dy, dx)
-            for r0 in range(0, H * W * TS, BR):
-                b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, py, px, ci, dy, dx, H, W, TS, TS, BR)
-                b_y = tl.sum(b_a * b_w[None, :], axis=1) + b_bias
-                m_o = m_r & (o_t < n_tokens)
-                b_tok = tl.load(p_tok + o_t, mask=m_o, other=0).to(tl.int64)
-                o_pix = (2 * o_i + py) * (2 * W) + 2 * o_j + px
-                tl.store(out + b_tok * (4 * H * W) + o_pix, sigmoid(b_y), mask=m_o)
-    else:
-        o_c = tl.arange(0, CIN)
-        o_r = tl.arange(0, BR)
-        for r0 in range(0, H * W * TS, BR):
-            m_r = r0 + o_r < H * W * TS
-            o_t = (r0 + o_r) % TS
-            o_i = ((r0 + o_r) // TS) // W
-            o_j = ((r0 + o_r) // TS) % W
-            # [BR, CIN] at tap (0, 0), padded (i, j); tap (ky, kx) is a fixed offset from it
-            p_a = p_src + (((o_i * (W + 2) + o_j) * TS + o_t)[:, None] + o_c[None, :] * ((H + 2) * (W + 2) * TS))
-            b_y = tl.zeros([BR], dtype=tl.float32)
-            for ky in tl.static_range(3):
-                for kx in tl.static_range(3):
-                    b_a = tl.load(p_a + (ky * (W + 2) + kx) * TS, mask=m_r[:, None], other=0.0)
-                    b_w = tl.load(p_w + o_c * 9 + ky * 3 + kx).to(tl.float32)
-                    b_y += tl.sum(b_a * b_w[None, :], axis=1)
-            b_y += b_bias
+    o_c = tl.arange(0, CIN)
+    o_r = tl.arange(0, BR)
+    for r0 in range(0, H * W * TS, BR):
+        m_r = r0 + o_r < H * W * TS
+        o_t = (r0 + o_r) % TS
+        o_i = ((r0 + o_r) // TS) // W
+        o_j = ((r0 + o_r) // TS) % W
+        # [BR, CIN] at tap (0, 0), padded (i, j); tap (ky, kx) is a fixed offset from it
+        p_a = p_src + (((o_i * (W + 2) + o_j) * TS + o_t)[:, None] + o_c[None, :] * ((H + 2) * (W + 2) * TS))
+        b_y = tl.zeros([BR], dtype=tl.float32)
+        for ky in tl.static_range(3):
+            for kx in tl.static_range(3):
+                b_a = tl.load(p_a + (ky * (W + 2) + kx) * TS, mask=m_r[:, None], other=0.0)
+                b_w = tl.load(p_w + o_c * 9 + ky * 3 + kx).to(tl.float32)
+                b_y += tl.sum(b_a * b_w[None, :], axis=1)
+        b_y += b_bias
+        m_o = m_r & (o_t < n_tokens)
+        b_tok = tl.load(p_tok + o_t, mask=m_o, other=0).to(tl.int64)
+        tl.store(out + b_tok * (H * W) + o_i * W + o_j, sigmoid(b_y), mask=m_o)
+
+
+@triton.jit
+def _upconv3x3_one_channel_to_image(p_src, p_part, out, p_tok, w, b, e, n_tokens,
+                                    CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr,
+                                    BR: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """x_hat[tok] = sigmoid(conv3x3(up2(src)) + b) with one output channel, for the first n_tokens of
+    TS tokens; src [CIN][H+2][W+2][TS] zero-bordered, the image is 2H x 2W.
+
+    Gathering the CIN*4 phase taps of every output pixel would read each input 16 times. Instead one
+    GEMM over the channels gives, for every input pixel (a, b), its contribution to each of the 16
+    (phase, tap) pairs: part[(py, px, dy, dx)][a][b] = sum_ci W'[py, px, ci, dy, dx] src[ci][a][b]
+    (rows (pixel, token), K = CIN, N = 16); then output (2i+py, 2j+px) adds its four taps,
+    part[(py, px, dy, dx)][i+py+dy-1][j+px+dx-1]. part [16][H+2][W+2][TS] is zero-bordered like src,
+    so a tap off the map adds 0, as the padding does. Per token that reads CIN*H*W + 4*4*H*W
+    scratch values instead of CIN*4*4*H*W (lite: 6,272 against 50,176)."""
+    o_c = tl.arange(0, CIN)
+    o_n = tl.arange(0, 16)
+    # [CIN, 16]: column n = (py, px, dy, dx)
+    b_w = _merged_phase_weights(w + e * CIN * 9 + o_c[:, None] * 9, o_n[None, :] // 8, (o_n[None, :] // 4) % 2,
+                                (o_n[None, :] // 2) % 2, o_n[None, :] % 2)
+    o_r = tl.arange(0, BR)
+    for r0 in range(0, H * W * TS, BR):
+        m_r = r0 + o_r < H * W * TS
+        o_t = (r0 + o_r) % TS
+        o_a = ((r0 + o_r) // TS) // W
+        o_b = ((r0 + o_r) // TS) % W
+        o_pix = ((o_a + 1) * (W + 2) + o_b + 1) * TS + o_t
+        b_x = tl.load(p_src + o_pix[:, None] + o_c[None, :] * ((H + 2) * (W + 2) * TS), mask=m_r[:, None], other=0.0)
+        b_part = mm(b_x, b_w, INPUT_PRECISION)
+        tl.store(p_part + o_pix[:, None] + o_n[None, :] * ((H + 2) * (W + 2) * TS), b_part, mask=m_r[:, None])
+    tl.debug_barrier()
+    b_bias = tl.load(b + e).to(tl.float32)
+    o_k = tl.arange(0, 4)
+    dy = o_k // 2
+    dx = o_k % 2
+    for phase in tl.static_range(4):
+        py = phase // 2
+        px = phase % 2
+        # the four taps of this phase are the columns n = phase * 4 + (dy, dx) of part; 4 * BR rows per
+        # step so that a [rows, 4] tile still gives each thread a vector of rows
+        for r0 in range(0, H * W * TS, 4 * BR):
+            b_taps, m_r, o_t, o_i, o_j = _gather_phase_rows(p_part, r0, py, px, phase * 4 + o_k, dy, dx, H, W, TS, TS,
+                                                            4 * BR)
+            b_y = tl.sum(b_taps, axis=1) + b_bias
             m_o = m_r & (o_t < n_tokens)
             b_tok = tl.load(p_tok + o_t, mask=m_o, other=0).to(tl.int64)
-            tl.store(out + b_tok * (H * W) + o_i * W + o_j, sigmoid(b_y), mask=m_o)
+            tl.store(out + b_tok * (4 * H * W) + (2 * o_i + py) * (2 * W) + 2 * o_j + px, sigmoid(b_y), mask=m_o)
 
 
 @triton.jit
@@ -236,7 +270,7 @@ def _experts_hard_conv_fwd_kernel(
     i_p = tl.program_id(0)
     p_h0 = scratch + i_p.to(tl.int64) * scratch_per_program   # [C0, 9, 9, BM]
     p_h1 = p_h0 + C0 * 81 * BM                                # [C1, 16, 16, TS]
-    p_h2 = p_h1 + C1 * 256 * TS                               # [C2, 30, 30, TS] (medium)
+    p_h2 = p_h1 + C1 * 256 * TS                               # medium: [C2, 30, 30, TS]; lite: [16, 16, 16, TS]
     for tile in range(i_p, max_tiles, tl.num_programs(0)):
         e, row_start, n_rows = find_tile(tile_offsets, expert_offsets, tile, E, LOG_E, BM)
         if n_rows > 0:
@@ -255,9 +289,10 @@ def _experts_hard_conv_fwd_kernel(
                 if HAS_CONV3:
                     _upconv3x3_to_scratch(p_h1, p_h2, conv2_w, conv2_b, e, C1, C2, 14, 14, TS, TS, BR, INPUT_PRECISION)
                     tl.debug_barrier()
-                    _conv3x3_to_image(p_h2, out, p_tok + g0, conv3_w, conv3_b, e, n_group, C2, 28, 28, False, TS, BR)
+                    _conv3x3_to_image(p_h2, out, p_tok + g0, conv3_w, conv3_b, e, n_group, C2, 28, 28, TS, BR)
                 else:
-                    _conv3x3_to_image(p_h1, out, p_tok + g0, conv2_w, conv2_b, e, n_group, C1, 14, 14, True, TS, BR)
+                    _upconv3x3_one_channel_to_image(p_h1, p_h2, out, p_tok + g0, conv2_w, conv2_b, e, n_group,
+                                                    C1, 14, 14, TS, BR, INPUT_PRECISION)
 
 
 @triton.jit
@@ -313,9 +348,9 @@ _CONV_CHANNELS = {"lite": (8, 16, 1), "medium": (32, 64, 32)}
 
 def conv_scratch_size(kind: str, bm: int, ts: int) -> int:
     """fp32 scratch elements per program of the conv kinds: the zero-bordered maps h0 [C0][9][9][BM],
-    h1 [C1][16][16][TS] and (medium) h2 [C2][30][30][TS]."""
+    h1 [C1][16][16][TS], then medium's h2 [C2][30][30][TS] or lite's conv2 parts [16][16][16][TS]."""
     c0, c1, c2 = _CONV_CHANNELS[kind]
-    return c0 * 81 * bm + c1 * 256 * ts + (c2 * 900 * ts if kind == "medium" else 0)
+    return c0 * 81 * bm + c1 * 256 * ts + (c2 * 900 * ts if kind == "medium" else 16 * 256 * ts)
 
 
 def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layers: list[torch.Tensor]) -> torch.Tensor:

@@ -170,7 +170,7 @@ def _model_rows(rows: list[AuditRow], gpu_name: str, encoder: str = "medium") ->
             experts_us = r.predicted_us + sum(grouping.values())
             total = enc_us + experts_us
             out.append(AuditRow(MODEL_KERNEL, f"model eval {r.op[5:]}", f"encoder {encoder},{label}", arch, 0,
-                                fits=r.fits, ctas_per_sm=r.ctas_per_sm, predicted_us=round(total, 2),
+                                fits=r.fits, ctas_per_sm=r.ctas_per_sm, cached=r.cached, predicted_us=round(total, 2),
                                 ideal_us=round(enc_us + r.ideal_us, 2), gpu=gpu_name, shape=r.shape,
                                 bound=f"experts {100 * experts_us / total:.0f}% (encoder+gate {enc_us:.0f} us: "
                                       f"{'HBM' if memory_us > compute_us else (unit or 'fma') + ' peak'} roofline)"))

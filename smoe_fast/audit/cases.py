@@ -153,9 +153,10 @@ def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W
             # h0 + a1 + a2 written once, gathered 4 (phase taps) or 9 times per output row
             scratch_per_token = 4 * (1568 + 12544 + 25088) + 4 * (49 * 4 * 128 + 196 * 4 * 256 + 784 * 32 * 9)
         else:
-            stages.append(W.Stage("conv2 (1 channel)", b * flops["conv2"]))
-            # h0 and a1 written once; conv1 gathers 32 taps per (pixel, phase), conv2 64 per pixel
-            scratch_per_token = 4 * (392 + 3136) + 4 * (49 * 4 * 32 + 784 * 64)
+            stages.append(W.Stage("conv2 (1 channel)", b * flops["conv2"], dot="_upconv3x3_one_channel_to_image"))
+            # h0, a1 and conv2's (phase, tap) parts written once; conv1 gathers 32 taps per (pixel, phase),
+            # conv2 reads a1 once and 4 parts per output pixel
+            scratch_per_token = 4 * (392 + 3136 + 3136) + 4 * (49 * 4 * 32 + 3136 + 784 * 4)
         # zero-bordered maps, zero-filled once per call
         scratch_footprint = programs * kernel_module("experts_hard").conv_scratch_size(kind, bm, config["TS"]) * 4
         stages = tuple(stages)
