@@ -58,10 +58,15 @@ def grouping_config(bucket: int, num_experts: int, arch: int) -> dict[str, int]:
 
 
 # Defaults per decoder kind. BM: tokens per tile (one expert); TS: tokens whose conv activations sit in
-# scratch at once; BR: GEMM rows (token x pixel) per step; mlp: BN output pixels, BH hidden units per
-# step. Chosen so that ptxas (sm_90a, triton 3.9) reports no register spills for fp32 (IEEE and TF32)
-# and fp16: lite BR=64 with 16 warps uses 95-128 registers, BR=128 spills ~128 B; medium BR=16 with
-# 4 warps uses 158-255, BR=32 spills; mlp BM=64/BN=64/BH=32 with 8 warps uses 148-213, BH=64 spills.
+# scratch at once; BR: GEMM rows (pixel x token) per step; mlp: BN output pixels, BH hidden units per
+# step. medium BR=16 with 4 warps uses 119-255 registers, BR=32 spills; mlp BM=64/BN=64/BH=32 with 8
+# warps uses 101-128, BH=64 spills.
+# lite (audit, sm_90, triton 3.9, 2026-12-02, token-innermost scratch): BM=16, TS=2, BR=64, 16 warps
+# uses 105 registers in IEEE fp32 (no spill) and 128 with 32 B (TF32) / 48 B (bf16) spilled; it is
+# one CTA per SM, but 16 resident warps, the level the audit's model takes as hiding latency.
+# Two CTAs of 8 warps would need <= 128 registers at 8 warps, and 8 warps take more: TS=2, BR=64
+# 197-241 registers (one CTA, predicted 1,036-1,060 us against 518-530 us), TS=4, BR=32 165-172
+# (one CTA, 1,040-1,064 us); TS=2, BR=32 at 16 warps spills 196-276 B, TS=4, BR=64 16-64 B.
 # Timings were not measured (no GPU when written): SMOE_FAST_AUTOTUNE=1 picks among the candidates.
 _HARD_DEFAULTS = {
     "lite": {"BM": 16, "TS": 2, "BR": 64, "num_warps": 16},
