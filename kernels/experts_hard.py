@@ -123,6 +123,14 @@ def _merged_phase_weights(p_w, py, px, dy, dx):
 
 
 @triton.jit
+def _pixel_token_rows(r0, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr, BR: tl.constexpr):
+    """Rows r0 .. r0 + BR of the (pixel (i, j) of an H x W map, token t of TS) row order, t fastest:
+    (row mask, t, i, j)."""
+    o_r = r0 + tl.arange(0, BR)
+    return o_r < H * W * TS, o_r % TS, (o_r // TS) // W, (o_r // TS) % W
+
+
+@triton.jit
 def _gather_phase_rows(p_src, r0, py, px, ci, dy, dx, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr,
                        SRC_T: tl.constexpr, BR: tl.constexpr):
     """A tile [BR, CIN*4] of a phase GEMM. Maps live zero-bordered with the token innermost,
@@ -130,11 +138,7 @@ def _gather_phase_rows(p_src, r0, py, px, ci, dy, dx, H: tl.constexpr, W: tl.con
     bounds mask, and rows are (i, j, t) with t fastest: row x column (ci, dy, dx) reads
     src[ci][i+py+dy][j+px+dx][t], and a warp's rows are consecutive addresses (TS tokens, then the
     next pixel). Returns (tile, row mask, t, i, j)."""
-    o_r = r0 + tl.arange(0, BR)
-    m_r = o_r < H * W * TS
-    o_t = o_r % TS
-    o_i = (o_r // TS) // W
-    o_j = (o_r // TS) % W
+    m_r, o_t, o_i, o_j = _pixel_token_rows(r0, H, W, TS, BR)
     o_row = ((o_i + py) * (W + 2) + o_j + px) * SRC_T + o_t
     o_col = ((ci * (H + 2) + dy) * (W + 2) + dx) * SRC_T
     return tl.load(p_src + o_row[:, None] + o_col[None, :], mask=m_r[:, None], other=0.0), m_r, o_t, o_i, o_j
@@ -177,12 +181,8 @@ def _conv3x3_to_image(p_src, out, p_tok, w, b, e, n_tokens,
     b_bias = tl.load(b + e).to(tl.float32)
     p_w = w + e * CIN * 9
     o_c = tl.arange(0, CIN)
-    o_r = tl.arange(0, BR)
     for r0 in range(0, H * W * TS, BR):
-        m_r = r0 + o_r < H * W * TS
-        o_t = (r0 + o_r) % TS
-        o_i = ((r0 + o_r) // TS) // W
-        o_j = ((r0 + o_r) // TS) % W
+        m_r, o_t, o_i, o_j = _pixel_token_rows(r0, H, W, TS, BR)
         # [BR, CIN] at tap (0, 0), padded (i, j); tap (ky, kx) is a fixed offset from it
         p_a = p_src + (((o_i * (W + 2) + o_j) * TS + o_t)[:, None] + o_c[None, :] * ((H + 2) * (W + 2) * TS))
         b_y = tl.zeros([BR], dtype=tl.float32)
@@ -216,12 +216,8 @@ def _upconv3x3_one_channel_to_image(p_src, p_part, out, p_tok, w, b, e, n_tokens
     # [CIN, 16]: column n = (py, px, dy, dx)
     b_w = _merged_phase_weights(w + e * CIN * 9 + o_c[:, None] * 9, o_n[None, :] // 8, (o_n[None, :] // 4) % 2,
                                 (o_n[None, :] // 2) % 2, o_n[None, :] % 2)
-    o_r = tl.arange(0, BR)
     for r0 in range(0, H * W * TS, BR):
-        m_r = r0 + o_r < H * W * TS
-        o_t = (r0 + o_r) % TS
-        o_a = ((r0 + o_r) // TS) // W
-        o_b = ((r0 + o_r) // TS) % W
+        m_r, o_t, o_a, o_b = _pixel_token_rows(r0, H, W, TS, BR)
         o_pix = ((o_a + 1) * (W + 2) + o_b + 1) * TS + o_t
         b_x = tl.load(p_src + o_pix[:, None] + o_c[None, :] * ((H + 2) * (W + 2) * TS), mask=m_r[:, None], other=0.0)
         b_part = mm(b_x, b_w, INPUT_PRECISION)
