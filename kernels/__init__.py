@@ -6,10 +6,11 @@ The triton backend: the same four functions, with the same signatures, as smoe_f
 |-----------------|-------------------|------------------------------------------------------------------|
 | grouping.py     | group_by_expert   | counting sort of [B] / [B,K] assignments by expert               |
 | experts_hard.py | experts_hard      | top-1 inference: one fused decoder kernel per call (every kind)  |
-| experts_soft.py | experts_soft      | soft-gated training: fused forward, recomputing backward         |
+| experts_soft.py | experts_soft      | soft-gated training: fused forward over (token block, expert group) items, recomputing backward; nothing of size B x E kept but the gates |
 | experts_topk.py | experts_topk      | top-k training over the grouped [B,K] assignments                |
 | experts_medium.py, grouped_layers.py | (medium) | soft/top-k training of "medium" experts layer by layer |
-| decoder_blocks.py, tuning.py | | shared device code; block sizes per (kind, dtype, GPU, bucketed B) |
+| decoder_tiles.py, decoder_tiles_bwd.py | | one expert's conv decoder on a tile: forward (hard, soft, top-k), backward (soft, top-k) |
+| decoder_blocks.py, tuning.py | | the mlp training bodies, soft grid splits, partial-gradient layouts; block sizes per (kind, dtype, GPU, bucketed B) |
 """
 from .experts_hard import experts_hard
 from .experts_soft import experts_soft

@@ -1,46 +1,32 @@
-"""Shared pieces of the training kernels (experts_soft.py, experts_topk.py): one expert's decoder on a
-block of rows, forward and backward, fused, plus the host-side helpers both launchers use.
+"""Shared pieces of the training kernels (experts_soft.py, experts_topk.py): the mlp decoder's fused
+forward and backward on blocks of rows, the row mapping and the host-side helpers both launchers use
+(weight lists, partial-gradient layouts, the soft grid splits). The lite decoder's tiles live in
+decoder_tiles.py (forward) and decoder_tiles_bwd.py (backward).
 
 A "row block" is up to BM rows that go through one expert ``e``. Which token a row reads, which gate
-scales it and where its results go is the caller's business (``IS_SOFT``: rows are tokens ``b`` and the
-expert loop runs over all E; top-k: rows are sorted (token, slot) pairs of one expert's tile).
+scales it and where its results go is the caller's business (``IS_SOFT``: rows are tokens ``b`` and an
+expert group's experts run in turn; top-k: rows are sorted (token, slot) pairs of one expert's tile).
 
-lite decoder, per expert (fc 32->392, view 8x7x7, up x2, conv3x3 8->16, ELU, up x2, conv3x3 16->1,
-sigmoid). Nearest x2 upsampling followed by a 3x3 conv with padding 1 equals, for each of the four
-output parities (py, px), a 2x2 conv on the small grid: output (2j+py, 2i+px) reads source rows
-j+s+py-1 and columns i+r+px-1 (s, r in {0, 1}) with the 3x3 taps summed per source. The launchers build
-these "effective" weights with a differentiable einsum (``lite_effective_weights``), so the kernels
-never touch an upsampled map and conv1 is a K=32 GEMM per parity class (K=64 for conv2).
-
-Per-program scratch (global memory, fp32, reused for every expert and every row block the program
-handles, so bounded by grid size, not by B or E):
-
-| region | shape      | holds                                  | used by        |
-|--------|------------|----------------------------------------|----------------|
-| H0     | [BM, 392]  | fc output h0 = z W_fc^T + b_fc          | fwd, bwd       |
-| A1     | [BM, 3136] | a1 = ELU(conv1) at 16x14x14            | fwd, bwd       |
-| G2     | [BM, 784]  | d(conv2 pre-activation)                | bwd            |
-| C1G    | [BM, 3136] | d(conv1 pre-activation)                | bwd            |
-| D0     | [BM, 392]  | d h0                                   | bwd            |
-
-The convolutions gather their shifted inputs from scratch (Triton cannot permute registers), so
-every write is followed by ``tl.debug_barrier()`` before another thread reads it.
+lite weight gradients are computed for the merged (phase, tap) weights the kernels use: nearest x2
+up-sampling then a 3x3 conv with padding 1 equals, for each output parity (py, px), a 2x2 conv on the
+low-resolution map whose taps are sums of the 3x3 taps (output (2j+py, 2i+px) reads source rows
+j+s+py-1 and columns i+r+px-1, s, r in {0, 1}); ``stored_weight_grads`` maps them back to the 3x3
+weights (the merge is linear, so its adjoint is a fixed sum).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .activations import elu, elu_grad, relu, relu_grad, sigmoid, sigmoid_grad
+from .activations import relu, relu_grad, sigmoid, sigmoid_grad
 from .launch import tile_expert
 from .tuning import TRAIN_BLOCK_M
 
 FC_OUT = 392      # 8 x 7 x 7
-A1_SIZE = 3136    # 16 x 14 x 14
 PIXELS = 784      # 1 x 28 x 28
-SCRATCH_FWD = FC_OUT + A1_SIZE                                # H0, A1
-SCRATCH_BWD = FC_OUT + A1_SIZE + PIXELS + A1_SIZE + FC_OUT    # H0, A1, G2, C1G, D0
 BLOCK_M = TRAIN_BLOCK_M  # rows per block (tuning.training_config has the per-arch tiles)
 
 # _TAPS[p, s, t] = 1 if 3x3 tap t lands on source offset s for output parity p (see module docstring).
@@ -58,255 +44,42 @@ def _taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _taps_cache[key]
 
 
-def lite_effective_weights(conv1_weight: torch.Tensor, conv2_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upsample+conv3x3 as per-parity 2x2 convs: conv1 [E,16,8,3,3] -> [E,4,32,16] (class, ci*4+s*2+r, co),
-    conv2 [E,1,16,3,3] -> [E,4,64] (class, ci*4+s*2+r). Differentiable, O(E) and tiny."""
-    taps = _taps(conv1_weight.device, conv1_weight.dtype)
-    num_experts = conv1_weight.shape[0]
-    w1 = torch.einsum("eoiyx,psy,qrx->epqisro", conv1_weight, taps, taps).reshape(num_experts, 4, 32, 16)
-    w2 = torch.einsum("eiyx,psy,qrx->epqisr", conv2_weight[:, 0], taps, taps).reshape(num_experts, 4, 64)
-    return w1.contiguous(), w2.contiguous()
-
-
 def kernel_weights(weights: dict[str, torch.Tensor], kind: str) -> list[torch.Tensor]:
-    """The tensors the kernels read, in kernel argument order (lite: fc, effective convs; mlp: fc1, fc2)."""
-    if kind == "lite":
-        w1, w2 = lite_effective_weights(weights["conv1.weight"], weights["conv2.weight"])
-        return [weights["fc.weight"].contiguous(), weights["fc.bias"].contiguous(), w1,
-                weights["conv1.bias"].contiguous(), w2, weights["conv2.bias"].contiguous()]
-    if kind == "mlp":
-        return [weights[name].contiguous() for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
-    raise NotImplementedError(
-        f"the triton backend has no fused kernel for decoder kind {kind!r} (it has 'lite' and 'mlp'); "
-        "use backend='reference' for this decoder")
+    """The stacked weights the fused ops take, in argument order (lite: fc, conv1, conv2 as stored;
+    mlp: fc1, fc2), contiguous."""
+    names = {"lite": ("fc.weight", "fc.bias", "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"),
+             "mlp": ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")}
+    if kind not in names:
+        raise NotImplementedError(
+            f"the triton backend has no fused kernel for decoder kind {kind!r} (it has 'lite' and 'mlp'); "
+            "use backend='reference' for this decoder")
+    return [weights[name].contiguous() for name in names[kind]]
 
 
 def partial_layout(kind: str, latent_dim: int, hidden_dim: int) -> list[int]:
-    """Sizes of the kernel weights' gradients, in order, packed into one partial-gradient row."""
+    """Sizes of the weight gradients, in order, packed into one partial-gradient row (lite's convs as
+    merged (phase, tap) weights: conv1 [4 phases, 32 = (ci, dy, dx), 16 co], conv2 [4, 64 = (ci, dy, dx)])."""
     if kind == "lite":
         return [FC_OUT * latent_dim, FC_OUT, 4 * 32 * 16, 16, 4 * 64, 1]
     return [hidden_dim * latent_dim, hidden_dim, PIXELS * hidden_dim, PIXELS]
 
 
-def unpack_partials(flat: torch.Tensor, kernel_ws: list[torch.Tensor], kind: str, latent_dim: int,
-                    hidden_dim: int) -> list[torch.Tensor]:
-    """[E, W] reduced partial rows -> one gradient per kernel weight, shaped and typed like it."""
-    sizes = partial_layout(kind, latent_dim, hidden_dim)
-    parts = torch.split(flat, sizes, dim=1)
-    return [p.reshape(w.shape).to(w.dtype, copy=True) for p, w in zip(parts, kernel_ws)]
+def partials_to_grads(flat: torch.Tensor, ws: list[torch.Tensor], kind: str, latent_dim: int,
+                      hidden_dim: int) -> list[torch.Tensor]:
+    """[E, W] reduced partial rows -> the gradient of each stored weight in ``ws``, shaped and typed like
+    it. lite's conv gradients come in the kernels' merged (phase, tap) layout and go back through the
+    adjoint of the tap merge (see the module docstring)."""
+    num_experts = flat.shape[0]
+    parts = list(torch.split(flat, partial_layout(kind, latent_dim, hidden_dim), dim=1))
+    if kind == "lite":
+        taps = _taps(flat.device, flat.dtype)
+        parts[2] = torch.einsum("epqisro,psy,qrx->eoiyx", parts[2].reshape(num_experts, 2, 2, 8, 2, 2, 16), taps, taps)
+        parts[4] = torch.einsum("epqisr,psy,qrx->eiyx", parts[4].reshape(num_experts, 2, 2, 16, 2, 2), taps, taps)
+    return [p.reshape(w.shape).to(w.dtype, copy=True) for p, w in zip(parts, ws)]
 
 
 def latent_pad(latent_dim: int) -> int:
     return max(16, triton.next_power_of_2(latent_dim))
-
-
-# ----------------------------------------------------------------------------------------------------
-# lite decoder on one row block
-# ----------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _lite_forward_rows(
-    b_z, n_valid, p_fcw, p_fcb, p_w1, p_b1, p_w2, p_b2, p_h0, p_a1,
-    L, LP: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
-):
-    """b_z [BM, LP] fp32 (rows >= n_valid are zero) through one expert -> y [BM, 1024] (sigmoid,
-    columns >= 784 and rows >= n_valid meaningless). Leaves h0 in H0 and a1 in A1."""
-    # scratch may still be read by the previous expert's / block's gathers
-    tl.debug_barrier()
-    o_b = tl.arange(0, BM)
-    m_b = o_b < n_valid
-    o_l = tl.arange(0, LP)
-    o_n = tl.arange(0, 512)
-    m_n = o_n < 392
-    # fc: [BM, LP] @ [LP, 512]
-    b_wfc = tl.load(p_fcw + o_n[None, :] * L + o_l[:, None], mask=(o_l[:, None] < L) & m_n[None, :], other=0.).to(tl.float32)
-    b_h0 = tl.dot(b_z, b_wfc, input_precision=PREC) + tl.load(p_fcb + o_n, mask=m_n, other=0.).to(tl.float32)[None, :]
-    tl.store(p_h0 + o_b[:, None] * 392 + o_n[None, :], b_h0, mask=m_b[:, None] & m_n[None, :])
-    tl.debug_barrier()
-
-    # conv1 per parity class as [rows=(b, j, i) of the 7x7 grid, K=(ci, s, r)] @ [K, co]
-    o_k = tl.arange(0, 32)
-    k_ci, k_s, k_r = o_k // 4, (o_k // 2) % 2, o_k % 2
-    o_co = tl.arange(0, 16)
-    b_b1 = tl.load(p_b1 + o_co).to(tl.float32)
-    for c in tl.static_range(4):
-        b_w1 = tl.load(p_w1 + c * 512 + o_k[:, None] * 16 + o_co[None, :]).to(tl.float32)
-        for r0 in range(0, n_valid * 49, BR):
-            o_r = r0 + tl.arange(0, BR)
-            m_r = o_r < n_valid * 49
-            i_b, q = o_r // 49, o_r % 49
-            j, i = q // 7, q % 7
-            src_y = j[:, None] + k_s[None, :] + (c // 2 - 1)
-            src_x = i[:, None] + k_r[None, :] + (c % 2 - 1)
-            m_src = m_r[:, None] & (src_y >= 0) & (src_y < 7) & (src_x >= 0) & (src_x < 7)
-            b_a = tl.load(p_h0 + i_b[:, None] * 392 + k_ci[None, :] * 49 + src_y * 7 + src_x, mask=m_src, other=0.)
-            b_c1 = tl.dot(b_a, b_w1, input_precision=PREC) + b_b1[None, :]
-            b_a1 = elu(b_c1)
-            o_p14 = (2 * j + c // 2) * 14 + 2 * i + c % 2
-            tl.store(p_a1 + i_b[:, None] * 3136 + o_co[None, :] * 196 + o_p14[:, None], b_a1, mask=m_r[:, None])
-    tl.debug_barrier()
-
-    # conv2 (16 -> 1 channel, no GEMM shape): 64 gathered multiply-adds over [BM, 28*28]
-    o_p = tl.arange(0, 1024)
-    m_p = o_p < 784
-    yy, xx = o_p // 28, o_p % 28
-    cls = (yy % 2) * 2 + xx % 2
-    b_acc = tl.zeros((BM, 1024), dtype=tl.float32)
-    for k in range(0, 64):
-        src_y = yy // 2 + (k // 2) % 2 + yy % 2 - 1
-        src_x = xx // 2 + k % 2 + xx % 2 - 1
-        m_src = m_p & (src_y >= 0) & (src_y < 14) & (src_x >= 0) & (src_x < 14)
-        b_w2 = tl.load(p_w2 + cls * 64 + k, mask=m_p, other=0.).to(tl.float32)
-        b_a = tl.load(p_a1 + o_b[:, None] * 3136 + (k // 4) * 196 + (src_y * 14 + src_x)[None, :],
-                      mask=m_b[:, None] & m_src[None, :], other=0.)
-        b_acc += b_a * b_w2[None, :]
-    return sigmoid(b_acc + tl.load(p_b2).to(tl.float32))
-
-
-@triton.jit
-def _lite_conv1_wgrad_class(
-    b_acc, n_valid, p_h0, p_c1g, PY: tl.constexpr, PX: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
-):
-    """d(effective conv1 weight) of parity class (PY, PX): A^T [32, rows] @ dc1 [rows, 16]; plus d bias."""
-    o_k = tl.arange(0, 32)
-    k_ci, k_s, k_r = o_k // 4, (o_k // 2) % 2, o_k % 2
-    o_co = tl.arange(0, 16)
-    b_db1 = tl.zeros((16,), dtype=tl.float32)
-    for r0 in range(0, n_valid * 49, BR):
-        o_r = r0 + tl.arange(0, BR)
-        m_r = o_r < n_valid * 49
-        i_b, q = o_r // 49, o_r % 49
-        j, i = q // 7, q % 7
-        src_y = j[:, None] + k_s[None, :] + (PY - 1)
-        src_x = i[:, None] + k_r[None, :] + (PX - 1)
-        m_src = m_r[:, None] & (src_y >= 0) & (src_y < 7) & (src_x >= 0) & (src_x < 7)
-        b_a = tl.load(p_h0 + i_b[:, None] * 392 + k_ci[None, :] * 49 + src_y * 7 + src_x, mask=m_src, other=0.)
-        o_p14 = (2 * j + PY) * 14 + 2 * i + PX
-        b_dc1 = tl.load(p_c1g + i_b[:, None] * 3136 + o_co[None, :] * 196 + o_p14[:, None], mask=m_r[:, None], other=0.)
-        b_acc += tl.dot(tl.trans(b_a), b_dc1, input_precision=PREC)
-        b_db1 += tl.sum(b_dc1, axis=0)
-    return b_acc, b_db1
-
-
-@triton.jit
-def _lite_backward_rows(
-    b_z, b_dy, n_valid, p_fcw, p_fcb, p_w1, p_b1, p_w2, p_b2, p_h0, p_a1, p_g2, p_c1g, p_d0,
-    acc_fcw, acc_fcb, acc_w1c0, acc_w1c1, acc_w1c2, acc_w1c3, acc_b1, acc_w2, acc_b2,
-    L, LP: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
-):
-    """Recompute one expert on a row block, then backpropagate b_dy = dL/dy [BM, 1024] (zero on
-    invalid rows). Returns y, dL/dz [BM, LP] and the weight-gradient accumulators, updated."""
-    y = _lite_forward_rows(b_z, n_valid, p_fcw, p_fcb, p_w1, p_b1, p_w2, p_b2, p_h0, p_a1, L, LP, BM, BR, PREC)
-    o_b = tl.arange(0, BM)
-    m_b = o_b < n_valid
-    o_p = tl.arange(0, 1024)
-    m_p = o_p < 784
-    m_bp = m_b[:, None] & m_p[None, :]
-    # sigmoid backward; masked so a garbage y on a padded row cannot leak in
-    b_g2 = tl.where(m_bp, sigmoid_grad(b_dy, y), 0.)
-    acc_b2 += tl.sum(tl.sum(b_g2, axis=1), axis=0)
-    tl.store(p_g2 + o_b[:, None] * 784 + o_p[None, :], b_g2, mask=m_bp)
-
-    # conv2 weight grad, reduced per parity class: [4, 64]
-    yy, xx = o_p // 28, o_p % 28
-    cls = (yy % 2) * 2 + xx % 2
-    o_c = tl.arange(0, 4)
-    o_k64 = tl.arange(0, 64)
-    for k in range(0, 64):
-        src_y = yy // 2 + (k // 2) % 2 + yy % 2 - 1
-        src_x = xx // 2 + k % 2 + xx % 2 - 1
-        m_src = m_p & (src_y >= 0) & (src_y < 14) & (src_x >= 0) & (src_x < 14)
-        b_a = tl.load(p_a1 + o_b[:, None] * 3136 + (k // 4) * 196 + (src_y * 14 + src_x)[None, :],
-                      mask=m_b[:, None] & m_src[None, :], other=0.)
-        b_col = tl.sum(b_a * b_g2, axis=0)
-        b_cls = tl.sum(tl.where(cls[None, :] == o_c[:, None], b_col[None, :], 0.), axis=1)
-        acc_w2 += tl.where(o_k64[None, :] == k, b_cls[:, None], 0.)
-    tl.debug_barrier()
-
-    # conv2 data grad as a gather-GEMM over rows (b, 14x14 pixel): [rows, K=(class, s, r)] @ [K, ci],
-    # then ELU backward from the stored a1
-    o_kk = tl.arange(0, 16)
-    kk_c, kk_s, kk_r = o_kk // 4, (o_kk // 2) % 2, o_kk % 2
-    o_ci = tl.arange(0, 16)
-    b_w2t = tl.load(p_w2 + kk_c[:, None] * 64 + o_ci[None, :] * 4 + kk_s[:, None] * 2 + kk_r[:, None]).to(tl.float32)
-    for r0 in range(0, n_valid * 196, BR):
-        o_r = r0 + tl.arange(0, BR)
-        m_r = o_r < n_valid * 196
-        i_b, o_p14 = o_r // 196, o_r % 196
-        j_y = (o_p14 // 14)[:, None] - kk_s[None, :] + 1 - kk_c[None, :] // 2
-        j_x = (o_p14 % 14)[:, None] - kk_r[None, :] + 1 - kk_c[None, :] % 2
-        m_src = m_r[:, None] & (j_y >= 0) & (j_y < 14) & (j_x >= 0) & (j_x < 14)
-        o_p28 = (2 * j_y + kk_c[None, :] // 2) * 28 + 2 * j_x + kk_c[None, :] % 2
-        b_a = tl.load(p_g2 + i_b[:, None] * 784 + o_p28, mask=m_src, other=0.)
-        b_da1 = tl.dot(b_a, b_w2t, input_precision=PREC)
-        o_a1 = i_b[:, None] * 3136 + o_ci[None, :] * 196 + o_p14[:, None]
-        b_a1 = tl.load(p_a1 + o_a1, mask=m_r[:, None], other=0.)
-        tl.store(p_c1g + o_a1, elu_grad(b_da1, b_a1), mask=m_r[:, None])
-    tl.debug_barrier()
-
-    acc_w1c0, b_db1 = _lite_conv1_wgrad_class(acc_w1c0, n_valid, p_h0, p_c1g, 0, 0, BR, PREC)
-    acc_b1 += b_db1
-    acc_w1c1, b_db1 = _lite_conv1_wgrad_class(acc_w1c1, n_valid, p_h0, p_c1g, 0, 1, BR, PREC)
-    acc_b1 += b_db1
-    acc_w1c2, b_db1 = _lite_conv1_wgrad_class(acc_w1c2, n_valid, p_h0, p_c1g, 1, 0, BR, PREC)
-    acc_b1 += b_db1
-    acc_w1c3, b_db1 = _lite_conv1_wgrad_class(acc_w1c3, n_valid, p_h0, p_c1g, 1, 1, BR, PREC)
-    acc_b1 += b_db1
-
-    # conv1 data grad: rows (b, 7x7 pixel), K=(class, s, r, co)=256 gathered from C1G, N=ci (8, padded)
-    o_kq = tl.arange(0, 256)
-    kq_c, kq_s, kq_r, kq_co = o_kq // 64, (o_kq // 32) % 2, (o_kq // 16) % 2, o_kq % 16
-    m_ci = o_ci < 8
-    b_w1t = tl.load(p_w1 + kq_c[:, None] * 512 + (o_ci[None, :] * 4 + kq_s[:, None] * 2 + kq_r[:, None]) * 16
-                    + kq_co[:, None], mask=m_ci[None, :], other=0.).to(tl.float32)
-    for r0 in range(0, n_valid * 49, BR // 2):
-        o_r = r0 + tl.arange(0, BR // 2)
-        m_r = o_r < n_valid * 49
-        i_b, o_m = o_r // 49, o_r % 49
-        j_y = (o_m // 7)[:, None] - kq_s[None, :] + 1 - kq_c[None, :] // 2
-        j_x = (o_m % 7)[:, None] - kq_r[None, :] + 1 - kq_c[None, :] % 2
-        m_src = m_r[:, None] & (j_y >= 0) & (j_y < 7) & (j_x >= 0) & (j_x < 7)
-        o_p14 = (2 * j_y + kq_c[None, :] // 2) * 14 + 2 * j_x + kq_c[None, :] % 2
-        b_a = tl.load(p_c1g + i_b[:, None] * 3136 + kq_co[None, :] * 196 + o_p14, mask=m_src, other=0.)
-        b_dh0 = tl.dot(b_a, b_w1t, input_precision=PREC)
-        tl.store(p_d0 + i_b[:, None] * 392 + o_ci[None, :] * 49 + o_m[:, None], b_dh0, mask=m_r[:, None] & m_ci[None, :])
-    tl.debug_barrier()
-
-    # fc backward: dW += dh0^T z, db += sum dh0, dz = dh0 W
-    o_n = tl.arange(0, 512)
-    m_n = o_n < 392
-    o_l = tl.arange(0, LP)
-    b_dh0 = tl.load(p_d0 + o_b[:, None] * 392 + o_n[None, :], mask=m_b[:, None] & m_n[None, :], other=0.)
-    acc_fcw += tl.dot(tl.trans(b_dh0), b_z, input_precision=PREC)
-    acc_fcb += tl.sum(b_dh0, axis=0)
-    b_wfc = tl.load(p_fcw + o_n[:, None] * L + o_l[None, :], mask=m_n[:, None] & (o_l[None, :] < L), other=0.).to(tl.float32)
-    b_dz = tl.dot(b_dh0, b_wfc, input_precision=PREC)
-    return y, b_dz, acc_fcw, acc_fcb, acc_w1c0, acc_w1c1, acc_w1c2, acc_w1c3, acc_b1, acc_w2, acc_b2
-
-
-@triton.jit
-def _lite_store_partials(
-    p_part, acc_fcw, acc_fcb, acc_w1c0, acc_w1c1, acc_w1c2, acc_w1c3, acc_b1, acc_w2, acc_b2,
-    L, LP: tl.constexpr,
-):
-    """One packed partial-gradient row: [fc.w 392*L | fc.b 392 | w1eff 4*32*16 | b1 16 | w2eff 4*64 | b2]."""
-    o_n = tl.arange(0, 512)
-    m_n = o_n < 392
-    o_l = tl.arange(0, LP)
-    tl.store(p_part + o_n[:, None] * L + o_l[None, :], acc_fcw, mask=m_n[:, None] & (o_l[None, :] < L))
-    p_part += 392 * L
-    tl.store(p_part + o_n, acc_fcb, mask=m_n)
-    p_part += 392
-    o_w1 = tl.arange(0, 32)[:, None] * 16 + tl.arange(0, 16)[None, :]
-    tl.store(p_part + o_w1, acc_w1c0)
-    tl.store(p_part + 512 + o_w1, acc_w1c1)
-    tl.store(p_part + 1024 + o_w1, acc_w1c2)
-    tl.store(p_part + 1536 + o_w1, acc_w1c3)
-    p_part += 2048
-    tl.store(p_part + tl.arange(0, 16), acc_b1)
-    p_part += 16
-    tl.store(p_part + tl.arange(0, 4)[:, None] * 64 + tl.arange(0, 64)[None, :], acc_w2)
-    tl.store(p_part + 256, acc_b2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,32 +145,35 @@ def _block_rows(
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _experts_fwd_body(
+def _mlp_experts_fwd_body(
     p_z, stride_zb, stride_zl, p_g, stride_gb, stride_gk, p_out,
-    p_wa, p_wb, p_wc, p_wd, p_we, p_wf, p_scratch, p_sorted, p_eoff, p_toff,
-    B, L, H, E, K, n_items,
-    IS_SOFT: tl.constexpr, IS_MLP: tl.constexpr, LOG_E: tl.constexpr, LP: tl.constexpr, HP: tl.constexpr,
-    BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    p_w1, p_b1, p_w2, p_b2, p_sorted, p_eoff, p_toff,
+    B, L, H, E, K, n_items, n_blocks, experts_per_group,
+    IS_SOFT: tl.constexpr, LOG_E: tl.constexpr, LP: tl.constexpr, HP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Persistent loop over items (soft: token blocks, all experts summed on chip; top-k: expert tiles,
-    gated rows written to their (token, k) slot). Axis 1 tiles the mlp's output pixels by BN."""
+    """mlp experts, a persistent loop over items. soft: item = (token block, expert group), the group's
+    experts summed on chip and stored to out[group] ([groups, B, 784]); top-k: item = expert tile,
+    gated rows written to their (token, k) slot. Axis 1 tiles the output pixels by BN."""
     i_p = tl.program_id(0)
     n_prog = tl.num_programs(0)
     i_n = tl.program_id(1)
-    p_h0 = p_scratch + tl.cast(i_p, tl.int64) * (BM * (392 + 3136))
-    p_a1 = p_h0 + BM * 392
     o_l = tl.arange(0, LP)
     o_n = i_n * BN + tl.arange(0, BN)
     m_n = o_n < 784
     for item in range(i_p, n_items, n_prog):
         if IS_SOFT:
-            e_lo = item * 0
-            e_hi = e_lo + E
+            blk = item % n_blocks
+            e_lo = (item // n_blocks) * experts_per_group
+            e_hi = tl.minimum(e_lo + experts_per_group, E)
+            p_dst = p_out + tl.cast(item // n_blocks, tl.int64) * B * 784
         else:
+            blk = item
             e_lo = tile_expert(p_toff, item, E, LOG_E)
             e_hi = tl.where(item < tl.load(p_toff + E), e_lo + 1, e_lo)
+            p_dst = p_out
         o_tok, o_slot, o_gate, m_row, n_valid = _block_rows(
-            IS_SOFT, item, e_lo, B, K, p_sorted, p_eoff, p_toff, stride_gb, stride_gk, BM)
+            IS_SOFT, blk, e_lo, B, K, p_sorted, p_eoff, p_toff, stride_gb, stride_gk, BM)
         if not IS_SOFT:
             # an item past the last real tile (top-k grid bound) owns no rows
             n_valid = tl.where(e_hi > e_lo, n_valid, 0)
@@ -407,13 +183,8 @@ def _experts_fwd_body(
         b_acc = tl.zeros((BM, BN), dtype=tl.float32)
         for e in range(e_lo, e_hi):
             e64 = tl.cast(e, tl.int64)
-            if IS_MLP:
-                b_pre, b_w1t = _mlp_hidden(b_z, p_wa + e64 * H * L, p_wb + e64 * H, L, H, LP, HP, PREC)
-                y, b_w2t = _mlp_out_tile(relu(b_pre), p_wc + e64 * 784 * H, p_wd + e64 * 784,
-                                         i_n * BN, H, HP, BN, PREC)
-            else:
-                y = _lite_forward_rows(b_z, n_valid, p_wa + e64 * 392 * L, p_wb + e64 * 392, p_wc + e64 * 2048,
-                                       p_wd + e64 * 16, p_we + e64 * 256, p_wf + e64, p_h0, p_a1, L, LP, BM, BR, PREC)
+            b_pre, b_w1t = _mlp_hidden(b_z, p_w1 + e64 * H * L, p_b1 + e64 * H, L, H, LP, HP, PREC)
+            y, b_w2t = _mlp_out_tile(relu(b_pre), p_w2 + e64 * 784 * H, p_b2 + e64 * 784, i_n * BN, H, HP, BN, PREC)
             if IS_SOFT:
                 b_gate = tl.load(p_g + o_gate + e64 * stride_gk, mask=m_row, other=0.).to(tl.float32)
             else:
@@ -423,85 +194,101 @@ def _experts_fwd_body(
             o_row = o_tok
         else:
             o_row = o_slot
-        tl.store(p_out + o_row[:, None] * 784 + o_n[None, :], b_acc, mask=m_row[:, None] & m_n[None, :])
+        tl.store(p_dst + o_row[:, None] * 784 + o_n[None, :], b_acc, mask=m_row[:, None] & m_n[None, :])
 
 
 @triton.jit
-def _experts_bwd_body(
+def _mlp_experts_bwd_body(
     p_do, stride_dob, stride_dop, p_z, stride_zb, stride_zl, p_g, stride_gb, stride_gk,
     p_dz, p_dg, p_part, W_TOTAL,
-    p_wa, p_wb, p_wc, p_wd, p_we, p_wf, p_scratch, p_sorted, p_eoff, p_toff,
-    B, L, H, E, K, n_items, blocks_per_item,
-    IS_SOFT: tl.constexpr, IS_MLP: tl.constexpr, LOG_E: tl.constexpr, LP: tl.constexpr, HP: tl.constexpr,
-    BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    p_wa, p_wb, p_wc, p_wd, p_sorted, p_eoff, p_toff,
+    B, L, H, E, K, n_items, runs, blocks_per_run, experts_per_group,
+    IS_SOFT: tl.constexpr, LOG_E: tl.constexpr, LP: tl.constexpr, HP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Persistent loop over items = (expert, run of row blocks). Each item writes its rows' d gate
-    and partial dz, and one packed partial weight-gradient row p_part[item] (no atomics: the launcher
-    reduces partial rows per expert in a fixed order)."""
+    """mlp experts' backward, a persistent loop over items. soft: item = (expert group, run of token
+    blocks), group-major; top-k: item = one expert tile (a group of one expert, a run of one block).
+
+    Pass 1, row blocks outer and the group's experts inner: d gate per (row, expert), dz summed over
+    the group's experts in registers and stored once (soft: the group's partial dz row p_dz[group];
+    top-k: per (token, slot)), d fc1 added into each expert's partial row. Pass 2, per expert, pixel
+    tiles outer: d fc2 accumulates in registers over the run's blocks (h and y recomputed). One
+    packed partial weight-gradient row per (expert, run) (soft: p_part[e * runs + run]; top-k:
+    p_part[item]). No atomics: the launcher reduces the partials in a fixed order."""
     i_p = tl.program_id(0)
     n_prog = tl.num_programs(0)
-    p_h0 = p_scratch + tl.cast(i_p, tl.int64) * (BM * (392 + 3136 + 784 + 3136 + 392))
-    p_a1 = p_h0 + BM * 392
-    p_g2 = p_a1 + BM * 3136
-    p_c1g = p_g2 + BM * 784
-    p_d0 = p_c1g + BM * 3136
     o_l = tl.arange(0, LP)
     m_l = o_l < L
+    o_h = tl.arange(0, HP)
+    m_h = o_h < H
+    m_hl = m_h[:, None] & m_l[None, :]
     n_blocks = tl.cdiv(B, BM)
     for item in range(i_p, n_items, n_prog):
         if IS_SOFT:
-            # items are expert-major: (e, s) owns token blocks s*blocks_per_item ... of expert e
-            e = item // (n_items // E)
-            blk_lo = (item % (n_items // E)) * blocks_per_item
-            blk_hi = tl.minimum(blk_lo + blocks_per_item, n_blocks)
+            run = item % runs
+            e_lo = (item // runs) * experts_per_group
+            e_hi = tl.minimum(e_lo + experts_per_group, E)
+            blk_lo = run * blocks_per_run
+            blk_hi = tl.minimum(blk_lo + blocks_per_run, n_blocks)
+            p_dz_item = p_dz + tl.cast(item // runs, tl.int64) * B * L
+            row_base = p_part + run * W_TOTAL
+            row_stride = runs * W_TOTAL
         else:
-            e = tile_expert(p_toff, item, E, LOG_E)
+            e_lo = tile_expert(p_toff, item, E, LOG_E)
+            e_hi = e_lo + 1
             blk_lo = item
             blk_hi = tl.where(item < tl.load(p_toff + E), item + 1, item)
-        e64 = tl.cast(e, tl.int64)
-        p_row = p_part + tl.cast(item, tl.int64) * W_TOTAL
-        if IS_MLP:
-            p_w1, p_b1 = p_wa + e64 * H * L, p_wb + e64 * H
-            p_w2, p_b2 = p_wc + e64 * 784 * H, p_wd + e64 * 784
-            o_h = tl.arange(0, HP)
-            # pass 1 (row blocks): d gate, dz, d fc1; pixel tiles stream through registers
-            acc_w1 = tl.zeros((HP, LP), dtype=tl.float32)
-            acc_b1 = tl.zeros((HP,), dtype=tl.float32)
-            for blk in range(blk_lo, blk_hi):
-                o_tok, o_slot, o_gate, m_row, n_valid = _block_rows(
-                    IS_SOFT, blk, e, B, K, p_sorted, p_eoff, p_toff, stride_gb, stride_gk, BM)
+            p_dz_item = p_dz
+            # the tile's one expert writes row p_part[item]
+            row_base = p_part + tl.cast(item, tl.int64) * W_TOTAL - tl.cast(e_lo, tl.int64) * W_TOTAL
+            row_stride = W_TOTAL
+        # pass 1 (row blocks outer): d gate, dz over the group's experts, d fc1 into the partial rows
+        for blk in range(blk_lo, blk_hi):
+            o_tok, o_slot, o_gate, m_row, n_valid = _block_rows(
+                IS_SOFT, blk, e_lo, B, K, p_sorted, p_eoff, p_toff, stride_gb, stride_gk, BM)
+            b_z = tl.load(p_z + o_tok[:, None] * stride_zb + o_l[None, :] * stride_zl,
+                          mask=m_row[:, None] & m_l[None, :], other=0.).to(tl.float32)
+            b_dz = tl.zeros((BM, LP), dtype=tl.float32)
+            for e in range(e_lo, e_hi):
+                e64 = tl.cast(e, tl.int64)
+                p_row = row_base + e64 * row_stride
                 if IS_SOFT:
-                    o_gate += e64 * stride_gk
-                b_z = tl.load(p_z + o_tok[:, None] * stride_zb + o_l[None, :] * stride_zl,
-                              mask=m_row[:, None] & m_l[None, :], other=0.).to(tl.float32)
-                b_gate = tl.load(p_g + o_gate, mask=m_row, other=0.).to(tl.float32)
-                b_pre, b_w1t = _mlp_hidden(b_z, p_w1, p_b1, L, H, LP, HP, PREC)
+                    b_gate = tl.load(p_g + o_gate + e64 * stride_gk, mask=m_row, other=0.).to(tl.float32)
+                else:
+                    b_gate = tl.load(p_g + o_gate, mask=m_row, other=0.).to(tl.float32)
+                b_pre, b_w1t = _mlp_hidden(b_z, p_wa + e64 * H * L, p_wb + e64 * H, L, H, LP, HP, PREC)
                 b_h = relu(b_pre)
                 b_dh = tl.zeros((BM, HP), dtype=tl.float32)
                 b_dgate = tl.zeros((BM,), dtype=tl.float32)
                 for n0 in range(0, 784, BN):
                     o_n = n0 + tl.arange(0, BN)
                     m_rn = m_row[:, None] & (o_n[None, :] < 784)
-                    y, b_w2t = _mlp_out_tile(b_h, p_w2, p_b2, n0, H, HP, BN, PREC)
+                    y, b_w2t = _mlp_out_tile(b_h, p_wc + e64 * 784 * H, p_wd + e64 * 784, n0, H, HP, BN, PREC)
                     b_do = tl.load(p_do + o_tok[:, None] * stride_dob + o_n[None, :] * stride_dop, mask=m_rn, other=0.).to(tl.float32)
                     b_dgate += tl.sum(b_do * y, axis=1)
                     b_g2 = tl.where(m_rn, sigmoid_grad(b_gate[:, None] * b_do, y), 0.)
                     b_dh += tl.dot(b_g2, tl.trans(b_w2t), input_precision=PREC)
                 # torch's relu backward: zero gradient where the output is exactly 0, NaN passes
                 b_dh = relu_grad(b_dh, b_h)
-                acc_w1 += tl.dot(tl.trans(b_dh), b_z, input_precision=PREC)
-                acc_b1 += tl.sum(b_dh, axis=0)
-                b_dz = tl.dot(b_dh, tl.trans(b_w1t), input_precision=PREC)
+                b_dz += tl.dot(b_dh, tl.trans(b_w1t), input_precision=PREC)
                 if IS_SOFT:
                     tl.store(p_dg + o_tok * E + e64, b_dgate, mask=m_row)
-                    tl.store(p_dz + (e64 * B + o_tok)[:, None] * L + o_l[None, :], b_dz, mask=m_row[:, None] & m_l[None, :])
                 else:
                     tl.store(p_dg + o_slot, b_dgate, mask=m_row)
-                    tl.store(p_dz + o_slot[:, None] * L + o_l[None, :], b_dz, mask=m_row[:, None] & m_l[None, :])
-            m_h = o_h < H
-            tl.store(p_row + o_h[:, None] * L + o_l[None, :], acc_w1, mask=m_h[:, None] & m_l[None, :])
-            tl.store(p_row + H * L + o_h, acc_b1, mask=m_h)
-            # pass 2 (pixel tiles outer): d fc2 accumulates in registers; h and y are recomputed
+                # d fc1 [H, L] and d fc1.bias [H]: stored by the run's first block, added by the others
+                first = o_h * 0 + (blk - blk_lo) > 0
+                p_w1g = p_row + o_h[:, None] * L + o_l[None, :]
+                b_w1g = tl.dot(tl.trans(b_dh), b_z, input_precision=PREC)
+                b_w1g += tl.load(p_w1g, mask=m_hl & first[:, None], other=0.)
+                tl.store(p_w1g, b_w1g, mask=m_hl)
+                b_b1g = tl.sum(b_dh, axis=0) + tl.load(p_row + H * L + o_h, mask=m_h & first, other=0.)
+                tl.store(p_row + H * L + o_h, b_b1g, mask=m_h)
+            o_dz_row = o_tok if IS_SOFT else o_slot
+            tl.store(p_dz_item + o_dz_row[:, None] * L + o_l[None, :], b_dz, mask=m_row[:, None] & m_l[None, :])
+        # pass 2 (per expert, pixel tiles outer): d fc2 accumulates in registers; h and y are recomputed
+        for e in range(e_lo, e_hi):
+            e64 = tl.cast(e, tl.int64)
+            p_row = row_base + e64 * row_stride
             for n0 in range(0, 784, BN):
                 o_n = n0 + tl.arange(0, BN)
                 acc_w2 = tl.zeros((BN, HP), dtype=tl.float32)
@@ -515,9 +302,9 @@ def _experts_bwd_body(
                     b_z = tl.load(p_z + o_tok[:, None] * stride_zb + o_l[None, :] * stride_zl,
                                   mask=m_row[:, None] & m_l[None, :], other=0.).to(tl.float32)
                     b_gate = tl.load(p_g + o_gate, mask=m_row, other=0.).to(tl.float32)
-                    b_pre, b_w1t = _mlp_hidden(b_z, p_w1, p_b1, L, H, LP, HP, PREC)
+                    b_pre, b_w1t = _mlp_hidden(b_z, p_wa + e64 * H * L, p_wb + e64 * H, L, H, LP, HP, PREC)
                     b_h = relu(b_pre)
-                    y, b_w2t = _mlp_out_tile(b_h, p_w2, p_b2, n0, H, HP, BN, PREC)
+                    y, b_w2t = _mlp_out_tile(b_h, p_wc + e64 * 784 * H, p_wd + e64 * 784, n0, H, HP, BN, PREC)
                     b_do = tl.load(p_do + o_tok[:, None] * stride_dob + o_n[None, :] * stride_dop, mask=m_rn, other=0.).to(tl.float32)
                     b_g2 = tl.where(m_rn, sigmoid_grad(b_gate[:, None] * b_do, y), 0.)
                     acc_w2 += tl.dot(tl.trans(b_g2), b_h, input_precision=PREC)
@@ -525,46 +312,6 @@ def _experts_bwd_body(
                 m_n = o_n < 784
                 tl.store(p_row + H * L + H + o_n[:, None] * H + o_h[None, :], acc_w2, mask=m_n[:, None] & (o_h[None, :] < H))
                 tl.store(p_row + H * L + H + 784 * H + o_n, acc_b2, mask=m_n)
-        else:
-            p_fcw, p_fcb = p_wa + e64 * 392 * L, p_wb + e64 * 392
-            p_w1, p_b1 = p_wc + e64 * 2048, p_wd + e64 * 16
-            p_w2, p_b2 = p_we + e64 * 256, p_wf + e64
-            o_p = tl.arange(0, 1024)
-            acc_fcw = tl.zeros((512, LP), dtype=tl.float32)
-            acc_fcb = tl.zeros((512,), dtype=tl.float32)
-            acc_w1c0 = tl.zeros((32, 16), dtype=tl.float32)
-            acc_w1c1 = tl.zeros((32, 16), dtype=tl.float32)
-            acc_w1c2 = tl.zeros((32, 16), dtype=tl.float32)
-            acc_w1c3 = tl.zeros((32, 16), dtype=tl.float32)
-            acc_b1 = tl.zeros((16,), dtype=tl.float32)
-            acc_w2 = tl.zeros((4, 64), dtype=tl.float32)
-            # a 0-d fp32 accumulator (conv2 has one output channel, so one bias)
-            acc_b2 = tl.sum(tl.zeros((2,), dtype=tl.float32), axis=0)
-            for blk in range(blk_lo, blk_hi):
-                o_tok, o_slot, o_gate, m_row, n_valid = _block_rows(
-                    IS_SOFT, blk, e, B, K, p_sorted, p_eoff, p_toff, stride_gb, stride_gk, BM)
-                if IS_SOFT:
-                    o_gate += e64 * stride_gk
-                b_z = tl.load(p_z + o_tok[:, None] * stride_zb + o_l[None, :] * stride_zl,
-                              mask=m_row[:, None] & m_l[None, :], other=0.).to(tl.float32)
-                b_gate = tl.load(p_g + o_gate, mask=m_row, other=0.).to(tl.float32)
-                b_do = tl.load(p_do + o_tok[:, None] * stride_dob + o_p[None, :] * stride_dop,
-                               mask=m_row[:, None] & (o_p[None, :] < 784), other=0.).to(tl.float32)
-                (y, b_dz, acc_fcw, acc_fcb, acc_w1c0, acc_w1c1, acc_w1c2, acc_w1c3, acc_b1, acc_w2,
-                 acc_b2) = _lite_backward_rows(
-                    b_z, b_gate[:, None] * b_do, n_valid, p_fcw, p_fcb, p_w1, p_b1, p_w2, p_b2,
-                    p_h0, p_a1, p_g2, p_c1g, p_d0, acc_fcw, acc_fcb, acc_w1c0, acc_w1c1, acc_w1c2, acc_w1c3,
-                    acc_b1, acc_w2, acc_b2, L, LP, BM, BR, PREC)
-                # d gate = <dL/dx_hat, D_e(z)> per row; each (row, expert) has exactly one writer
-                b_dgate = tl.sum(b_do * y, axis=1)
-                if IS_SOFT:
-                    tl.store(p_dg + o_tok * E + e64, b_dgate, mask=m_row)
-                    tl.store(p_dz + (e64 * B + o_tok)[:, None] * L + o_l[None, :], b_dz, mask=m_row[:, None] & m_l[None, :])
-                else:
-                    tl.store(p_dg + o_slot, b_dgate, mask=m_row)
-                    tl.store(p_dz + o_slot[:, None] * L + o_l[None, :], b_dz, mask=m_row[:, None] & m_l[None, :])
-            _lite_store_partials(p_row, acc_fcw, acc_fcb, acc_w1c0, acc_w1c1, acc_w1c2, acc_w1c3, acc_b1,
-                                 acc_w2, acc_b2, L, LP)
 
 
 @triton.jit
@@ -581,12 +328,47 @@ def _segment_sum_kernel(p_part, p_toff, p_out, W_TOTAL, BLOCK: tl.constexpr):
     tl.store(p_out + i_e * W_TOTAL + o_c, b_acc, mask=m_c)
 
 
+def soft_forward_split(batch: int, num_experts: int, programs: int, block_m: int) -> tuple[int, int, int]:
+    """(token blocks, expert groups, experts per group) of a soft forward: as many expert groups as it
+    takes for the (block, group) items to fill ``programs`` (B = 1,024 is 64 blocks of 16 against an
+    H100's 264 programs: 4 groups), and no more, so the fp32 [groups, B, 784] partial outputs hold at
+    most ``programs * block_m`` rows whatever E."""
+    n_blocks = triton.cdiv(batch, block_m)
+    per_group = triton.cdiv(num_experts, max(1, min(num_experts, programs // n_blocks)))
+    return n_blocks, triton.cdiv(num_experts, per_group), per_group
+
+
+@functools.lru_cache(maxsize=1024)
+def soft_backward_split(batch: int, num_experts: int, programs: int, block_m: int, weights_per_expert: int,
+                        latent_dim: int) -> tuple[int, int, int, int]:
+    """(expert groups, experts per group, token runs, blocks per run) of a soft backward.
+
+    Items are groups x runs. Their extra memory is the partial weight gradients, E * runs * W, plus the
+    partial dz, groups * B * L (fp32): more runs cost weight-gradient rows, more groups cost dz rows.
+    Among the splits whose items fill at least 7/8 of the grid (or of the E * blocks items there are),
+    the one with the least of that memory; ties go to fewer items."""
+    n_blocks = triton.cdiv(batch, block_m)
+    target = min(programs, num_experts * n_blocks)
+    best = None
+    for runs in range(1, min(n_blocks, programs) + 1):
+        blocks_per_run = triton.cdiv(n_blocks, runs)
+        runs = triton.cdiv(n_blocks, blocks_per_run)
+        per_group = triton.cdiv(num_experts, min(num_experts, triton.cdiv(target, runs)))
+        groups = triton.cdiv(num_experts, per_group)
+        if 8 * groups * runs < 7 * target:
+            continue
+        memory = num_experts * runs * weights_per_expert + groups * batch * latent_dim
+        key = (memory, groups * runs)
+        if best is None or key < best[0]:
+            best = (key, (groups, per_group, runs, blocks_per_run))
+    if best is None:  # every expert its own group, every block its own run
+        return num_experts, 1, n_blocks, 1
+    return best[1]
+
+
 def launch_dims(z: torch.Tensor, ws: list[torch.Tensor], kind: str) -> tuple[int, int, int]:
     """(E, L, H) for a launch: H is the mlp hidden size (1 for lite)."""
     hidden = ws[0].shape[1] if kind == "mlp" else 1
     return ws[0].shape[0], z.shape[1], hidden
 
 
-def weight_args(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The six weight pointer slots of the kernels; mlp has four tensors, the last two slots are unused."""
-    return list(ws) + [ws[0]] * (6 - len(ws))

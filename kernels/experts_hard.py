@@ -12,31 +12,14 @@ the device: no host sync). No per-expert launch,
 no padded or permuted copy of z or x_hat: z rows are gathered through sorted_token_idx and each
 output row is written straight to its original token.
 
-Decoder, per tile (conv kinds):
-1. fc: [BM, L] x [L, C0*49] with ``tl.dot`` -> scratch h0 [C0, 9, 9, BM].
-2. per group of TS tokens: nearest x2 up-sampling followed by a 3x3 convolution (padding 1) is the
-   same as four 2x2 convolutions on the low-resolution map, one per output parity ("phase"), with
-   the 3x3 taps that land on one low-resolution pixel summed. Each phase is a GEMM with
-   K = C_in * 4 (32 for lite's conv1, exactly one tensor-core K step) instead of C_in * 9 on the
-   up-sampled map: 2.25x fewer multiply-adds and no up-sampled tensor. Rows are (pixel, token),
-   gathered from scratch; conv1 (+ELU) -> scratch h1 [C1, 16, 16, TS]; medium's conv2 (+ELU) ->
-   scratch h2 [32, 30, 30, TS].
-3. the last convolution has one output channel. lite's (up-sampled, 16 channels): one GEMM over the
-   channels gives every input pixel's contribution to each (phase, tap) pair, [pixels, 16] x [16, 16]
-   on ``tl.dot`` -> scratch, then each output pixel sums its four taps (each input read once, not 16
-   times). medium's (28x28, 32 channels, no up-sampling): a row-wise weighted sum over its 9 x 32
-   taps. Then sigmoid, stored at ``x_hat[token]``.
+Decoder, per tile: the conv kinds run ``decoder_tiles._conv_decoder_tile`` (fc, then the up-sampled
+3x3 convolutions as phase-split GEMMs over token-innermost, zero-bordered scratch maps; the module
+docstring there has the arithmetic) in its plain output mode, x_hat[token] = D_e(z[token]).
 mlp: relu(z W1^T + b1) -> scratch h [BM, hidden] -> sigmoid(h W2^T + b2) -> x_hat[token].
 
-Scratch. Triton cannot gather from registers, so the stages exchange activations through a small
-per-program buffer in global memory, fp32, sized by the grid and not by B (it stays in L1/L2). The
-conv kinds keep their maps token-innermost with a zero border, [C][H+2][W+2][tokens]: a GEMM row is
-(pixel, token) with the token fastest, so a warp's rows read consecutive addresses and vectorise
-(TS tokens per vector), and no tap needs a bounds mask (the border is the padding; the buffer is
-zero-filled once per call and only interiors are written). Per program: C0*81*BM + C1*256*TS floats,
-then lite 16*256*TS (BM=16, TS=2: 26.8K floats, 107 KB) or medium C2*900*TS (BM=16, TS=1: 86.7K floats,
-347 KB); mlp BM*hidden floats. With 2 programs per SM on an H100 that is 28 MB (lite, inside the
-50 MB L2) and 87 MB (medium).
+Scratch, per program (fp32, sized by the grid, not by B): ``decoder_tiles.conv_scratch_size``, lite
+BM=16, TS=2: 26.8K floats (107 KB), medium BM=16, TS=1: 86.7K floats (347 KB); mlp BM*hidden floats.
+With 2 programs per SM on an H100 that is 28 MB (lite, inside the 50 MB L2) and 87 MB (medium).
 
 Launches: two for grouping (kernels/grouping.py), one for the tile scan and one decoder kernel,
 whatever E and the routing. Indices are range-checked by ``smoe_fast.ops`` before the launch
@@ -63,182 +46,13 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS, IMAGE_SHAPE, alloc_output
 
-from .activations import elu, relu, sigmoid
+from .activations import sigmoid
+from .decoder_tiles import CONV_CHANNELS, _conv_decoder_tile, _linear_rows_to_scratch, conv_scratch_size, scratch_maps
 from .grouping import group_by_expert_fwd
 from .launch import device_guard, dot_mode, find_tile, log2_ceil, max_programs, mm, tile_bound, tile_offsets
 from .tuning import experts_hard_config
 
 __all__ = ["experts_hard", "experts_hard_fwd"]
-
-
-@triton.jit
-def _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, w, b, e, L, N, p_dst,
-                            BM: tl.constexpr, BLOCK_L: tl.constexpr, BN: tl.constexpr,
-                            APPLY_RELU: tl.constexpr, TO_MAPS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """act(z[tok[m]] @ w[e]^T + b[e]) for the BM rows of a tile; w [E, N, L]. TO_MAPS: column
-    n = (c, i, j) of 7x7 maps goes to the zero-bordered maps [C][9][9][BM] (token innermost, see
-    ``_gather_phase_rows``); else to rows [BM, N]."""
-    o_m = tl.arange(0, BM)
-    o_l = tl.arange(0, BLOCK_L)
-    o_n = tl.arange(0, BN)
-    m_m = o_m < n_rows
-    b_tok = tl.load(p_tok + o_m, mask=m_m, other=0).to(tl.int64)
-    # [BM, BLOCK_L]
-    b_z = tl.load(z + b_tok[:, None] * stride_zb + o_l[None, :] * stride_zl, mask=m_m[:, None] & (o_l[None, :] < L),
-                  other=0.0)
-    for n0 in range(0, N, BN):
-        m_n = n0 + o_n < N
-        # [BLOCK_L, BN]
-        b_w = tl.load(w + e * N * L + (n0 + o_n[None, :]) * L + o_l[:, None], mask=m_n[None, :] & (o_l[:, None] < L),
-                      other=0.0)
-        b_h = mm(b_z, b_w, INPUT_PRECISION) + tl.load(b + e * N + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-        if APPLY_RELU:
-            b_h = relu(b_h)
-        if TO_MAPS:
-            o_c = (n0 + o_n) // 49
-            o_ij = (n0 + o_n) % 49
-            p_h = p_dst + (((o_c * 9 + o_ij // 7 + 1) * 9 + o_ij % 7 + 1) * BM)[None, :] + o_m[:, None]
-        else:
-            p_h = p_dst + o_m[:, None] * N + n0 + o_n[None, :]
-        tl.store(p_h, b_h, mask=m_m[:, None] & m_n[None, :])
-
-
-@triton.jit
-def _merged_phase_weights(p_w, py, px, dy, dx):
-    """Sum of the 3x3 taps that land on low-res offset (dy, dx) for output parity (py, px).
-
-    Up-sampled row 2i+py+ky-1 reads low-res row i+py+dy-1: dy=0 takes ky=0 (py=0) or ky=0,1 (py=1),
-    dy=1 takes ky=1,2 (py=0) or ky=2 (py=1); so the first tap is dy*(1+py), a second one when dy != py.
-    ``p_w`` points at tap (0, 0) of each element; 4 loads instead of 9."""
-    o_ky = dy * (1 + py)
-    o_kx = dx * (1 + px)
-    m_y2 = dy != py
-    m_x2 = dx != px
-    p_tap = p_w + o_ky * 3 + o_kx
-    b_w = tl.load(p_tap).to(tl.float32)
-    b_w += tl.load(p_tap + 3, mask=m_y2, other=0.0).to(tl.float32)
-    b_w += tl.load(p_tap + 1, mask=m_x2, other=0.0).to(tl.float32)
-    b_w += tl.load(p_tap + 4, mask=m_y2 & m_x2, other=0.0).to(tl.float32)
-    return b_w
-
-
-@triton.jit
-def _pixel_token_rows(r0, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr, BR: tl.constexpr):
-    """Rows r0 .. r0 + BR of the (pixel (i, j) of an H x W map, token t of TS) row order, t fastest:
-    (row mask, t, i, j)."""
-    o_r = r0 + tl.arange(0, BR)
-    return o_r < H * W * TS, o_r % TS, (o_r // TS) // W, (o_r // TS) % W
-
-
-@triton.jit
-def _gather_phase_rows(p_src, r0, py, px, ci, dy, dx, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr,
-                       SRC_T: tl.constexpr, BR: tl.constexpr):
-    """A tile [BR, CIN*4] of a phase GEMM. Maps live zero-bordered with the token innermost,
-    src [CIN][H+2][W+2][SRC_T] (low-res pixel (y, x) of token t at [ci][y+1][x+1][t]), so no tap needs a
-    bounds mask, and rows are (i, j, t) with t fastest: row x column (ci, dy, dx) reads
-    src[ci][i+py+dy][j+px+dx][t], and a warp's rows are consecutive addresses (TS tokens, then the
-    next pixel). Returns (tile, row mask, t, i, j)."""
-    m_r, o_t, o_i, o_j = _pixel_token_rows(r0, H, W, TS, BR)
-    o_row = ((o_i + py) * (W + 2) + o_j + px) * SRC_T + o_t
-    o_col = ((ci * (H + 2) + dy) * (W + 2) + dx) * SRC_T
-    return tl.load(p_src + o_row[:, None] + o_col[None, :], mask=m_r[:, None], other=0.0), m_r, o_t, o_i, o_j
-
-
-@triton.jit
-def _upconv3x3_to_scratch(p_src, p_dst, w, b, e,
-                          CIN: tl.constexpr, COUT: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                          TS: tl.constexpr, SRC_T: tl.constexpr, BR: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dst = ELU(conv3x3(up2(src)) + b) for TS tokens, four phase GEMMs: src [CIN][H+2][W+2][SRC_T]
-    -> dst [COUT][2H+2][2W+2][TS] (both zero-bordered, token innermost; the borders are never written)."""
-    o_k = tl.arange(0, CIN * 4)
-    ci = o_k // 4
-    dy = (o_k // 2) % 2
-    dx = o_k % 2
-    o_n = tl.arange(0, COUT)
-    b_bias = tl.load(b + e * COUT + o_n).to(tl.float32)
-    for phase in tl.static_range(4):
-        py = phase // 2
-        px = phase % 2
-        # [CIN*4, COUT]
-        b_w = _merged_phase_weights(w + e * COUT * CIN * 9 + o_n[None, :] * (CIN * 9) + ci[:, None] * 9,
-                                    py, px, dy[:, None], dx[:, None])
-        for r0 in range(0, H * W * TS, BR):
-            b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, py, px, ci, dy, dx, H, W, TS, SRC_T, BR)
-            b_h = elu(mm(b_a, b_w, INPUT_PRECISION) + b_bias[None, :])
-            o_out = ((2 * o_i + py + 1) * (2 * W + 2) + 2 * o_j + px + 1) * TS + o_t
-            tl.store(p_dst + o_out[:, None] + o_n[None, :] * ((2 * H + 2) * (2 * W + 2) * TS), b_h, mask=m_r[:, None])
-
-
-@triton.jit
-def _conv3x3_to_image(p_src, out, p_tok, w, b, e, n_tokens,
-                      CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr, BR: tl.constexpr):
-    """x_hat[tok] = sigmoid(conv3x3(src) + b) with one output channel (medium's conv3), for the first
-    n_tokens of TS tokens.
-
-    src [CIN][H+2][W+2][TS] (zero-bordered, token innermost); the image is H x W. One output channel
-    is too narrow for tl.dot: each row (pixel, token) is a weighted sum of its 9 taps of CIN channels,
-    read at consecutive addresses across a warp's rows."""
-    b_bias = tl.load(b + e).to(tl.float32)
-    p_w = w + e * CIN * 9
-    o_c = tl.arange(0, CIN)
-    for r0 in range(0, H * W * TS, BR):
-        m_r, o_t, o_i, o_j = _pixel_token_rows(r0, H, W, TS, BR)
-        # [BR, CIN] at tap (0, 0), padded (i, j); tap (ky, kx) is a fixed offset from it
-        p_a = p_src + (((o_i * (W + 2) + o_j) * TS + o_t)[:, None] + o_c[None, :] * ((H + 2) * (W + 2) * TS))
-        b_y = tl.zeros([BR], dtype=tl.float32)
-        for ky in tl.static_range(3):
-            for kx in tl.static_range(3):
-                b_a = tl.load(p_a + (ky * (W + 2) + kx) * TS, mask=m_r[:, None], other=0.0)
-                b_w = tl.load(p_w + o_c * 9 + ky * 3 + kx).to(tl.float32)
-                b_y += tl.sum(b_a * b_w[None, :], axis=1)
-        b_y += b_bias
-        m_o = m_r & (o_t < n_tokens)
-        b_tok = tl.load(p_tok + o_t, mask=m_o, other=0).to(tl.int64)
-        tl.store(out + b_tok * (H * W) + o_i * W + o_j, sigmoid(b_y), mask=m_o)
-
-
-@triton.jit
-def _upconv3x3_one_channel_to_image(p_src, p_part, out, p_tok, w, b, e, n_tokens,
-                                    CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr,
-                                    BR: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """x_hat[tok] = sigmoid(conv3x3(up2(src)) + b) with one output channel, for the first n_tokens of
-    TS tokens; src [CIN][H+2][W+2][TS] zero-bordered, the image is 2H x 2W.
-
-    Gathering the CIN*4 phase taps of every output pixel would read each input 16 times. Instead one
-    GEMM over the channels gives, for every input pixel (a, b), its contribution to each of the 16
-    (phase, tap) pairs: part[(py, px, dy, dx)][a][b] = sum_ci W'[py, px, ci, dy, dx] src[ci][a][b]
-    (rows (pixel, token), K = CIN, N = 16); then output (2i+py, 2j+px) adds its four taps,
-    part[(py, px, dy, dx)][i+py+dy-1][j+px+dx-1]. part [16][H+2][W+2][TS] is zero-bordered like src,
-    so a tap off the map adds 0, as the padding does. Per token that reads CIN*H*W + 4*4*H*W
-    scratch values instead of CIN*4*4*H*W (lite: 6,272 against 50,176)."""
-    o_c = tl.arange(0, CIN)
-    o_n = tl.arange(0, 16)
-    # [CIN, 16]: column n = (py, px, dy, dx)
-    b_w = _merged_phase_weights(w + e * CIN * 9 + o_c[:, None] * 9, o_n[None, :] // 8, (o_n[None, :] // 4) % 2,
-                                (o_n[None, :] // 2) % 2, o_n[None, :] % 2)
-    for r0 in range(0, H * W * TS, BR):
-        m_r, o_t, o_a, o_b = _pixel_token_rows(r0, H, W, TS, BR)
-        o_pix = ((o_a + 1) * (W + 2) + o_b + 1) * TS + o_t
-        b_x = tl.load(p_src + o_pix[:, None] + o_c[None, :] * ((H + 2) * (W + 2) * TS), mask=m_r[:, None], other=0.0)
-        b_part = mm(b_x, b_w, INPUT_PRECISION)
-        tl.store(p_part + o_pix[:, None] + o_n[None, :] * ((H + 2) * (W + 2) * TS), b_part, mask=m_r[:, None])
-    tl.debug_barrier()
-    b_bias = tl.load(b + e).to(tl.float32)
-    o_k = tl.arange(0, 4)
-    dy = o_k // 2
-    dx = o_k % 2
-    for phase in tl.static_range(4):
-        py = phase // 2
-        px = phase % 2
-        # the four taps of this phase are the columns n = phase * 4 + (dy, dx) of part; 4 * BR rows per
-        # step so that a [rows, 4] tile still gives each thread a vector of rows
-        for r0 in range(0, H * W * TS, 4 * BR):
-            b_taps, m_r, o_t, o_i, o_j = _gather_phase_rows(p_part, r0, py, px, phase * 4 + o_k, dy, dx, H, W, TS, TS,
-                                                            4 * BR)
-            b_y = tl.sum(b_taps, axis=1) + b_bias
-            m_o = m_r & (o_t < n_tokens)
-            b_tok = tl.load(p_tok + o_t, mask=m_o, other=0).to(tl.int64)
-            tl.store(out + b_tok * (4 * H * W) + (2 * o_i + py) * (2 * W) + 2 * o_j + px, sigmoid(b_y), mask=m_o)
 
 
 @triton.jit
@@ -264,31 +78,14 @@ def _experts_hard_conv_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     i_p = tl.program_id(0)
-    p_h0 = scratch + i_p.to(tl.int64) * scratch_per_program   # [C0, 9, 9, BM]
-    p_h1 = p_h0 + C0 * 81 * BM                                # [C1, 16, 16, TS]
-    p_h2 = p_h1 + C1 * 256 * TS                               # medium: [C2, 30, 30, TS]; lite: [16, 16, 16, TS]
+    p_h0, p_h1, p_h2 = scratch_maps(scratch, scratch_per_program, C0, C1, BM, TS)
     for tile in range(i_p, max_tiles, tl.num_programs(0)):
         e, row_start, n_rows = find_tile(tile_offsets, expert_offsets, tile, E, LOG_E, BM)
         if n_rows > 0:
-            p_tok = sorted_token_idx + row_start
-            # the previous tile's readers of the scratch are done
-            tl.debug_barrier()
-            _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, fc_w, fc_b, e, L, C0 * 49, p_h0,
-                                    BM, BLOCK_L, BN_FC, False, True, INPUT_PRECISION)
-            for g0 in range(0, n_rows, TS):
-                # token slots past n_rows (or past BM when TS does not divide it) compute on stale
-                # scratch and are never stored
-                n_group = tl.minimum(n_rows - g0, TS)
-                tl.debug_barrier()
-                _upconv3x3_to_scratch(p_h0 + g0, p_h1, conv1_w, conv1_b, e, C0, C1, 7, 7, TS, BM, BR, INPUT_PRECISION)
-                tl.debug_barrier()
-                if HAS_CONV3:
-                    _upconv3x3_to_scratch(p_h1, p_h2, conv2_w, conv2_b, e, C1, C2, 14, 14, TS, TS, BR, INPUT_PRECISION)
-                    tl.debug_barrier()
-                    _conv3x3_to_image(p_h2, out, p_tok + g0, conv3_w, conv3_b, e, n_group, C2, 28, 28, TS, BR)
-                else:
-                    _upconv3x3_one_channel_to_image(p_h1, p_h2, out, p_tok + g0, conv2_w, conv2_b, e, n_group,
-                                                    C1, 14, 14, TS, BR, INPUT_PRECISION)
+            _conv_decoder_tile(z, stride_zb, stride_zl, 1, sorted_token_idx + row_start, n_rows, e,
+                               out, out, 0, 0, 0,
+                               fc_w, fc_b, conv1_w, conv1_b, conv2_w, conv2_b, conv3_w, conv3_b, L, p_h0, p_h1, p_h2,
+                               C0, C1, C2, HAS_CONV3, BM, TS, BR, BLOCK_L, BN_FC, False, INPUT_PRECISION)
 
 
 @triton.jit
@@ -319,7 +116,7 @@ def _experts_hard_mlp_fwd_kernel(
         if n_rows > 0:
             p_tok = sorted_token_idx + row_start
             tl.debug_barrier()
-            _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, n_rows, fc1_w, fc1_b, e, L, HIDDEN, p_h,
+            _linear_rows_to_scratch(z, stride_zb, stride_zl, p_tok, 1, n_rows, fc1_w, fc1_b, e, L, HIDDEN, p_h,
                                     BM, BLOCK_L, BH, True, False, INPUT_PRECISION)
             tl.debug_barrier()
             m_m = o_m < n_rows
@@ -337,16 +134,6 @@ def _experts_hard_mlp_fwd_kernel(
                     b_y += mm(b_a, b_w, INPUT_PRECISION)
                 b_y += tl.load(fc2_b + e * PIXELS + n0 + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
                 tl.store(out + b_tok[:, None] * PIXELS + n0 + o_n[None, :], sigmoid(b_y), mask=m_m[:, None] & m_n[None, :])
-
-
-_CONV_CHANNELS = {"lite": (8, 16, 1), "medium": (32, 64, 32)}
-
-
-def conv_scratch_size(kind: str, bm: int, ts: int) -> int:
-    """fp32 scratch elements per program of the conv kinds: the zero-bordered maps h0 [C0][9][9][BM],
-    h1 [C1][16][16][TS], then medium's h2 [C2][30][30][TS] or lite's conv2 parts [16][16][16][TS]."""
-    c0, c1, c2 = _CONV_CHANNELS[kind]
-    return c0 * 81 * bm + c1 * 256 * ts + (c2 * 900 * ts if kind == "medium" else 16 * 256 * ts)
 
 
 def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layers: list[torch.Tensor]) -> torch.Tensor:
@@ -399,7 +186,7 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
                 num_warps=config["num_warps"],
             )
             return
-        c0, c1, c2 = _CONV_CHANNELS[kind]
+        c0, c1, c2 = CONV_CHANNELS[kind]
         ts = config["TS"]
         per_program = conv_scratch_size(kind, bm, ts)
         # zero-filled once per call: the maps' borders (the conv padding) are never written

@@ -3,11 +3,17 @@
 medium expert (shared/PAPER.md): fc L->1568, view 32x7x7, up x2, conv3x3 32->64, ELU, up x2, conv3x3
 64->32, ELU, conv3x3 32->1, sigmoid. Too big to fuse per row block in on-chip memory, so each layer is
 one launch of a generic grouped kernel (kernels/grouped_layers.py) over the R = B*K (token, slot) rows
-sorted by expert; soft gating is top-k with K = E and every gate.
+sorted by expert.
 
-Forward: h0 = fc(z[token]) [R, 1568] (z gathered in the kernel), a1 [R, 64*14*14], a2 [R, 32*28*28],
-y [R, 784], all fp32 in sorted-row order and kept for backward (about 106 KB per row). Torch then
-permutes y to (token, slot) order and sums the K gated slots; autograd does d gates from there.
+Top-k forward: h0 = fc(z[token]) [R, 1568] (z gathered in the kernel), a1 [R, 64*14*14], a2
+[R, 32*28*28], y [R, 784], all fp32 in sorted-row order and kept for backward (about 160 KB per
+routed row). Torch then permutes y to (token, slot) order and sums the K gated slots; autograd does
+d gates from there.
+
+Soft gating (``experts_medium_soft``) would make that B*E rows (42 GB at B = 1,024, E = 256), so it
+runs chunks of experts instead, ``SOFT_CHUNK_ROWS`` (token, expert) rows at a time, through the same
+layers: the forward sums each chunk's gated images and drops its activations, the backward
+recomputes each chunk's forward before its backward. Kept between the two: z, gates, weights.
 
 Backward: for conv3, conv2, conv1 and fc in turn, dgrad (act' applied on load from the stored output)
 and wgrad (per-tile partials + a per-expert segment sum); dz per row is permuted back and summed over
@@ -121,7 +127,7 @@ def experts_medium(z: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Te
 
     z [B, L], topk_idx [B, K] int64 (any strides), topk_gates [B, K], weights stacked per layer
     (MEDIUM_WEIGHTS) -> x_hat [B, 1, 28, 28]; differentiable in z, topk_gates and every weight. Soft
-    gating is ``topk_idx = arange(E).expand(B, E)`` with all gates.
+    gating has its own chunked op (``experts_medium_soft``).
 
     >>> g, i = logits.softmax(-1).topk(2); y = experts_medium(z, i, g / g.sum(-1, keepdim=True), w)
     """
@@ -136,8 +142,108 @@ def experts_medium(z: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Te
     return out.to(torch.promote_types(z.dtype, topk_gates.dtype)).view(batch, *IMAGE_SHAPE)
 
 
+# rows (token, expert) of one soft chunk: 256 tiles of 16 rows (about two per SM of an H100), about
+# 160 KB of fp32 activations each (h0, a1, a2, y): 650 MB at most, whatever E
+SOFT_CHUNK_ROWS = 4096
+
+
+def _soft_chunks(batch: int, num_experts: int, device: torch.device):
+    """Expert chunks [e0, e1) of at most max(1, SOFT_CHUNK_ROWS // B) experts, each with the routing of
+    its B x (e1 - e0) rows: (token, expert) pairs sorted by expert, made on the device (no host sync).
+    Chunks of the same width share one routing."""
+    per_chunk = max(1, min(num_experts, SOFT_CHUNK_ROWS // max(1, batch)))
+    routings = {}
+    for e0 in range(0, num_experts, per_chunk):
+        width = min(per_chunk, num_experts - e0)
+        if width not in routings:
+            idx = torch.arange(width, device=device).expand(batch, width)
+            routing, tiles = group_by_expert_tiles(idx, width, TILE_ROWS)
+            routings[width] = (routing.sorted_token_idx, routing.token_sorted_pos, routing.expert_offsets, tiles)
+        yield e0, e0 + width, routings[width]
+
+
+def experts_medium_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    """Launcher: x_hat [B, 784] = sum_e gates[:, e] D_e(z), chunk by chunk of experts; each chunk's
+    activations are dropped as soon as its images are summed (nothing of size B x E is kept)."""
+    batch = z.shape[0]
+    out = torch.zeros(batch, PIXELS, dtype=torch.float32, device=z.device)
+    for e0, e1, (sorted_idx, _, offsets, tiles) in _soft_chunks(batch, ws[0].shape[0], z.device):
+        y = experts_medium_fwd(z, sorted_idx, offsets, tiles, [w[e0:e1] for w in ws], e1 - e0)[0]
+        # sorted rows are expert-major: row j * B + b is token b through expert e0 + j
+        out += torch.einsum("bj,jbp->bp", gates[:, e0:e1].float(), y.view(e1 - e0, batch, PIXELS))
+    return out.to(torch.promote_types(z.dtype, gates.dtype))
+
+
+def experts_medium_soft_bwd(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tensor,
+                            ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Launcher: dL/dx_hat [B, 784] -> [dz, d gates, d(each weight)], chunk by chunk of experts with the
+    chunk's forward recomputed; dz summed over chunks in order (deterministic)."""
+    batch = z.shape[0]
+    grad_out = grad_out.float()
+    dz = torch.zeros(batch, z.shape[1], dtype=torch.float32, device=z.device)
+    dgates = torch.empty(gates.shape, dtype=gates.dtype, device=z.device)
+    weight_grads = [torch.empty_like(w) for w in ws]
+    for e0, e1, (sorted_idx, sorted_pos, offsets, tiles) in _soft_chunks(batch, ws[0].shape[0], z.device):
+        chunk_ws = [w[e0:e1] for w in ws]
+        y, h0, a1, a2 = experts_medium_fwd(z, sorted_idx, offsets, tiles, chunk_ws, e1 - e0)
+        y = y.view(e1 - e0, batch, PIXELS)
+        dgates[:, e0:e1] = torch.einsum("bp,jbp->bj", grad_out, y).to(gates.dtype)
+        grad_y = (gates[:, e0:e1].float().t()[:, :, None] * grad_out).reshape(-1, PIXELS)
+        grads = experts_medium_bwd(grad_y, z, sorted_idx, sorted_pos, offsets, tiles, chunk_ws,
+                                   y.view(-1, PIXELS), h0, a1, a2, e1 - e0)
+        dz += grads[0].float()
+        for full, part in zip(weight_grads, grads[1:]):
+            full[e0:e1] = part
+    return [dz.to(z.dtype), dgates] + weight_grads
+
+
+@torch.library.custom_op("smoe_fast::triton_experts_medium_soft", mutates_args=())
+def _experts_medium_soft_op(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+    with device_guard(z):
+        return experts_medium_soft_fwd(z, gates, ws)
+
+
+@_experts_medium_soft_op.register_fake
+def _(z, gates, ws):
+    return z.new_empty((z.shape[0], PIXELS), dtype=torch.promote_types(z.dtype, gates.dtype))
+
+
+@torch.library.custom_op("smoe_fast::triton_experts_medium_soft_bwd", mutates_args=())
+def _experts_medium_soft_bwd_op(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tensor,
+                                ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    with device_guard(z):
+        return experts_medium_soft_bwd(grad_out, z, gates, ws)
+
+
+@_experts_medium_soft_bwd_op.register_fake
+def _(grad_out, z, gates, ws):
+    return [torch.empty_like(z), torch.empty_like(gates)] + [torch.empty_like(w) for w in ws]
+
+
+def _soft_setup_context(ctx, inputs, output):
+    z, gates, ws = inputs
+    ctx.save_for_backward(z, gates, *ws)
+
+
+def _soft_backward(ctx, grad_out):
+    z, gates, *ws = ctx.saved_tensors
+    grads = _experts_medium_soft_bwd_op(grad_out, z, gates, ws)
+    return grads[0], grads[1], list(grads[2:])
+
+
+torch.library.register_autograd("smoe_fast::triton_experts_medium_soft", _soft_backward,
+                                setup_context=_soft_setup_context)
+
+
 def experts_medium_soft(z: torch.Tensor, gates: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Soft gating: ``x_hat = sum_e gates[:, e] * D_e(z)`` with the medium decoder; gates [B, E]."""
-    num_experts = weights["fc.weight"].shape[0]
-    topk_idx = torch.arange(num_experts, device=z.device).expand(z.shape[0], num_experts)
-    return experts_medium(z, topk_idx, gates, weights)
+    """Soft gating with the medium decoder: ``x_hat = sum_e gates[:, e] * D_e(z)``; z [B, L], gates [B, E]
+    -> x_hat [B, 1, 28, 28], differentiable in z, gates and every weight.
+
+    Chunks of experts go through the grouped layers in turn (``SOFT_CHUNK_ROWS`` (token, expert) rows
+    at a time); the backward recomputes each chunk's forward, so what is kept between forward and
+    backward is z, the gates and the weights, and the extra memory is one chunk's activations.
+
+    >>> y = experts_medium_soft(z, logits.softmax(-1), model.experts.weights())
+    """
+    ws = [weights[name].contiguous() for name in MEDIUM_WEIGHTS]
+    return _experts_medium_soft_op(z, gates, ws).view(z.shape[0], *IMAGE_SHAPE)

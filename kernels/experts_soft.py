@@ -1,18 +1,29 @@
 """Soft-gated experts for training: x_hat = sum_e gates[:, e] * D_e(z), forward and backward in Triton.
 
-Forward (``_experts_soft_fwd_kernel``): a persistent grid over blocks of BM=16 tokens (axis 1 tiles
-the mlp's output pixels); each program runs its block through every expert in turn and accumulates
-the gated outputs in registers, so no [B, E, 1, 28, 28] tensor and no per-expert activation is ever
-stored. The lite convs go through a small per-program scratch (kernels/decoder_blocks.py): at most
-``grid * 16 * 3528`` fp32, grid <= 2 programs per SM.
+Nothing of size B x E is stored except the gates and their gradient: no [B, E, 1, 28, 28] output, no
+per-expert activation, no per-expert partial dz. Memory beyond inputs, outputs and weight gradients
+is bounded by the grid (``decoder_blocks.soft_forward_split`` / ``soft_backward_split``), and the
+backward recomputes each expert's forward rather than keeping it.
 
-Backward (``_experts_soft_bwd_kernel``): items (expert e, run of token blocks), expert-major, on a
-persistent grid; each item recomputes its expert's forward on its tokens and backpropagates. Memory:
+Forward. Items are (block of BM tokens, group of experts); ``soft_forward_split`` makes enough
+groups that the items fill the persistent grid (B = 1,024 is 64 blocks of 16, fewer than the 264
+programs of an H100) and no more. Each item runs its block through its group's experts in turn and
+sums the gated images in place in out[group], fp32 [groups, B, 784]; torch sums the groups
+(deterministic; one group writes the output directly).
+  - lite (``_experts_soft_lite_fwd_kernel``): the hard kernel's per-tile decoder
+    (kernels/decoder_tiles.py: phase-split convolutions on token-innermost scratch) in its
+    gated-accumulate mode; scratch ``programs * conv_scratch_size`` fp32.
+  - mlp (``_experts_soft_mlp_fwd_kernel``): both layers on chip, axis 1 tiles the output pixels.
+
+Backward (``_experts_soft_bwd_kernel``). Items are (group of experts, run of token blocks). Each item,
+expert by expert, recomputes the expert's forward on its tokens and backpropagates:
   - d gates [B, E] written directly (each (token, expert) by exactly one item);
-  - partial dz [E, B, L] fp32, summed over E by torch (deterministic);
-  - partial weight grads [E, S, W] fp32 (W = one expert's parameter count, S = token runs per expert,
-    S ~ 2 * SMs / E, so E*S*W <= max(E, 2 * SMs) * W), summed over S by torch (deterministic);
-  - scratch ``grid * 16 * 7840`` fp32 for lite.
+  - partial dz [groups, B, L] fp32: an item adds its experts' dz in order into its group's row
+    (one writer per element), torch sums the groups;
+  - partial weight grads [E, runs, W] fp32 (W = one expert's parameter count), summed over runs by
+    torch;
+  - scratch ``programs * 16 * 7840`` fp32 for lite.
+``soft_backward_split`` picks (groups, runs) that fill the grid with the least of this memory.
 No atomics: two backward runs give bitwise-equal gradients.
 """
 from __future__ import annotations
@@ -23,120 +34,229 @@ import triton.language as tl
 
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 
-from .decoder_blocks import (BLOCK_M, SCRATCH_BWD, SCRATCH_FWD,
-                             _experts_bwd_body, _experts_fwd_body, kernel_weights, latent_pad, launch_dims,
-                             partial_layout, unpack_partials, weight_args)
+from .decoder_blocks import (_mlp_experts_bwd_body, _mlp_experts_fwd_body, kernel_weights, latent_pad, launch_dims,
+                             partial_layout, partials_to_grads, soft_backward_split, soft_forward_split)
+from .decoder_tiles import CONV_CHANNELS, _conv_decoder_tile, conv_scratch_size, scratch_maps
+from .decoder_tiles_bwd import _lite_experts_bwd_body, conv_bwd_scratch_size
 from .experts_medium import experts_medium_soft
-from .tuning import training_config
-from .launch import device_arch, device_guard, dot_precision, max_programs
-
+from .launch import device_arch, device_guard, dot_mode, dot_precision, max_programs
+from .tuning import training_config, training_lite_bwd_config, training_lite_fwd_config
 
 
 @triton.jit
-def _experts_soft_fwd_kernel(
-    p_z, stride_zb, stride_zl, p_g, stride_gb, stride_ge, p_out,
-    p_wa, p_wb, p_wc, p_wd, p_we, p_wf, p_scratch,
-    B, L, H, E, n_items,
-    IS_MLP: tl.constexpr, LP: tl.constexpr, HP: tl.constexpr,
-    BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+def _experts_soft_lite_fwd_kernel(
+    z,                   # [B, L] any strides
+    out,                 # [groups, B, 784] fp32
+    scratch,             # [programs, scratch_per_program] fp32, zero-filled (the maps' borders)
+    token_ids,           # [B] int32: 0 .. B-1 (the rows of a token block)
+    gates,               # [B, E] any strides
+    fc_w, fc_b, conv1_w, conv1_b, conv2_w, conv2_b,
+    B, E, L, stride_zb, stride_zl, stride_gb, stride_ge, n_blocks, n_items, experts_per_group,
+    scratch_per_program,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+    BM: tl.constexpr,
+    TS: tl.constexpr,
+    BR: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BN_FC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
-    # items are token blocks; the expert loop inside sums every expert on chip
-    _experts_fwd_body(
+    """Persistent over items (token block, expert group): out[group, tokens] = sum over the group's
+    experts of gate * D_e(z), the first expert storing and the others adding in place."""
+    i_p = tl.program_id(0)
+    p_h0, p_h1, p_h2 = scratch_maps(scratch, scratch_per_program, C0, C1, BM, TS)
+    for item in range(i_p, n_items, tl.num_programs(0)):
+        r0 = (item % n_blocks) * BM
+        n_rows = tl.minimum(B - r0, BM)
+        e_lo = (item // n_blocks) * experts_per_group
+        e_hi = tl.minimum(e_lo + experts_per_group, E)
+        p_out = out + tl.cast(item // n_blocks, tl.int64) * B * 784
+        for e in range(e_lo, e_hi):
+            e64 = tl.cast(e, tl.int64)
+            _conv_decoder_tile(z, stride_zb, stride_zl, 1, token_ids + r0, n_rows, e64,
+                               p_out, gates, stride_gb, e64 * stride_ge, e - e_lo,
+                               fc_w, fc_b, conv1_w, conv1_b, conv2_w, conv2_b, conv2_w, conv2_b, L, p_h0, p_h1, p_h2,
+                               C0, C1, 1, False, BM, TS, BR, BLOCK_L, BN_FC, True, INPUT_PRECISION)
+
+
+@triton.jit
+def _experts_soft_mlp_fwd_kernel(
+    p_z, stride_zb, stride_zl, p_g, stride_gb, stride_ge, p_out,
+    p_w1, p_b1, p_w2, p_b2,
+    B, L, H, E, n_items, n_blocks, experts_per_group,
+    LP: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    # items are (token block, expert group); the group's experts are summed on chip
+    _mlp_experts_fwd_body(
         p_z, stride_zb, stride_zl, p_g, stride_gb, stride_ge, p_out,
-        p_wa, p_wb, p_wc, p_wd, p_we, p_wf, p_scratch, p_z, p_z, p_z,
-        B, L, H, E, 1, n_items,
-        True, IS_MLP, 1, LP, HP, BM, BR, BN, PREC,
+        p_w1, p_b1, p_w2, p_b2, p_z, p_z, p_z,
+        B, L, H, E, 1, n_items, n_blocks, experts_per_group,
+        True, 1, LP, HP, BM, BN, PREC,
     )
 
 
 @triton.jit
-def _experts_soft_bwd_kernel(
+def _experts_soft_lite_bwd_kernel(
+    z, stride_zb, stride_zl, p_do, stride_dob, stride_dop, gates, stride_gb, stride_ge,
+    p_dz, p_dg, p_part, W_TOTAL, scratch, scratch_per_program, token_ids,
+    fc_w, fc_b, conv1_w, conv1_b, conv2_w, conv2_b,
+    B, L, E, n_items, runs, blocks_per_run, experts_per_group,
+    BM: tl.constexpr, TS: tl.constexpr, BR: tl.constexpr, LP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # items are (expert group, run of token blocks), group-major (kernels/decoder_tiles_bwd.py)
+    _lite_experts_bwd_body(
+        z, stride_zb, stride_zl, p_do, stride_dob, stride_dop, gates, stride_gb, stride_ge,
+        p_dz, p_dg, p_part, W_TOTAL, scratch, scratch_per_program, token_ids, token_ids, token_ids,
+        fc_w, fc_b, conv1_w, conv1_b, conv2_w, conv2_b,
+        B, L, E, 1, n_items, runs, blocks_per_run, experts_per_group,
+        True, 1, BM, TS, BR, LP, INPUT_PRECISION,
+    )
+
+
+@triton.jit
+def _experts_soft_mlp_bwd_kernel(
     p_do, stride_dob, stride_dop, p_z, stride_zb, stride_zl, p_g, stride_gb, stride_ge,
     p_dz, p_dg, p_part, W_TOTAL,
-    p_wa, p_wb, p_wc, p_wd, p_we, p_wf, p_scratch,
-    B, L, H, E, n_items, blocks_per_item,
-    IS_MLP: tl.constexpr, LP: tl.constexpr, HP: tl.constexpr,
-    BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    p_w1, p_b1, p_w2, p_b2,
+    B, L, H, E, n_items, runs, blocks_per_run, experts_per_group,
+    LP: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    # items are (expert, run of token blocks), expert-major
-    _experts_bwd_body(
+    # items are (expert group, run of token blocks), group-major
+    _mlp_experts_bwd_body(
         p_do, stride_dob, stride_dop, p_z, stride_zb, stride_zl, p_g, stride_gb, stride_ge,
         p_dz, p_dg, p_part, W_TOTAL,
-        p_wa, p_wb, p_wc, p_wd, p_we, p_wf, p_scratch, p_z, p_z, p_z,
-        B, L, H, E, 1, n_items, blocks_per_item,
-        True, IS_MLP, 1, LP, HP, BM, BR, BN, PREC,
+        p_w1, p_b1, p_w2, p_b2, p_z, p_z, p_z,
+        B, L, H, E, 1, n_items, runs, blocks_per_run, experts_per_group,
+        True, 1, LP, HP, BM, BN, PREC,
     )
 
 
 def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor], kind: str) -> torch.Tensor:
-    """Launcher: z [B, L], gates [B, E], kernel weights -> x_hat [B, 784] (dtype of z and gates promoted)."""
+    """Launcher: z [B, L], gates [B, E], the stacked weights -> x_hat [B, 784] (dtype of z and gates promoted)."""
     num_experts, latent, hidden = launch_dims(z, ws, kind)
     batch = z.shape[0]
-    out = alloc_output((batch, PIXELS), like=z, dtype=torch.promote_types(z.dtype, gates.dtype))
+    out_dtype = torch.promote_types(z.dtype, gates.dtype)
     if batch == 0:
-        return out
-    is_mlp = kind == "mlp"
-    n_items = triton.cdiv(batch, BLOCK_M)
-    grid_m = min(n_items, max_programs(z.device))
-    scratch = z.new_empty(0 if is_mlp else grid_m * BLOCK_M * SCRATCH_FWD, dtype=torch.float32)
-    config = training_config(kind, "fwd", device_arch(z.device))
-    block_n = config["BN"]
-    _experts_soft_fwd_kernel[(grid_m, triton.cdiv(PIXELS, block_n))](
-        z, z.stride(0), z.stride(1), gates, gates.stride(0), gates.stride(1), out,
-        *weight_args(ws), scratch,
-        batch, latent, hidden, num_experts, n_items,
-        IS_MLP=is_mlp,
-        LP=latent_pad(latent),
-        HP=max(16, triton.next_power_of_2(hidden)),
-        BM=BLOCK_M,
-        BR=config["BR"],
-        BN=block_n,
-        PREC=dot_precision(z.dtype),
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
-    return out
+        return alloc_output((0, PIXELS), like=z, dtype=out_dtype)
+    device = z.device
+    arch = device_arch(device)
+    cap = max_programs(device)
+    config = training_lite_fwd_config(arch) if kind == "lite" else training_config(kind, "fwd", arch)
+    n_blocks, groups, per_group = soft_forward_split(batch, num_experts, cap, config["BM"])
+    n_items = n_blocks * groups
+    programs = min(n_items, cap)
+    acc = alloc_output((groups, batch, PIXELS), like=z, dtype=torch.float32)
+    if kind == "lite":
+        per_program = conv_scratch_size("lite", config["BM"], config["TS"])
+        c0, c1, _ = CONV_CHANNELS["lite"]
+        _experts_soft_lite_fwd_kernel[(programs,)](
+            z=z,
+            out=acc,
+            # zero-filled once per call: the maps' borders (the conv padding) are never written
+            scratch=torch.zeros(programs * per_program, dtype=torch.float32, device=device),
+            token_ids=torch.arange(batch, dtype=torch.int32, device=device),
+            gates=gates,
+            fc_w=ws[0],
+            fc_b=ws[1],
+            conv1_w=ws[2],
+            conv1_b=ws[3],
+            conv2_w=ws[4],
+            conv2_b=ws[5],
+            B=batch,
+            E=num_experts,
+            L=latent,
+            stride_zb=z.stride(0),
+            stride_zl=z.stride(1),
+            stride_gb=gates.stride(0),
+            stride_ge=gates.stride(1),
+            n_blocks=n_blocks,
+            n_items=n_items,
+            experts_per_group=per_group,
+            scratch_per_program=per_program,
+            C0=c0,
+            C1=c1,
+            BM=config["BM"],
+            TS=config["TS"],
+            BR=config["BR"],
+            BLOCK_L=latent_pad(latent),
+            BN_FC=64,
+            INPUT_PRECISION=dot_mode(z.dtype, device),
+            num_warps=config["num_warps"],
+        )
+    else:
+        _experts_soft_mlp_fwd_kernel[(programs, triton.cdiv(PIXELS, config["BN"]))](
+            z, z.stride(0), z.stride(1), gates, gates.stride(0), gates.stride(1), acc,
+            *ws,
+            batch, latent, hidden, num_experts, n_items, n_blocks, per_group,
+            LP=latent_pad(latent),
+            HP=max(16, triton.next_power_of_2(hidden)),
+            BM=config["BM"],
+            BN=config["BN"],
+            PREC=dot_precision(z.dtype),
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
+    out = acc[0] if groups == 1 else acc.sum(0)
+    return out.to(out_dtype)
 
 
 def experts_soft_bwd(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor],
                      kind: str) -> list[torch.Tensor]:
-    """Launcher: dL/dx_hat [B, 784] -> [dz, dgates, d(each kernel weight)], deterministic."""
+    """Launcher: dL/dx_hat [B, 784] -> [dz, dgates, d(each stacked weight)], deterministic."""
     num_experts, latent, hidden = launch_dims(z, ws, kind)
     batch = z.shape[0]
-    sizes = partial_layout(kind, latent, hidden)
     if batch == 0:
         return [torch.zeros_like(z), torch.zeros_like(gates)] + [torch.zeros_like(w) for w in ws]
-    is_mlp = kind == "mlp"
-    config = training_config(kind, "bwd", device_arch(z.device))
-    n_blocks = triton.cdiv(batch, BLOCK_M)
-    cap = max_programs(z.device)
-    # S token runs per expert: enough items to fill the grid, each run at least one block
-    blocks_per_item = triton.cdiv(n_blocks, max(1, min(n_blocks, cap // num_experts)))
-    runs = triton.cdiv(n_blocks, blocks_per_item)
-    n_items = num_experts * runs
-    grid_m = min(n_items, cap)
-    partials = alloc_output((n_items, sum(sizes)), like=z, dtype=torch.float32)
-    dz_partial = alloc_output((num_experts, batch, latent), like=z, dtype=torch.float32)
+    device = z.device
+    arch = device_arch(device)
+    weights_per_expert = sum(partial_layout(kind, latent, hidden))
+    config = training_lite_bwd_config(arch) if kind == "lite" else training_config(kind, "bwd", arch)
+    cap = max_programs(device)
+    groups, per_group, runs, blocks_per_run = soft_backward_split(batch, num_experts, cap, config["BM"],
+                                                                  weights_per_expert, latent)
+    n_items = groups * runs
+    programs = min(n_items, cap)
+    partials = alloc_output((num_experts * runs, weights_per_expert), like=z, dtype=torch.float32)
+    dz_partial = alloc_output((groups, batch, latent), like=z, dtype=torch.float32)
     dgates = alloc_output((batch, num_experts), like=gates)
-    scratch = z.new_empty(0 if is_mlp else grid_m * BLOCK_M * SCRATCH_BWD, dtype=torch.float32)
-    _experts_soft_bwd_kernel[(grid_m,)](
-        grad_out, grad_out.stride(0), grad_out.stride(1), z, z.stride(0), z.stride(1),
-        gates, gates.stride(0), gates.stride(1),
-        dz_partial, dgates, partials, sum(sizes),
-        *weight_args(ws), scratch,
-        batch, latent, hidden, num_experts, n_items, blocks_per_item,
-        IS_MLP=is_mlp,
-        LP=latent_pad(latent),
-        HP=max(16, triton.next_power_of_2(hidden)),
-        BM=BLOCK_M,
-        BR=config["BR"],
-        BN=config["BN"],
-        PREC=dot_precision(z.dtype),
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
-    )
-    weight_grads = unpack_partials(partials.view(num_experts, runs, -1).sum(1), ws, kind, latent, hidden)
-    return [dz_partial.sum(0).to(z.dtype), dgates] + weight_grads
+    if kind == "lite":
+        per_program = conv_bwd_scratch_size(config["BM"], config["TS"])
+        _experts_soft_lite_bwd_kernel[(programs,)](
+            z, z.stride(0), z.stride(1), grad_out, grad_out.stride(0), grad_out.stride(1),
+            gates, gates.stride(0), gates.stride(1),
+            dz_partial, dgates, partials, weights_per_expert,
+            # zero-filled once per call: the maps' borders (the conv padding) are never written
+            torch.zeros(programs * per_program, dtype=torch.float32, device=device), per_program,
+            torch.arange(batch, dtype=torch.int32, device=device),
+            *ws,
+            batch, latent, num_experts, n_items, runs, blocks_per_run, per_group,
+            BM=config["BM"],
+            TS=config["TS"],
+            BR=config["BR"],
+            LP=latent_pad(latent),
+            INPUT_PRECISION=dot_mode(z.dtype, device),
+            num_warps=config["num_warps"],
+        )
+    else:
+        _experts_soft_mlp_bwd_kernel[(programs,)](
+            grad_out, grad_out.stride(0), grad_out.stride(1), z, z.stride(0), z.stride(1),
+            gates, gates.stride(0), gates.stride(1),
+            dz_partial, dgates, partials, weights_per_expert,
+            *ws,
+            batch, latent, hidden, num_experts, n_items, runs, blocks_per_run, per_group,
+            LP=latent_pad(latent),
+            HP=max(16, triton.next_power_of_2(hidden)),
+            BM=config["BM"],
+            BN=config["BN"],
+            PREC=dot_precision(z.dtype),
+            num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
+        )
+    per_run = partials.view(num_experts, runs, -1)
+    dz = dz_partial[0] if groups == 1 else dz_partial.sum(0)
+    return [dz.to(z.dtype), dgates] + partials_to_grads(per_run[:, 0] if runs == 1 else per_run.sum(1), ws, kind,
+                                                        latent, hidden)
 
 
 @torch.library.custom_op("smoe_fast::triton_experts_soft", mutates_args=())

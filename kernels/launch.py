@@ -66,6 +66,19 @@ def max_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * _sm_count(_index(device))
 
 
+REGISTERS_PER_SM = 65536
+
+
+def register_cap(num_warps: int) -> int:
+    """The ``maxnreg`` for a kernel of ``num_warps`` warps: the most registers a thread can have with
+    one CTA per SM (at most 255), i.e. the hardware limit, stated. ptxas sometimes gives a 16-warp
+    kernel 64 registers (room for two CTAs) and spills; stating the limit changes its choice, for
+    better or worse per kernel (``smoe-fast audit``, sm_90): the top-k lite forward went from 64
+    registers and 84 B spilled to 123 and none, hard medium from 0 to 768 B spilled. So a launcher
+    passes it only where the audit shows it helps."""
+    return min(255, REGISTERS_PER_SM // (32 * num_warps))
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)

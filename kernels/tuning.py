@@ -168,6 +168,23 @@ def training_config(kind: str, direction: str, arch: int) -> dict[str, int]:
             "num_stages": 1 if small else 3}
 
 
+def training_lite_fwd_config(arch: int) -> dict[str, int]:
+    """Tiles of the lite soft / top-k forward kernels: they run the hard kernel's per-tile decoder
+    (kernels/decoder_tiles.py) on the same tiles, so they take its config at the largest bucket."""
+    return experts_hard_default("lite", arch, MAX_BUCKET)
+
+
+def training_lite_bwd_config(arch: int) -> dict[str, int]:
+    """Tiles of the lite soft / top-k backward (kernels/decoder_tiles_bwd.py): the forward's tiles (it
+    recomputes the forward with the same device functions); TS must be a power of two dividing 4 * BR.
+    Its [BR, 256] gathered conv1 tiles took 144 KB of shared memory in TF32 with BR = 64 (audit,
+    sm_86), over the 99 KB of sm_86/sm_89: archs with less shared memory than sm_90 get BR = 32."""
+    config = training_lite_fwd_config(arch)
+    if arch != 0 and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]:
+        config["BR"] = 32
+    return config
+
+
 GROUPED_TILE_ROWS = 16   # sorted rows of one expert per grouped-layer tile
 
 
@@ -213,7 +230,11 @@ def grouped_layer_config(kernel: str, c_in: int, c_out: int, pixels_in: int, pix
 # 132 B and hard medium 2,644 B on sm_80, grouped medium layers up to 73 KB (wgrad conv1 on sm_90),
 # soft/top-k lite backward 9.5-22 KB. After the token-innermost scratch (2026-12-02): hard lite 0 B in
 # IEEE fp32 everywhere, 32-64 B in TF32/bf16 on sm_80 and sm_90 (0 on sm_86); hard medium 2,856 B on
-# sm_80, 96 B on sm_90.
+# sm_80, 96 B on sm_90. After the training-kernel redesign (2026-12-02: lite forwards on the hard
+# kernel's tiles, the lite backward in the same layout, expert groups in soft items): soft / top-k lite
+# forward 520-1,776 B -> 0 in IEEE fp32 on sm_90 (116 B TF32), lite backward 20.8-22.5 KB -> 4.3-9.1 KB.
+# The mlp backward went up on sm_86 (7.2 KB -> 8.7 / 10.2 KB; sm_90 2.2 / 4.1 KB): pass 1 now loops the
+# group's experts per row block, summing dz in registers and adding d fc1 into the partial rows.
 SPILL_BUDGET_BYTES = {
     "grouping": 0,
     "tile offsets": 0,
@@ -221,14 +242,14 @@ SPILL_BUDGET_BYTES = {
     "hard lite": 64,
     "hard medium": 2_880,
     "hard mlp": 64,
-    "soft fwd lite": 1_664,
+    "soft fwd lite": 128,
     "soft fwd mlp": 64,
-    "soft bwd lite": 20_800,
-    "soft bwd mlp": 7_232,
-    "topk fwd lite": 1_792,
+    "soft bwd lite": 9_152,
+    "soft bwd mlp": 8_704,
+    "topk fwd lite": 64,
     "topk fwd mlp": 64,
-    "topk bwd lite": 22_528,
-    "topk bwd mlp": 7_232,
+    "topk bwd lite": 6_592,
+    "topk bwd mlp": 10_240,
     "medium fwd fc": 64,
     "medium fwd conv1": 11_584,
     "medium fwd conv2": 10_688,

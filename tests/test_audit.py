@@ -78,7 +78,7 @@ def test_grouping_never_spills(rows):
 def test_spills_within_the_written_budget(rows):
     over = []
     for r in rows:
-        if r.op.startswith("cuda") or r.kernel == audit.MODEL_KERNEL:
+        if r.op.startswith("cuda") or r.kernel in (audit.MODEL_KERNEL, audit.STEP_KERNEL):
             continue
         budget = tuning.spill_budget(r.op)
         if r.spill_bytes > budget:
@@ -147,3 +147,34 @@ def test_encoder_work_model_counts_what_torch_counts(encoder):
         mu, _ = net(torch.zeros(1, 1, 28, 28))
         gate(mu)
     assert sum(work.encoder_flops(encoder).values()) == counter.get_total_flops()
+
+
+def test_step_rows_sum_the_forward_and_backward_kernels(rows):
+    # the soft step at B = 1,024, E = 256 (DESIGN.md's target shape) and the top-k step, per precision
+    steps = {(r.op, r.config.rsplit(",", 1)[1]): r for r in rows if r.kernel == audit.STEP_KERNEL and r.arch == "sm_90"}
+    assert {(f"{g} step {k}", p) for g in ("soft", "topk") for k in ("lite", "mlp") for p in ("fp32/ieee", "fp32/tf32")} <= set(steps)
+    first = {}
+    for r in rows:
+        if r.arch == "sm_90" and r.op.split()[0] in ("soft", "topk") and r.kernel != audit.STEP_KERNEL:
+            first.setdefault((r.op, r.config.rsplit(",", 1)[1]), r)
+    for (op, precision), step in steps.items():
+        gating, _, kind = op.split()
+        fwd, bwd = first[(f"{gating} fwd {kind}", precision)], first[(f"{gating} bwd {kind}", precision)]
+        assert step.predicted_us == pytest.approx(fwd.predicted_us + bwd.predicted_us, abs=0.02)
+        assert step.shape == "B=1024 E=256" or gating == "topk"
+
+
+def test_soft_step_memory_does_not_grow_with_experts():
+    # the memory model: nothing kept beyond the inputs, temporaries per token flat in E once the grid
+    # is full, while the reference keeps every (token, expert) pair's activations
+    from smoe_fast.audit.memory import format_memory, memory_rows
+
+    model = {(r.kind, r.num_experts): r for r in memory_rows(experts=(8, 256, 1024, 8192))}
+    for kind in ("lite", "mlp", "medium"):
+        assert all(model[(kind, e)].saved_per_token == 0 for e in (8, 256, 1024, 8192))
+        wide, widest = model[(kind, 1024)], model[(kind, 8192)]
+        assert (wide.forward_per_token, wide.backward_per_token) == (widest.forward_per_token, widest.backward_per_token)
+        assert widest.backward_per_expert <= model[(kind, 8)].backward_per_expert
+        assert widest.reference_saved_per_token == pytest.approx(1024 * model[(kind, 8)].reference_saved_per_token)
+        assert widest.reference_saved_per_token > 100 * widest.backward_per_token
+    assert "saved B/token" in format_memory(list(model.values()))

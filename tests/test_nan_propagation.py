@@ -250,6 +250,6 @@ def test_the_shared_helpers_take_min_or_max_only_nan_propagating():
     assert not calls, f"kernels/activations.py: {[ast.unparse(c) for c in calls]} drop NaN on the GPU"
 
 
-@pytest.mark.parametrize("path", ["experts_hard.py", "decoder_blocks.py", "grouped_layers.py"])
+@pytest.mark.parametrize("path", ["decoder_tiles.py", "decoder_tiles_bwd.py", "decoder_blocks.py", "grouped_layers.py"])
 def test_decoder_kernels_import_the_shared_helpers(path):
     assert "from .activations import" in (KERNELS_DIR / path).read_text()

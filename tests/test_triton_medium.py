@@ -92,3 +92,30 @@ def test_weight_gradients_are_deterministic():
     second = torch.autograd.grad(out, leaves, grad_out)
     for name, a, b in zip(["z", "gates", *weights], first, second):
         assert torch.equal(a, b), f"d {name} differs between two identical backward runs"
+
+
+def test_soft_runs_in_expert_chunks(monkeypatch):
+    # 4 (token, expert) rows per chunk with B = 2, E = 5 (E > B): chunks of 2, 2 and 1 experts, each
+    # recomputed in the backward; dz summed over the chunks, weight gradients written per chunk
+    from smoe_fast.kernels import experts_medium
+    monkeypatch.setattr(experts_medium, "SOFT_CHUNK_ROWS", 4)
+    assert [(e0, e1) for e0, e1, _ in experts_medium._soft_chunks(2, 5, torch.device("cpu"))] == [(0, 2), (2, 4), (4, 5)]
+    z, idx, gates, weights, leaves = _inputs("soft", 2, 5, 5, False)
+    expected = _run(reference, "soft", z, idx, gates, weights)
+    actual = _run(_Triton, "soft", z, idx, gates, weights)
+    assert_grads_close(actual, expected, leaves, ["z", "gates", *weights])
+
+
+def test_soft_backward_keeps_only_the_inputs():
+    # nothing of size B x E x activations is kept for the backward: autograd saves z, gates, weights
+    z, idx, gates, weights, _ = _inputs("soft", 2, 3, 3, False)
+    inputs = {t.data_ptr() for t in (z, gates, *weights.values())}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        experts_soft(z, gates, weights, "medium")
+    assert saved and all(t.data_ptr() in inputs for t in saved), [tuple(t.shape) for t in saved]

@@ -92,6 +92,65 @@ def test_weight_gradients_are_deterministic(kind, batch, num_experts):
         assert torch.equal(a, b), f"d {name} differs between two identical backward runs"
 
 
+@pytest.mark.parametrize("kind", ["mlp", "lite"])
+def test_grid_splits_match_reference(kind, monkeypatch):
+    # a 6-program grid with B = 20 (2 token blocks), E = 5: the forward splits the experts into 3
+    # groups of 2, 2 and 1 (partial outputs summed over groups); the backward into 3 groups x 2 token
+    # runs (dz added expert by expert into each group's partial row, weight partials summed over runs)
+    import importlib
+
+    from smoe_fast.kernels import decoder_blocks
+    monkeypatch.setattr(importlib.import_module("smoe_fast.kernels.experts_soft"), "max_programs", lambda device: 6)
+    weights_per_expert = sum(decoder_blocks.partial_layout(kind, LATENT, 256))
+    assert decoder_blocks.soft_forward_split(20, 5, 6, 16) == (2, 3, 2)
+    assert decoder_blocks.soft_backward_split(20, 5, 6, 16, weights_per_expert, LATENT) == (3, 2, 2, 1)
+    _check_against_reference(kind, 20, 5, "uniform", False)
+
+
+@pytest.mark.parametrize("tile", [
+    pytest.param({"BM": 16, "TS": 2, "BR": 64, "num_warps": 16}, id="gpu-TS2-BR64"),  # the GPU default tile
+    pytest.param({"BM": 16, "TS": 4, "BR": 32, "num_warps": 8}, id="TS4-BR32"),       # 4 token groups per tile
+])
+def test_lite_gpu_tiles_match_reference(tile, monkeypatch):
+    # B = 19: a full token block then 3 tokens (a partial last group of TS with stale slots), E = 2
+    import importlib
+    module = importlib.import_module("smoe_fast.kernels.experts_soft")
+    monkeypatch.setattr(module, "training_lite_fwd_config", lambda arch: dict(tile))
+    monkeypatch.setattr(module, "training_lite_bwd_config", lambda arch: dict(tile))
+    _check_against_reference("lite", 19, 2, "uniform", True)
+
+
+def test_soft_splits_are_bounded_by_the_grid_not_by_experts():
+    # an H100's 264 programs at B = 1,024: the partial outputs and partial dz have at most a grid's
+    # worth of rows whatever E; only the weight-gradient partials (O(E * weights)) grow with E
+    from smoe_fast.kernels.decoder_blocks import soft_backward_split, soft_forward_split
+    lite_weights = 392 * LATENT + 392 + 4 * 32 * 16 + 16 + 4 * 64 + 1
+    for num_experts in (1, 7, 64, 256, 1024, 8192):
+        n_blocks, groups, per_group = soft_forward_split(1024, num_experts, 264, 16)
+        assert groups * per_group >= num_experts > (groups - 1) * per_group
+        assert n_blocks * groups <= 264 or groups == 1
+        groups, per_group, runs, blocks_per_run = soft_backward_split(1024, num_experts, 264, 16, lite_weights, LATENT)
+        assert groups * per_group >= num_experts > (groups - 1) * per_group
+        assert runs * blocks_per_run >= n_blocks > (runs - 1) * blocks_per_run
+        assert groups <= 264 and 8 * groups * runs >= 7 * min(264, num_experts * n_blocks)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lite"])
+def test_backward_keeps_only_the_inputs(kind):
+    # recompute, not store: what autograd saves for the backward is z, the gates and the weights
+    z, gates, weights, _ = _inputs(kind, 3, 4, "uniform", False)
+    inputs = {t.data_ptr() for t in (z, gates, *weights.values())}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        experts_soft(z, gates, weights, kind)
+    assert saved and all(t.data_ptr() in inputs for t in saved), [tuple(t.shape) for t in saved]
+
+
 def test_opcheck():
     # schema, fake tensor, autograd registration and AOT dispatch of the custom op
     from smoe_fast.kernels.decoder_blocks import kernel_weights

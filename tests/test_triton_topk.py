@@ -72,6 +72,23 @@ def test_forward_and_gradients_match_reference(kind, batch, num_experts, top_k, 
     assert_grads_close(actual, expected, leaves, ["z", "topk_gates", *weights])
 
 
+@pytest.mark.parametrize("tile", [
+    pytest.param({"BM": 16, "TS": 2, "BR": 64, "num_warps": 16}, id="gpu-TS2-BR64"),  # the GPU default tile
+    pytest.param({"BM": 16, "TS": 4, "BR": 32, "num_warps": 8}, id="TS4-BR32"),       # 4 token groups per tile
+])
+def test_lite_gpu_tiles_match_reference(tile, monkeypatch):
+    # the interpreter's default lite tile is one group of 16 tokens; the GPU's loops over groups of TS
+    # tokens with a last, partial group (stale slots masked), and over BR-row steps
+    import importlib
+    module = importlib.import_module("smoe_fast.kernels.experts_topk")
+    monkeypatch.setattr(module, "training_lite_fwd_config", lambda arch: dict(tile))
+    monkeypatch.setattr(module, "training_lite_bwd_config", lambda arch: dict(tile))
+    z, idx, gates, weights, leaves = _inputs("lite", 13, 3, 2, "uniform", False)
+    expected = reference.experts_topk(z, idx, gates, weights, "lite")
+    actual = experts_topk(z, idx, gates, weights, "lite")
+    assert_grads_close(actual, expected, leaves, ["z", "topk_gates", *weights])
+
+
 @pytest.mark.parametrize("kind", ["mlp", "lite"])
 def test_empty_batch(kind):
     # B = 0: an empty result and zero gradients

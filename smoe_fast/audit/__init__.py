@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 from .hardware import ARCHS, DEFAULT_ARCHS, GPUS, arch_number
 
-__all__ = ["AuditRow", "run_audit", "format_table", "write_csv", "add_arguments", "run", "can_compile", "CSV_COLUMNS"]
+__all__ = ["AuditRow", "MODEL_KERNEL", "STEP_KERNEL", "run_audit", "format_table", "write_csv", "add_arguments", "run", "can_compile", "CSV_COLUMNS"]
 
 
 def can_compile() -> bool:
@@ -177,6 +177,33 @@ def _model_rows(rows: list[AuditRow], gpu_name: str, encoder: str = "medium") ->
     return out
 
 
+STEP_KERNEL = "training step"
+
+
+def _step_rows(rows: list[AuditRow]) -> list[AuditRow]:
+    """One row per (arch, soft / top-k, fused kind, precision): the training step's experts, forward +
+    backward, as the sum of the two compiled kernels' predictions (DESIGN.md: the soft step at
+    B = 1,024, E = 256 within 2x of its roofline, i.e. at least half of it)."""
+    out = []
+    for arch in dict.fromkeys(r.arch for r in rows):
+        first = {}
+        for r in rows:
+            if r.arch == arch and not r.error and r.op.split(" ")[0] in ("soft", "topk") and len(r.op.split(" ")) == 3:
+                first.setdefault((r.op, r.config.rsplit(",", 1)[-1]), r)
+        for (op, label), fwd in first.items():
+            gating, direction, kind = op.split(" ")
+            bwd = first.get((f"{gating} bwd {kind}", label))
+            if direction != "fwd" or bwd is None:
+                continue
+            predicted, ideal = fwd.predicted_us + bwd.predicted_us, fwd.ideal_us + bwd.ideal_us
+            out.append(AuditRow(STEP_KERNEL, f"{gating} step {kind}", f"fwd+bwd,{label}", arch, 0,
+                                fits=fwd.fits and bwd.fits, predicted_us=round(predicted, 2), ideal_us=round(ideal, 2),
+                                gpu=fwd.gpu, shape=fwd.shape, cached=fwd.cached and bwd.cached,
+                                bound=f"{predicted / ideal:.1f}x the roofline (fwd {fwd.predicted_us:.0f} us, "
+                                      f"bwd {bwd.predicted_us:.0f} us)"))
+    return out
+
+
 def run_audit(archs=DEFAULT_ARCHS, gpu: str = "h100", full: bool = False, cache_dir: str | None = None,
               cuda_sources: bool = True) -> list[AuditRow]:
     """Compile (or read from the cache) every case for each arch; one :class:`AuditRow` per case."""
@@ -195,7 +222,7 @@ def run_audit(archs=DEFAULT_ARCHS, gpu: str = "h100", full: bool = False, cache_
             raise RuntimeError(f"sm_{arch}: the compile worker returned {len(records[arch])} records for "
                                f"{len(cases)} cases")
         rows += [_row(case, record, arch, gpu) for case, record in zip(cases, records[arch])]
-    rows += _model_rows(rows, gpu)
+    rows += _model_rows(rows, gpu) + _step_rows(rows)
     if cuda_sources:
         rows += _nvcc_rows(archs, cache_dir)
     return rows
@@ -214,7 +241,7 @@ def format_table(rows: list[AuditRow]) -> str:
         if r.error:
             lines.append(f"{_short(r.op, 30):<30} {_short(r.config, 44):<44} {r.arch:<6} ERROR: {_short(r.error, 80)}")
             continue
-        if r.kernel == MODEL_KERNEL:  # no compiled kernel of its own: only the predicted times
+        if r.kernel in (MODEL_KERNEL, STEP_KERNEL):  # no compiled kernel of its own: only the predicted times
             lines.append(f"{_short(r.op, 30):<30} {_short(r.config, 44):<44} {r.arch:<6} {'':>52} "
                          f"{r.predicted_us:>9.1f} {r.ideal_us:>9.1f}  {r.bound}")
             continue
@@ -262,7 +289,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"smoe-fast audit: {exc}", file=sys.stderr)
         return 2
+    from .memory import format_memory, memory_rows
+
     print(format_table(rows))
+    print()
+    print(format_memory(memory_rows()))
     if args.csv:
         write_csv(rows, args.csv)
         print(f"wrote {len(rows)} rows to {args.csv}")

@@ -32,9 +32,12 @@ class Case:
     work: W.Work
     precision: str = "ieee"      # "ieee" | "tf32" | "bf16" (the tensor-core rate when a dot uses them)
     num_stages: int = 3          # software-pipelining depth (triton's default on NVIDIA)
+    maxnreg: int | None = None   # the launcher's register cap (launch.register_cap), None: ptxas's choice
 
     def key(self) -> tuple:
         stages = () if self.num_stages == 3 else (("num_stages", self.num_stages),)
+        if self.maxnreg is not None:
+            stages += (("maxnreg", self.maxnreg),)
         return (self.kernel, tuple(sorted(self.constexprs.items())) + stages, self.num_warps,
                 tuple(sorted(self.pointers.items())), tuple(sorted(_specialisation(self.scalars).items())))
 
@@ -125,6 +128,29 @@ _HARD_DTYPES = {"fp32/ieee": ("fp32", "ieee"), "fp32/tf32": ("fp32", "tf32"), "b
                 "fp16": ("fp16", "fp16")}
 
 
+def _conv_tile_stages(kind: str, rows: int) -> list[W.Stage]:
+    """The GEMM stages of decoder_tiles._conv_decoder_tile for ``rows`` (token, expert) rows."""
+    flops = W.lite_flops() if kind == "lite" else W.medium_flops()
+    stages = [W.Stage("fc", rows * flops["fc"], dot="_linear_rows_to_scratch"),
+              W.Stage("conv1", rows * flops["conv1"], dot="_upconv3x3_to_scratch", occurrence=0)]
+    if kind == "medium":
+        stages.append(W.Stage("conv2", rows * flops["conv2"], dot="_upconv3x3_to_scratch", occurrence=1))
+        stages.append(W.Stage("conv3 (1 channel)", rows * flops["conv3"]))
+    else:
+        stages.append(W.Stage("conv2 (1 channel)", rows * flops["conv2"], dot="_upconv3x3_one_channel_to_image"))
+    return stages
+
+
+def _conv_tile_scratch_per_row(kind: str) -> int:
+    """Scratch bytes one row moves in decoder_tiles._conv_decoder_tile."""
+    if kind == "medium":
+        # h0 + a1 + a2 written once, gathered 4 (phase taps) or 9 times per output row
+        return 4 * (1568 + 12544 + 25088) + 4 * (49 * 4 * 128 + 196 * 4 * 256 + 784 * 32 * 9)
+    # h0, a1 and conv2's (phase, tap) parts written once; conv1 gathers 32 taps per (pixel, phase),
+    # conv2 reads a1 once and 4 parts per output pixel
+    return 4 * (392 + 3136 + 3136) + 4 * (49 * 4 * 32 + 3136 + 784 * 4)
+
+
 def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W.Work:
     from smoe_fast.kernels import launch
 
@@ -143,24 +169,12 @@ def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W
         scratch_footprint = programs * bm * hidden * 4
         useful = b * sum(flops.values())
     else:
-        flops = W.lite_flops() if kind == "lite" else W.medium_flops()
         params = W.LITE_PARAMS if kind == "lite" else W.MEDIUM_PARAMS
-        stages = [W.Stage("fc", b * flops["fc"], dot="_linear_rows_to_scratch"),
-                  W.Stage("conv1", b * flops["conv1"], dot="_upconv3x3_to_scratch", occurrence=0)]
-        if kind == "medium":
-            stages.append(W.Stage("conv2", b * flops["conv2"], dot="_upconv3x3_to_scratch", occurrence=1))
-            stages.append(W.Stage("conv3 (1 channel)", b * flops["conv3"]))
-            # h0 + a1 + a2 written once, gathered 4 (phase taps) or 9 times per output row
-            scratch_per_token = 4 * (1568 + 12544 + 25088) + 4 * (49 * 4 * 128 + 196 * 4 * 256 + 784 * 32 * 9)
-        else:
-            stages.append(W.Stage("conv2 (1 channel)", b * flops["conv2"], dot="_upconv3x3_one_channel_to_image"))
-            # h0, a1 and conv2's (phase, tap) parts written once; conv1 gathers 32 taps per (pixel, phase),
-            # conv2 reads a1 once and 4 parts per output pixel
-            scratch_per_token = 4 * (392 + 3136 + 3136) + 4 * (49 * 4 * 32 + 3136 + 784 * 4)
+        stages = tuple(_conv_tile_stages(kind, b))
+        scratch_per_token = _conv_tile_scratch_per_row(kind)
         # zero-bordered maps, zero-filled once per call
-        scratch_footprint = programs * kernel_module("experts_hard").conv_scratch_size(kind, bm, config["TS"]) * 4
-        stages = tuple(stages)
-        useful = b * sum(flops.values())
+        scratch_footprint = programs * kernel_module("decoder_tiles").conv_scratch_size(kind, bm, config["TS"]) * 4
+        useful = b * sum((W.lite_flops() if kind == "lite" else W.medium_flops()).values())
     streams = (W.Stream("z rows + indices", b * (W.LATENT * elem + 12), "hbm"),
                W.Stream("x_hat rows", b * per_token_out, "hbm"),
                W.Stream("expert weights per tile", tiles * params * elem, "l2"),
@@ -177,7 +191,7 @@ def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W
 def hard_cases(arch: int, full: bool) -> list[Case]:
     from smoe_fast.kernels import launch, tuning
 
-    experts_hard = kernel_module("experts_hard")
+    decoder_tiles = kernel_module("decoder_tiles")
 
     cases = []
     latent, hidden, e = W.LATENT, 256, W.HARD_E
@@ -207,10 +221,10 @@ def hard_cases(arch: int, full: bool) -> list[Case]:
                     cases.append(Case("experts_hard:_experts_hard_mlp_fwd_kernel", "hard mlp", label,
                                       dict(ptrs, **index_ptrs), scalars, consts, config["num_warps"], work, rate))
                     continue
-                c0, c1, c2 = experts_hard._CONV_CHANNELS[kind]
+                c0, c1, c2 = decoder_tiles.CONV_CHANNELS[kind]
                 ptrs = {n: "*" + dtype for n in ("z", "out", "fc_w", "fc_b", "conv1_w", "conv1_b", "conv2_w",
                                                   "conv2_b", "conv3_w", "conv3_b")}
-                per_program = experts_hard.conv_scratch_size(kind, bm, config["TS"])
+                per_program = decoder_tiles.conv_scratch_size(kind, bm, config["TS"])
                 scalars = dict(E=e, L=latent, stride_zb=latent, stride_zl=1, max_tiles=max_tiles,
                                scratch_per_program=per_program)
                 consts = dict(LOG_E=launch.log2_ceil(e), C0=c0, C1=c1, C2=c2, HAS_CONV3=kind == "medium", BM=bm,
@@ -224,88 +238,163 @@ def hard_cases(arch: int, full: bool) -> list[Case]:
 # soft / top-k fused training kernels (lite, mlp)
 # ----------------------------------------------------------------------------------------------------
 
+def _training_items(op: str, direction: str, bm: int, weights_per_expert: int) -> tuple[int, int, int]:
+    """(items, expert groups, token runs) of a training launch at its target shape, from the launchers'
+    own split functions (kernels/decoder_blocks.py)."""
+    from smoe_fast.kernels import decoder_blocks, launch
+
+    if op == "topk":
+        return launch.tile_bound(W.TOPK_B * W.TOPK_K, W.TOPK_E, bm), 1, 1
+    if direction == "fwd":
+        n_blocks, groups, _ = decoder_blocks.soft_forward_split(W.SOFT_B, W.SOFT_E, 264, bm)
+        return n_blocks * groups, groups, 1
+    groups, _, runs, _ = decoder_blocks.soft_backward_split(W.SOFT_B, W.SOFT_E, 264, bm, weights_per_expert, W.LATENT)
+    return groups * runs, groups, runs
+
+
 def _training_work(op: str, kind: str, direction: str, config: dict, hidden: int) -> W.Work:
-    from smoe_fast.kernels import launch
+    from smoe_fast.kernels import decoder_blocks
 
     bm = config["BM"]
     if op == "soft":
         b, e = W.SOFT_B, W.SOFT_E
         rows = b * e                                   # every (token, expert) pair
-        items = W.cdiv(b, bm) if direction == "fwd" else e * max(1, min(W.cdiv(b, bm), 264 // e))
     else:
         b, e = W.TOPK_B, W.TOPK_E
         rows = b * W.TOPK_K
-        items = launch.tile_bound(rows, e, bm)
+    weights_per_expert = sum(decoder_blocks.partial_layout(kind, W.LATENT, hidden))
+    items, groups, runs = _training_items(op, direction, bm, weights_per_expert)
     programs = min(items, 264)
+    # tiles: (rows of one expert) launches of the decoder; soft: every (block, expert) pair
+    tiles = items if op == "topk" else W.cdiv(b, bm) * e
+    # the image rows each (token, expert) row writes: soft accumulates in place (read + write),
+    # top-k writes its (token, slot) row, which torch sums
+    out_rows = W.Stream("gated images (accumulated in place)" if op == "soft" else "y_slots rows",
+                        rows * W.PIXELS * 4 * (2 if op == "soft" else 1), "l2")
+    scratch_footprint = 0.0
     if kind == "mlp":
         f = {"fc1": 2 * W.LATENT * hidden, "fc2": 2 * hidden * W.PIXELS}
         stages = [W.Stage("fc1", rows * f["fc1"], dot="_mlp_hidden"), W.Stage("fc2", rows * f["fc2"], dot="_mlp_out_tile")]
         params = hidden * W.LATENT + hidden + W.PIXELS * hidden + W.PIXELS
-        scratch = 0
-    else:
+        scratch = W.Stream("activation scratch", 0, "scratch")
+    elif direction == "fwd":
+        # the hard kernel's per-tile decoder (kernels/decoder_tiles.py)
         f = W.lite_flops()
-        # the kernels' tiles: fc N padded 392 -> 512; conv2 over [BM, 1024] for 784 pixels
-        stages = [W.Stage("fc", rows * f["fc"] * 512 / 392, dot="_lite_forward_rows", occurrence=0),
-                  W.Stage("conv1", rows * f["conv1"], dot="_lite_forward_rows", occurrence=1),
-                  W.Stage("conv2 (1 channel)", rows * f["conv2"] * 1024 / 784)]
+        stages = _conv_tile_stages("lite", rows)
         params = W.LITE_PARAMS
-        scratch = rows * 4 * ((392 + 3136) + 49 * 4 * 32 + 784 * 64)
+        scratch = W.Stream("activation scratch", rows * _conv_tile_scratch_per_row("lite"), "scratch", gather=True,
+                           sites=("_gather_phase_rows",))
+        scratch_footprint = programs * kernel_module("decoder_tiles").conv_scratch_size("lite", bm, config["TS"]) * 4
+    else:
+        # kernels/decoder_tiles_bwd.py: the forward recomputed with the forward's device functions, then
+        # per (pixel, token) row GEMMs whose weight gradients reuse the data gradients' gathered tiles
+        f = W.lite_flops()
+        stages = [W.Stage("fc", rows * f["fc"], dot="_linear_rows_to_scratch"),
+                  W.Stage("conv1", rows * f["conv1"], dot="_upconv3x3_to_scratch"),
+                  W.Stage("conv2 parts", rows * 2 * 196 * 16 * 16, dot="_lite_parts_to_scratch")]
+        params = W.LITE_PARAMS
+        # conv2 dgrad + wgrad (K = 16), conv1 dgrad + wgrad (K = 256, N = 8 padded to 16), fc dW and dz
+        grads = 2 * (2 * 196 * 16 * 16) + 2 * (2 * 49 * 256 * 16) + 2 * (2 * 392 * W.LATENT)
+        # the forward's traffic, then g2 written, its 16-tap gather and a1 read, dc1 written, its
+        # 256-column gather and h0 read, dh0 written and read
+        per_row = _conv_tile_scratch_per_row("lite") + 4 * (784 + 196 * 16 + 3136 + 3136 + 49 * 256 + 392 * 3)
+        scratch = W.Stream("activation scratch", rows * per_row, "scratch", gather=True)
+        scratch_footprint = programs * kernel_module("decoder_tiles_bwd").conv_bwd_scratch_size(bm, config["TS"]) * 4
     useful = rows * sum(f.values())
     if direction == "bwd":
         # recompute the forward, then two GEMMs per forward GEMM (data and weight gradients)
-        stages = [W.Stage(s.name + " (recompute)", s.flops, s.dot, s.occurrence, s.unit) for s in stages] + [
-            W.Stage(s.name + " grads", 2 * s.flops, None if s.dot is None else "_lite_backward_rows" if kind == "lite"
-                    else "_experts_bwd_body", 0, s.unit) for s in stages]
+        recompute = [W.Stage(s.name + " (recompute)", s.flops, s.dot, s.occurrence, s.unit) for s in stages]
+        if kind == "lite":
+            stages = recompute + [W.Stage("data + weight grads", rows * grads, dot="_lite_tile_bwd")]
+        else:
+            stages = recompute + [W.Stage(s.name + " grads", 2 * s.flops, "_mlp_experts_bwd_body", 0, s.unit)
+                                  for s in stages]
         useful *= 3
-        scratch *= 2.2
     streams = [W.Stream("z, gates, x_hat (and d x_hat)", b * (W.LATENT * 4 + e * 4 + W.PIXELS * 4 * (2 if direction == "bwd" else 1)), "hbm"),
-               W.Stream("expert weights per block", items * params * 4 * (1 if op == "topk" else (e if direction == "fwd" else 1)), "l2")]
-    if scratch:
-        streams.append(W.Stream("activation scratch", scratch, "scratch", gather=True))
-    if direction == "bwd":
-        streams.append(W.Stream("partial weight grads", items * params * 4, "hbm"))
+               W.Stream("expert weights per tile", tiles * params * 4, "l2"), scratch]
+    if scratch_footprint:
+        streams.append(W.Stream("scratch zero-fill", scratch_footprint, "scratch"))
+    if direction == "fwd":
+        streams.append(out_rows)
+        if op == "soft" and groups > 1:
+            streams.append(W.Stream("partial outputs [groups, B, 784] summed", groups * b * W.PIXELS * 4 * 2, "hbm"))
+    else:
+        streams.append(W.Stream("partial weight grads (written, summed)", (e * runs if op == "soft" else items)
+                                * weights_per_expert * 4 * 2, "hbm"))
+        if kind == "lite":
+            # d fc.weight added in place per tile; dL/dx_hat re-read per (token, expert) row
+            streams.append(W.Stream("d fc.weight in place", tiles * 392 * W.LATENT * 4 * 2, "l2"))
+            streams.append(W.Stream("dL/dx_hat rows per expert", rows * W.PIXELS * 4, "l2", gather=True))
         if op == "soft":
-            streams.append(W.Stream("partial dz [E, B, L]", e * b * W.LATENT * 4 * 2, "hbm"))
-    per_program = items / programs * (e if (op == "soft" and direction == "fwd") else 1)
+            streams.append(W.Stream("partial dz [groups, B, L] (added per expert, summed)",
+                                    rows * W.LATENT * 4 * 2 + groups * b * W.LATENT * 4, "l2"))
     return W.Work(shape=f"B={b} E={e}" + (f" K={W.TOPK_K}" if op == "topk" else ""), programs=programs,
-                  stages=tuple(stages), streams=tuple(streams), serial_steps=per_program * 6,
-                  scratch_bytes=programs * bm * (7840 if direction == "bwd" else 3528) * 4 if kind == "lite" else 0,
+                  stages=tuple(stages), streams=tuple(streams), serial_steps=tiles / programs * 6,
+                  scratch_bytes=scratch_footprint,
                   useful_flops=useful, compulsory_bytes=b * (W.LATENT * 4 + e * 4 + W.PIXELS * 4))
 
 
 def training_cases(arch: int, full: bool) -> list[Case]:
     from smoe_fast.kernels import decoder_blocks, launch, tuning
 
-    experts_soft, experts_topk = kernel_module("experts_soft"), kernel_module("experts_topk")
-
+    decoder_tiles = kernel_module("decoder_tiles")
     cases = []
     latent, hidden = W.LATENT, 256
-    for op, module in (("soft", experts_soft), ("topk", experts_topk)):
+    for op in ("soft", "topk"):
+        module = kernel_module(f"experts_{op}")
         e = W.SOFT_E if op == "soft" else W.TOPK_E
+        batch = W.SOFT_B if op == "soft" else W.TOPK_B
         for kind in ("lite", "mlp"):
             is_mlp = kind == "mlp"
             h = hidden if is_mlp else 1
             for precision in ("ieee", "tf32"):
                 for direction in ("fwd", "bwd"):
-                    config = tuning.training_config(kind, direction, arch)
-                    name = f"_experts_{op}_{direction}_kernel"
+                    if is_mlp:
+                        config = tuning.training_config(kind, direction, arch)
+                    elif direction == "fwd":
+                        config = tuning.training_lite_fwd_config(arch)
+                    else:
+                        config = tuning.training_lite_bwd_config(arch)
+                    name = f"_experts_{op}_{kind}_{direction}_kernel"
                     kernel = getattr(module, name)
-                    ptrs = {a: "*fp32" for a in arg_names(kernel) if a.startswith("p_")}
-                    ptrs.update({a: "*i32" for a in ("p_sorted", "p_eoff", "p_toff") if a in ptrs})
-                    scalars = dict(stride_zb=latent, stride_zl=1, stride_gb=e if op == "soft" else W.TOPK_K,
-                                   stride_ge=1, stride_gk=1, stride_dob=W.PIXELS, stride_dop=1, W_TOTAL=5000,
-                                   B=W.SOFT_B if op == "soft" else W.TOPK_B, L=latent, H=h, E=e, K=W.TOPK_K,
-                                   n_items=70, blocks_per_item=3)
-                    consts = dict(IS_MLP=is_mlp, LP=decoder_blocks.latent_pad(latent), HP=max(16, 1 << max(0, h - 1).bit_length()),
-                                  BM=config["BM"], BR=config["BR"], BN=config["BN"], PREC=precision)
-                    if op == "topk":
-                        consts["LOG_E"] = launch.log2_ceil(e)
-                    cases.append(Case(f"experts_{op}:{name}", f"{op} {direction} {kind}", f"{_fmt(config)},fp32/{precision}",
-                                      ptrs, {k: v for k, v in scalars.items() if k in arg_names(kernel)}, consts,
-                                      config["num_warps"], _training_work(op, kind, direction, config, hidden), precision,
-                                      config["num_stages"]))
+                    args = arg_names(kernel)
+                    work = _training_work(op, kind, direction, config, hidden)
+                    label = f"{_fmt(config)},fp32/{precision}"
+                    if not is_mlp:
+                        ptrs = {a: "*fp32" for a in args if a.startswith("p_") or a in (
+                            "z", "out", "scratch", "gates", "fc_w", "fc_b", "conv1_w", "conv1_b", "conv2_w", "conv2_b")}
+                        ptrs.update({a: "*i32" for a in ("token_ids", "sorted_token_idx", "expert_offsets",
+                                                          "tile_offsets") if a in args})
+                        c0, c1, _ = decoder_tiles.CONV_CHANNELS["lite"]
+                        per_program = (decoder_tiles.conv_scratch_size("lite", config["BM"], config["TS"])
+                                       if direction == "fwd" else
+                                       kernel_module("decoder_tiles_bwd").conv_bwd_scratch_size(config["BM"], config["TS"]))
+                        scalars = dict(B=batch, E=e, K=W.TOPK_K, L=latent, stride_zb=latent, stride_zl=1,
+                                       stride_gb=e, stride_ge=1, stride_dob=W.PIXELS, stride_dop=1, W_TOTAL=14_249,
+                                       n_blocks=W.cdiv(batch, config["BM"]), n_items=70, runs=3, blocks_per_run=3,
+                                       experts_per_group=3, max_tiles=70, scratch_per_program=per_program)
+                        consts = dict(LOG_E=launch.log2_ceil(e), C0=c0, C1=c1, BM=config["BM"], TS=config["TS"],
+                                      BR=config["BR"], BLOCK_L=32, LP=32, BN_FC=64, INPUT_PRECISION=precision)
+                    else:
+                        ptrs = {a: "*fp32" for a in args if a.startswith("p_")}
+                        ptrs.update({a: "*i32" for a in ("p_sorted", "p_eoff", "p_toff") if a in ptrs})
+                        scalars = dict(stride_zb=latent, stride_zl=1, stride_gb=e if op == "soft" else W.TOPK_K,
+                                       stride_ge=1, stride_gk=1, stride_dob=W.PIXELS, stride_dop=1, W_TOTAL=5000,
+                                       B=batch, L=latent, H=h, E=e, K=W.TOPK_K, n_items=70, n_blocks=64,
+                                       experts_per_group=3, runs=3, blocks_per_run=3)
+                        consts = dict(LOG_E=launch.log2_ceil(e), LP=decoder_blocks.latent_pad(latent),
+                                      HP=max(16, 1 << max(0, h - 1).bit_length()), BM=config["BM"], BN=config["BN"],
+                                      PREC=precision)
+                    cases.append(Case(f"experts_{op}:{name}", f"{op} {direction} {kind}", label, ptrs,
+                                      {k: v for k, v in scalars.items() if k in args},
+                                      {k: v for k, v in consts.items() if k in args}, config["num_warps"], work,
+                                      precision, config.get("num_stages", 3),
+                                      # the launcher's register cap (experts_topk.py)
+                                      launch.register_cap(config["num_warps"]) if (op, direction, kind) == ("topk", "fwd", "lite")
+                                      else None))
     w_total = 14_249
     rows = launch.tile_bound(W.TOPK_B * W.TOPK_K, W.TOPK_E, decoder_blocks.BLOCK_M)
+    experts_topk = kernel_module("experts_topk")
     sum_work = W.Work(shape=f"E={W.TOPK_E} W={w_total}", programs=W.TOPK_E * W.cdiv(w_total, experts_topk._REDUCE_BLOCK),
                       streams=(W.Stream("partials in, grads out", (rows + W.TOPK_E) * w_total * 4, "hbm"),),
                       serial_steps=rows / W.TOPK_E, compulsory_bytes=(rows + W.TOPK_E) * w_total * 4)

@@ -95,7 +95,10 @@ def compile_case(case, arch: int) -> dict:
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     signature, constexprs, attrs = _signature(kernel, case)
-    options = backend.parse_options({"num_warps": case.num_warps, "num_stages": case.num_stages})
+    options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
+    if case.maxnreg is not None:
+        options["maxnreg"] = case.maxnreg
+    options = backend.parse_options(options)
     log = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(log):
