@@ -27,7 +27,7 @@ from .tuning import TRAIN_BLOCK_M
 
 FC_OUT = 392      # 8 x 7 x 7
 PIXELS = 784      # 1 x 28 x 28
-BLOCK_M = TRAIN_BLOCK_M  # rows per block (tuning.training_config has the per-arch tiles)
+BLOCK_M = TRAIN_BLOCK_M  # rows per block of the training kernels and of the top-k routing tiles
 
 # _TAPS[p, s, t] = 1 if 3x3 tap t lands on source offset s for output parity p (see module docstring).
 _TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))

@@ -283,7 +283,7 @@ def _store_lite_partials(p_part, acc_fcb, acc_w1, acc_b1, acc_w2, acc_b2, L):
     o_k = tl.arange(0, 256)[:, None]
     o_ci = tl.arange(0, 16)[None, :]
     tl.store(p_part + (o_k // 64) * 512 + (o_ci * 4 + (o_k // 2) % 2 * 2 + o_k % 2) * 16 + (o_k // 4) % 16, acc_w1,
-             mask=(o_ci < 8) & (o_k >= 0))
+             mask=(o_k < 256) & (o_ci < 8))
     p_part += 2048
     tl.store(p_part + tl.arange(0, 16), acc_b1)
     p_part += 16

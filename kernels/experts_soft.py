@@ -40,7 +40,7 @@ from .decoder_tiles import CONV_CHANNELS, _conv_decoder_tile, conv_scratch_size,
 from .decoder_tiles_bwd import _lite_experts_bwd_body, conv_bwd_scratch_size
 from .experts_medium import experts_medium_soft
 from .launch import device_arch, device_guard, dot_mode, dot_precision, max_programs
-from .tuning import training_config, training_lite_bwd_config, training_lite_fwd_config
+from .tuning import training_lite_bwd_config, training_lite_fwd_config, training_mlp_config
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor
     device = z.device
     arch = device_arch(device)
     cap = max_programs(device)
-    config = training_lite_fwd_config(arch) if kind == "lite" else training_config(kind, "fwd", arch)
+    config = training_lite_fwd_config(arch) if kind == "lite" else training_mlp_config(arch)
     n_blocks, groups, per_group = soft_forward_split(batch, num_experts, cap, config["BM"])
     n_items = n_blocks * groups
     programs = min(n_items, cap)
@@ -211,7 +211,7 @@ def experts_soft_bwd(grad_out: torch.Tensor, z: torch.Tensor, gates: torch.Tenso
     device = z.device
     arch = device_arch(device)
     weights_per_expert = sum(partial_layout(kind, latent, hidden))
-    config = training_lite_bwd_config(arch) if kind == "lite" else training_config(kind, "bwd", arch)
+    config = training_lite_bwd_config(arch) if kind == "lite" else training_mlp_config(arch)
     cap = max_programs(device)
     groups, per_group, runs, blocks_per_run = soft_backward_split(batch, num_experts, cap, config["BM"],
                                                                   weights_per_expert, latent)

@@ -35,7 +35,7 @@ from .experts_medium import experts_medium
 from .grouping import group_by_expert
 from .launch import (device_arch, device_guard, dot_mode, dot_precision, find_tile, log2_ceil, max_programs,
                      register_cap, tile_bound, tile_offsets)
-from .tuning import training_config, training_lite_bwd_config, training_lite_fwd_config
+from .tuning import training_lite_bwd_config, training_lite_fwd_config, training_mlp_config
 
 _REDUCE_BLOCK = 1024  # weight-gradient columns per segment-sum program
 
@@ -185,7 +185,7 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
             maxnreg=register_cap(config["num_warps"]),
         )
     else:
-        config = training_config(kind, "fwd", arch)
+        config = training_mlp_config(arch)
         _experts_topk_mlp_fwd_kernel[(programs, triton.cdiv(PIXELS, config["BN"]))](
             z, z.stride(0), z.stride(1), topk_gates, topk_gates.stride(0), topk_gates.stride(1), y_slots,
             *ws, sorted_token_idx, expert_offsets, tile_offs,
@@ -240,7 +240,7 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
             num_warps=config["num_warps"],
         )
     else:
-        config = training_config(kind, "bwd", arch)
+        config = training_mlp_config(arch)
         _experts_topk_mlp_bwd_kernel[(programs,)](
             grad_out, grad_out.stride(0), grad_out.stride(1), z, z.stride(0), z.stride(1),
             topk_gates, topk_gates.stride(0), topk_gates.stride(1),

@@ -145,26 +145,18 @@ def forced_experts_hard_config(kind: str, **config: int):
 # ----------------------------------------------------------------------------------------------------
 
 TRAIN_BLOCK_M = 16     # rows per block: the smallest tl.dot M
-TRAIN_CONV_BLOCK_R = 64  # gathered conv rows per tl.dot
 TRAIN_MLP_BLOCK_N = 64   # output pixels per mlp tile
-# the mlp pixel tile on archs with less shared memory than sm_90 (see training_config)
+# the mlp pixel tile on archs with less shared memory than sm_90 (see training_mlp_config)
 _SMALL_SHARED_MLP_BLOCK_N = 32
 
 
-def training_config(kind: str, direction: str, arch: int) -> dict[str, int]:
-    """Tiles of the fused soft / top-k kernels (``direction`` "fwd" or "bwd") for ``arch``.
-
-    BM rows per block, BR gathered conv rows per step, BN output pixels per mlp tile (the lite
-    forward keeps all 784 pixels of a block in one [BM, 1024] tile). The audit (sm_90) reports the
-    mlp kernels at 190-210 KB of shared memory with BN=64 and 3 pipelining stages, and 122-150 KB on
-    sm_86 with BN=32: archs with less shared memory than sm_90 get BN=32 and no pipelining."""
-    block_n = TRAIN_MLP_BLOCK_N
+def training_mlp_config(arch: int) -> dict[str, int]:
+    """Tiles of the fused mlp soft / top-k kernels, forward and backward, for ``arch``: BM rows per
+    block, BN output pixels per tile. The audit (sm_90) reports them at 190-210 KB of shared memory
+    with BN=64 and 3 pipelining stages, and 122-150 KB on sm_86 with BN=32: archs with less shared
+    memory than sm_90 get BN=32 and no pipelining."""
     small = arch != 0 and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]
-    if kind == "mlp" and small:
-        block_n = _SMALL_SHARED_MLP_BLOCK_N
-    if kind != "mlp" and direction == "fwd":
-        block_n = 1024
-    return {"BM": TRAIN_BLOCK_M, "BR": TRAIN_CONV_BLOCK_R, "BN": block_n, "num_warps": 8,
+    return {"BM": TRAIN_BLOCK_M, "BN": _SMALL_SHARED_MLP_BLOCK_N if small else TRAIN_MLP_BLOCK_N, "num_warps": 8,
             "num_stages": 1 if small else 3}
 
 

@@ -350,7 +350,7 @@ def training_cases(arch: int, full: bool) -> list[Case]:
             for precision in ("ieee", "tf32"):
                 for direction in ("fwd", "bwd"):
                     if is_mlp:
-                        config = tuning.training_config(kind, direction, arch)
+                        config = tuning.training_mlp_config(arch)
                     elif direction == "fwd":
                         config = tuning.training_lite_fwd_config(arch)
                     else:
