@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .activations import relu, relu_grad, sigmoid, sigmoid_grad
-from .launch import tile_expert
+from .launch import mm, tile_expert
 from .tuning import TRAIN_BLOCK_M
 
 FC_OUT = 392      # 8 x 7 x 7
@@ -93,7 +93,7 @@ def _mlp_hidden(b_z, p_w1, p_b1, L, H, LP: tl.constexpr, HP: tl.constexpr, PREC:
     o_h = tl.arange(0, HP)
     m_h = o_h < H
     b_w1t = tl.load(p_w1 + o_h[None, :] * L + o_l[:, None], mask=(o_l[:, None] < L) & m_h[None, :], other=0.).to(tl.float32)
-    b_pre = tl.dot(b_z, b_w1t, input_precision=PREC) + tl.load(p_b1 + o_h, mask=m_h, other=0.).to(tl.float32)[None, :]
+    b_pre = mm(b_z, b_w1t, PREC) + tl.load(p_b1 + o_h, mask=m_h, other=0.).to(tl.float32)[None, :]
     return b_pre, b_w1t
 
 
@@ -105,7 +105,7 @@ def _mlp_out_tile(b_h, p_w2, p_b2, n0, H, HP: tl.constexpr, BN: tl.constexpr, PR
     m_n = o_n < 784
     b_w2t = tl.load(p_w2 + o_n[None, :] * H + o_h[:, None], mask=(o_h[:, None] < H) & m_n[None, :], other=0.).to(tl.float32)
     b_b2 = tl.load(p_b2 + o_n, mask=m_n, other=0.).to(tl.float32)
-    return sigmoid(tl.dot(b_h, b_w2t, input_precision=PREC) + b_b2[None, :]), b_w2t
+    return sigmoid(mm(b_h, b_w2t, PREC) + b_b2[None, :]), b_w2t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,10 +267,10 @@ def _mlp_experts_bwd_body(
                     b_do = tl.load(p_do + o_tok[:, None] * stride_dob + o_n[None, :] * stride_dop, mask=m_rn, other=0.).to(tl.float32)
                     b_dgate += tl.sum(b_do * y, axis=1)
                     b_g2 = tl.where(m_rn, sigmoid_grad(b_gate[:, None] * b_do, y), 0.)
-                    b_dh += tl.dot(b_g2, tl.trans(b_w2t), input_precision=PREC)
+                    b_dh += mm(b_g2, tl.trans(b_w2t), PREC)
                 # torch's relu backward: zero gradient where the output is exactly 0, NaN passes
                 b_dh = relu_grad(b_dh, b_h)
-                b_dz += tl.dot(b_dh, tl.trans(b_w1t), input_precision=PREC)
+                b_dz += mm(b_dh, tl.trans(b_w1t), PREC)
                 if IS_SOFT:
                     tl.store(p_dg + o_tok * E + e64, b_dgate, mask=m_row)
                 else:
@@ -278,7 +278,7 @@ def _mlp_experts_bwd_body(
                 # d fc1 [H, L] and d fc1.bias [H]: stored by the run's first block, added by the others
                 first = o_h * 0 + (blk - blk_lo) > 0
                 p_w1g = p_row + o_h[:, None] * L + o_l[None, :]
-                b_w1g = tl.dot(tl.trans(b_dh), b_z, input_precision=PREC)
+                b_w1g = mm(tl.trans(b_dh), b_z, PREC)
                 b_w1g += tl.load(p_w1g, mask=m_hl & first[:, None], other=0.)
                 tl.store(p_w1g, b_w1g, mask=m_hl)
                 b_b1g = tl.sum(b_dh, axis=0) + tl.load(p_row + H * L + o_h, mask=m_h & first, other=0.)
@@ -307,7 +307,7 @@ def _mlp_experts_bwd_body(
                     y, b_w2t = _mlp_out_tile(b_h, p_wc + e64 * 784 * H, p_wd + e64 * 784, n0, H, HP, BN, PREC)
                     b_do = tl.load(p_do + o_tok[:, None] * stride_dob + o_n[None, :] * stride_dop, mask=m_rn, other=0.).to(tl.float32)
                     b_g2 = tl.where(m_rn, sigmoid_grad(b_gate[:, None] * b_do, y), 0.)
-                    acc_w2 += tl.dot(tl.trans(b_g2), b_h, input_precision=PREC)
+                    acc_w2 += mm(tl.trans(b_g2), b_h, PREC)
                     acc_b2 += tl.sum(b_g2, axis=0)
                 m_n = o_n < 784
                 tl.store(p_row + H * L + H + o_n[:, None] * H + o_h[None, :], acc_w2, mask=m_n[:, None] & (o_h[None, :] < H))

@@ -49,7 +49,7 @@ from smoe_fast.contract import IMAGE_PIXELS, IMAGE_SHAPE, alloc_output
 from .activations import sigmoid
 from .decoder_tiles import CONV_CHANNELS, _conv_decoder_tile, _linear_rows_to_scratch, conv_scratch_size, scratch_maps
 from .grouping import group_by_expert_fwd
-from .launch import device_guard, dot_mode, find_tile, log2_ceil, max_programs, mm, tile_bound, tile_offsets
+from .launch import autocast_input, device_guard, dot_mode, find_tile, log2_ceil, max_programs, mm, tile_bound, tile_offsets
 from .tuning import experts_hard_config
 
 __all__ = ["experts_hard", "experts_hard_fwd"]
@@ -291,7 +291,8 @@ def experts_hard(z: torch.Tensor, expert_idx: torch.Tensor, weights: dict[str, t
     if kind not in _OPS:
         raise ValueError(f"unknown decoder kind {kind!r}; expected one of {tuple(_OPS)}")
     layers = [weights[f"{layer}.{part}"] for layer in _LAYER_NAMES[kind] for part in ("weight", "bias")]
-    if torch.is_autocast_enabled(z.device.type):
-        dtype = torch.get_autocast_dtype(z.device.type)
-        z, layers = z.to(dtype), [w.to(dtype) for w in layers]
+    z = autocast_input(z)
+    if z.dtype != layers[0].dtype and z.dtype in (torch.float16, torch.bfloat16):
+        # inference only: the weights go half too (half the weight bytes read per tile)
+        layers = [w.to(z.dtype) for w in layers]
     return _OPS[kind](z, expert_idx, *layers)

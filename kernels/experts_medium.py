@@ -18,6 +18,9 @@ recomputes each chunk's forward before its backward. Kept between the two: z, ga
 Backward: for conv3, conv2, conv1 and fc in turn, dgrad (act' applied on load from the stored output)
 and wgrad (per-tile partials + a per-expert segment sum); dz per row is permuted back and summed over
 K by torch. No atomics anywhere: two backward runs give bitwise-equal gradients.
+
+Precision: every layer, forward and backward, takes one GEMM mode, ``launch.dot_mode`` of z's dtype
+(bf16/fp16 tensor cores when autocast has cast z, fp32 accumulation); activations are stored in fp32.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE
 
 from .grouping import group_by_expert_tiles
-from .launch import device_guard
+from .launch import device_guard, dot_mode
 from .grouped_layers import (ACT_ELU, ACT_NONE, ACT_SIGMOID, TILE_ROWS, Grouping, grouped_conv_dgrad,
                              grouped_conv_fwd, grouped_conv_wgrad)
 
@@ -42,11 +45,12 @@ def experts_medium_fwd(z: torch.Tensor, sorted_token_idx: torch.Tensor, expert_o
     """Launcher: [y [R, 784], h0 [R, 1568], a1 [R, 12544], a2 [R, 25088]] fp32 in sorted-row order."""
     grouping = Grouping(sorted_token_idx.shape[0], expert_offsets, tile_offs)
     w_fc, b_fc, w1, b1, w2, b2, w3, b3 = ws
+    dot = dot_mode(z.dtype, z.device)
     h0 = grouped_conv_fwd(z, w_fc, b_fc, grouping, ACT_NONE, 1, (1, 1), row_index=sorted_token_idx,
-                          index_div=top_k)
-    a1 = grouped_conv_fwd(h0, w1, b1, grouping, ACT_ELU, 2, (7, 7))
-    a2 = grouped_conv_fwd(a1, w2, b2, grouping, ACT_ELU, 2, (14, 14))
-    y = grouped_conv_fwd(a2, w3, b3, grouping, ACT_SIGMOID, 1, (28, 28))
+                          index_div=top_k, dot=dot)
+    a1 = grouped_conv_fwd(h0, w1, b1, grouping, ACT_ELU, 2, (7, 7), dot=dot)
+    a2 = grouped_conv_fwd(a1, w2, b2, grouping, ACT_ELU, 2, (14, 14), dot=dot)
+    y = grouped_conv_fwd(a2, w3, b3, grouping, ACT_SIGMOID, 1, (28, 28), dot=dot)
     return [y, h0, a1, a2]
 
 
@@ -58,15 +62,16 @@ def experts_medium_bwd(grad_y: torch.Tensor, z: torch.Tensor, sorted_token_idx: 
     grouping = Grouping(sorted_token_idx.shape[0], expert_offsets, tile_offs)
     w_fc, b_fc, w1, b1, w2, b2, w3, b3 = ws
     grad_y = grad_y.contiguous()
-    da2 = grouped_conv_dgrad(grad_y, y, w3, grouping, ACT_SIGMOID, 1, (28, 28))
-    dw3, db3 = grouped_conv_wgrad(grad_y, y, a2, w3, grouping, ACT_SIGMOID, 1, (28, 28))
-    da1 = grouped_conv_dgrad(da2, a2, w2, grouping, ACT_ELU, 2, (14, 14))
-    dw2, db2 = grouped_conv_wgrad(da2, a2, a1, w2, grouping, ACT_ELU, 2, (14, 14))
-    dh0 = grouped_conv_dgrad(da1, a1, w1, grouping, ACT_ELU, 2, (7, 7))
-    dw1, db1 = grouped_conv_wgrad(da1, a1, h0, w1, grouping, ACT_ELU, 2, (7, 7))
-    dz_rows = grouped_conv_dgrad(dh0, None, w_fc, grouping, ACT_NONE, 1, (1, 1))
+    dot = dot_mode(z.dtype, z.device)   # the forward's mode
+    da2 = grouped_conv_dgrad(grad_y, y, w3, grouping, ACT_SIGMOID, 1, (28, 28), dot=dot)
+    dw3, db3 = grouped_conv_wgrad(grad_y, y, a2, w3, grouping, ACT_SIGMOID, 1, (28, 28), dot=dot)
+    da1 = grouped_conv_dgrad(da2, a2, w2, grouping, ACT_ELU, 2, (14, 14), dot=dot)
+    dw2, db2 = grouped_conv_wgrad(da2, a2, a1, w2, grouping, ACT_ELU, 2, (14, 14), dot=dot)
+    dh0 = grouped_conv_dgrad(da1, a1, w1, grouping, ACT_ELU, 2, (7, 7), dot=dot)
+    dw1, db1 = grouped_conv_wgrad(da1, a1, h0, w1, grouping, ACT_ELU, 2, (7, 7), dot=dot)
+    dz_rows = grouped_conv_dgrad(dh0, None, w_fc, grouping, ACT_NONE, 1, (1, 1), dot=dot)
     dw_fc, db_fc = grouped_conv_wgrad(dh0, None, z, w_fc, grouping, ACT_NONE, 1, (1, 1),
-                                      row_index=sorted_token_idx, index_div=top_k)
+                                      row_index=sorted_token_idx, index_div=top_k, dot=dot)
     # sorted rows -> (token, slot) order, then the K slots of a token summed in a fixed order
     dz = dz_rows[token_sorted_pos.long()].view(z.shape[0], top_k, z.shape[1]).sum(1).to(z.dtype)
     biases = [db_fc.to(b_fc.dtype), db1.to(b1.dtype), db2.to(b2.dtype), db3.to(b3.dtype)]

@@ -18,6 +18,11 @@ Backward (``_experts_topk_bwd_kernel``): each tile recomputes its rows' forward 
 tile [n_tiles_bound, W] fp32; ``_segment_sum_kernel`` then sums each expert's contiguous
 tile rows in order (a deterministic segment sum, no atomics). Partial memory <= (cdiv(B*K, 16) +
 min(E, B*K)) * W, i.e. at most about the size of the weight gradient plus one row per 16 slots.
+
+Precision: every GEMM tile goes through ``launch.mm`` in the mode ``launch.dot_mode`` gives for z's
+dtype: IEEE fp32 by default, TF32 when torch allows it, and under autocast (z cast once by
+``launch.autocast_input``) bf16/fp16 tensor cores with fp32 accumulation. The weights stay fp32 and
+are cast per tile, so weight gradients, partials and sums are fp32; dz comes back in z's dtype.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from .decoder_tiles import CONV_CHANNELS, _conv_decoder_tile, conv_scratch_size,
 from .decoder_tiles_bwd import _lite_experts_bwd_body, conv_bwd_scratch_size
 from .experts_medium import experts_medium
 from .grouping import group_by_expert
-from .launch import (device_arch, device_guard, dot_mode, dot_precision, find_tile, log2_ceil, max_programs,
+from .launch import (autocast_input, device_arch, device_guard, dot_mode, find_tile, log2_ceil, max_programs,
                      register_cap, tile_bound, tile_offsets)
 from .tuning import training_lite_bwd_config, training_lite_fwd_config, training_mlp_config
 
@@ -139,11 +144,12 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
         return alloc_output((0, PIXELS), like=z, dtype=out_dtype)
     device = z.device
     arch = device_arch(device)
+    dot = dot_mode(z.dtype, device)
     n_items = tile_bound(batch * top_k, num_experts, BLOCK_M)
     programs = min(n_items, max_programs(device))
     y_slots = alloc_output((batch * top_k, PIXELS), like=z, dtype=torch.float32)
     if kind == "lite":
-        config = training_lite_fwd_config(arch)
+        config = training_lite_fwd_config(arch, dot, "topk")
         if config["BM"] != BLOCK_M:
             raise RuntimeError(f"the top-k lite forward tile has {config['BM']} rows, the routing's tiles {BLOCK_M}")
         per_program = conv_scratch_size("lite", BLOCK_M, config["TS"])
@@ -178,10 +184,10 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
             BR=config["BR"],
             BLOCK_L=latent_pad(latent),
             BN_FC=64,
-            INPUT_PRECISION=dot_mode(z.dtype, device),
+            INPUT_PRECISION=dot,
             num_warps=config["num_warps"],
             # the whole register file for one CTA: without the cap ptxas took 64 registers and spilled
-            # 84 B (audit, sm_90), with it 123 and none
+            # 84 B in IEEE with 16 warps (audit, sm_90), with it 123 and none
             maxnreg=register_cap(config["num_warps"]),
         )
     else:
@@ -195,7 +201,7 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
             HP=max(16, triton.next_power_of_2(hidden)),
             BM=BLOCK_M,
             BN=config["BN"],
-            PREC=dot_precision(z.dtype),
+            PREC=dot,
             num_warps=config["num_warps"],
             num_stages=config["num_stages"],
         )
@@ -238,9 +244,12 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
             LP=latent_pad(latent),
             INPUT_PRECISION=dot_mode(z.dtype, device),
             num_warps=config["num_warps"],
+            # 128 registers stated: without the cap ptxas took as few as 40 and spilled up to 13.8 KB
+            # (bf16, sm_80); with it 4.0-7.6 KB on sm_80, sm_86 and sm_90 in every mode (audit)
+            maxnreg=register_cap(config["num_warps"]),
         )
     else:
-        config = training_mlp_config(arch)
+        config = training_mlp_config(arch, "bwd")
         _experts_topk_mlp_bwd_kernel[(programs,)](
             grad_out, grad_out.stride(0), grad_out.stride(1), z, z.stride(0), z.stride(1),
             topk_gates, topk_gates.stride(0), topk_gates.stride(1),
@@ -252,7 +261,7 @@ def experts_topk_bwd(grad_out: torch.Tensor, z: torch.Tensor, topk_gates: torch.
             HP=max(16, triton.next_power_of_2(hidden)),
             BM=BLOCK_M,
             BN=config["BN"],
-            PREC=dot_precision(z.dtype),
+            PREC=dot_mode(z.dtype, device),
             num_warps=config["num_warps"],
             num_stages=config["num_stages"],
         )
@@ -316,6 +325,7 @@ def experts_topk(z: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Tens
 
     >>> g, i = logits.softmax(-1).topk(2); y = experts_topk(z, i, g / g.sum(-1, keepdim=True), w, "lite")
     """
+    z = autocast_input(z)
     if kind == "medium":
         # too big to fuse per row block: layer by layer over grouped rows
         return experts_medium(z, topk_idx, topk_gates, weights)

@@ -38,7 +38,7 @@ from smoe_fast.contract import alloc_output
 
 from .activations import ACT_ELU, ACT_NONE, ACT_SIGMOID, activate, activate_grad
 from .decoder_blocks import _segment_sum_kernel
-from .launch import device_arch, dot_precision, find_tile, log2_ceil, tile_bound
+from .launch import device_arch, dot_precision, find_tile, log2_ceil, mm, tile_bound
 from .tuning import GROUPED_TILE_ROWS, grouped_layer_config
 
 TILE_ROWS = GROUPED_TILE_ROWS   # sorted rows of one expert per tile
@@ -108,7 +108,7 @@ def _grouped_conv_fwd_kernel(
                       mask=m_x, other=0.).to(tl.float32)
         b_w = tl.load(p_we + o_n[None, :] * K_TOTAL + o_k[:, None], mask=m_k[:, None] & m_n[None, :],
                       other=0.).to(tl.float32)
-        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=PREC)
+        b_acc += mm(b_x, b_w, PREC)
     b_acc += tl.load(p_b + e * C_OUT + o_n, mask=m_n, other=0.).to(tl.float32)[None, :]
     b_acc = activate(b_acc, ACT)
     tl.store(p_y + o_r[:, None] * (C_OUT * P_OUT) + o_n[None, :] * P_OUT + o_p[:, None], b_acc,
@@ -163,7 +163,7 @@ def _grouped_conv_dgrad_kernel(
         b_g = _act_grad(b_g, p_y, o_g, m_g, ACT)
         b_w = tl.load(p_we + o_co[:, None] * (C_IN * TAPS) + o_n[None, :] * TAPS + o_tap[:, None],
                       mask=m_k[:, None] & m_n[None, :], other=0.).to(tl.float32)
-        b_acc = tl.dot(b_g, b_w, b_acc, input_precision=PREC)
+        b_acc += mm(b_g, b_w, PREC)
     tl.store(p_dx + o_r[:, None] * (C_IN * P_IN) + o_n[None, :] * P_IN + o_p[:, None], b_acc,
              mask=m_m[:, None] & m_n[None, :])
 
@@ -214,7 +214,7 @@ def _grouped_conv_wgrad_kernel(
         o_sx = tl.where(o_ix > 0, o_ix, 0) // UP
         b_x = tl.load(p_x + o_xr[:, None] * stride_xr + o_ci[None, :] * stride_xc + o_sy * W_IN + o_sx,
                       mask=m_x, other=0.).to(tl.float32)
-        b_acc = tl.dot(b_g, b_x, b_acc, input_precision=PREC)
+        b_acc += mm(b_g, b_x, PREC)
         b_bias += tl.sum(b_g, 1)
     tl.store(p_wpart + i_t * (C_OUT * K_TOTAL) + o_co[:, None] * K_TOTAL + o_k[None, :], b_acc,
              mask=m_co[:, None] & m_k[None, :])
@@ -254,9 +254,11 @@ def _input_args(x: torch.Tensor, num_in: int, row_index: torch.Tensor | None, in
 
 def grouped_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grouping: Grouping, act: int,
                      up: int, in_hw: tuple[int, int], row_index: torch.Tensor | None = None,
-                     index_div: int = 1) -> torch.Tensor:
+                     index_div: int = 1, dot: str | None = None) -> torch.Tensor:
     """y [R, C_OUT, up*H, up*W] fp32 = act(conv(up(x[r]), W_e) + b_e), weight [E, C_OUT, C_IN, KS, KS] or
-    [E, C_OUT, C_IN] (KS = 1, a linear layer). With ``row_index``, row r reads x[row_index[r] // index_div]."""
+    [E, C_OUT, C_IN] (KS = 1, a linear layer). With ``row_index``, row r reads x[row_index[r] // index_div].
+    ``dot``: the GEMM mode (``launch.dot_mode``; default ``dot_precision`` of the weights), the same for
+    every layer of a decoder and its backward."""
     num_out, num_in = weight.shape[1], weight.shape[2]
     ks = weight.shape[3] if weight.dim() == 5 else 1
     height, width = in_hw
@@ -279,7 +281,7 @@ def grouped_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
         BM=block_m,
         BN=block_n,
         BK=config["BK"],
-        PREC=dot_precision(weight.dtype),
+        PREC=dot or dot_precision(weight.dtype),
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
@@ -287,7 +289,7 @@ def grouped_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 
 
 def grouped_conv_dgrad(grad_y: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, grouping: Grouping,
-                       act: int, up: int, in_hw: tuple[int, int]) -> torch.Tensor:
+                       act: int, up: int, in_hw: tuple[int, int], dot: str | None = None) -> torch.Tensor:
     """dx [R, C_IN * H * W] fp32 from dL/dy [R, C_OUT * up*H * up*W] (contiguous) and the stored output y
     (for act'; unused when act is ACT_NONE)."""
     num_out, num_in = weight.shape[1], weight.shape[2]
@@ -311,7 +313,7 @@ def grouped_conv_dgrad(grad_y: torch.Tensor, y: torch.Tensor | None, weight: tor
         BM=block_m,
         BN=block_n,
         BK=config["BK"],
-        PREC=dot_precision(weight.dtype),
+        PREC=dot or dot_precision(weight.dtype),
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
@@ -331,7 +333,8 @@ def grouped_segment_sum(partials: torch.Tensor, grouping: Grouping) -> torch.Ten
 
 def grouped_conv_wgrad(grad_y: torch.Tensor, y: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
                        grouping: Grouping, act: int, up: int, in_hw: tuple[int, int],
-                       row_index: torch.Tensor | None = None, index_div: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                       row_index: torch.Tensor | None = None, index_div: int = 1,
+                       dot: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW shaped and typed like weight, db [E, C_OUT] fp32): per-tile partials, then a segment sum per
     expert. x and row_index as in :func:`grouped_conv_fwd`."""
     num_out, num_in = weight.shape[1], weight.shape[2]
@@ -359,7 +362,7 @@ def grouped_conv_wgrad(grad_y: torch.Tensor, y: torch.Tensor | None, x: torch.Te
         BM=block_m,
         BN=block_n,
         BK=config["BK"],
-        PREC=dot_precision(weight.dtype),
+        PREC=dot or dot_precision(weight.dtype),
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )

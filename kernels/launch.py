@@ -2,11 +2,12 @@
 
 | helper              | what it gives                                                                   |
 |---------------------|---------------------------------------------------------------------------------|
-| device_guard        | launch on the tensors' GPU (Triton launches on the current device and stream)     |
+| device_guard        | launch on the tensors' GPU (Triton's current device and stream), autocast off     |
 | max_programs        | the persistent-grid cap: 2 programs per SM on a GPU, 2 in the interpreter         |
 | device_arch         | 90 for sm_90, 80 for sm_80, ...; 0 for CPU tensors or the interpreter           |
 | dot_precision       | ``tl.dot`` input precision, read from torch's own TF32 setting at call time       |
-| dot_mode            | hard-gated GEMM mode: dot_precision, or bf16/fp16 tensor cores for half inputs    |
+| dot_mode            | GEMM mode of a kernel: dot_precision, or bf16/fp16 tensor cores for half inputs   |
+| autocast_input      | z in the autocast dtype when autocast is on for its device (what the GEMMs read) |
 | mm (jit)            | one GEMM tile with fp32 accumulation in a dot_mode                                |
 | log2_ceil           | binary-search steps over E experts (the ``LOG_E`` constexpr of every tile lookup) |
 | tile_bound          | host-side bound on the tiles of any routing (a grid size with no host sync)       |
@@ -30,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["interpreting", "device_guard", "max_programs", "device_arch", "dot_precision", "dot_mode", "mm",
+__all__ = ["interpreting", "device_guard", "max_programs", "device_arch", "dot_precision", "dot_mode",
+           "autocast_input", "mm",
            "log2_ceil", "tile_bound", "tile_offsets", "tile_expert", "find_tile"]
 
 # programs per SM of a persistent grid: two resident CTAs hide each other's barriers and gathers
@@ -45,9 +47,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@contextlib.contextmanager
 def device_guard(tensor: torch.Tensor):
-    """Context manager: make ``tensor``'s GPU the current device for a launch (no-op on CPU)."""
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+    """Context manager around an op's launches: ``tensor``'s GPU is the current device, and autocast is
+    off. Each op casts its GEMM input once at entry (``autocast_input``); the torch ops a launcher runs
+    between kernels (partial sums, the medium chunks' gated sums) stay in fp32 as written."""
+    device = torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+    with device, torch.autocast(tensor.device.type, enabled=False):
+        yield
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,8 +81,9 @@ def register_cap(num_warps: int) -> int:
     one CTA per SM (at most 255), i.e. the hardware limit, stated. ptxas sometimes gives a 16-warp
     kernel 64 registers (room for two CTAs) and spills; stating the limit changes its choice, for
     better or worse per kernel (``smoe-fast audit``, sm_90): the top-k lite forward went from 64
-    registers and 84 B spilled to 123 and none, hard medium from 0 to 768 B spilled. So a launcher
-    passes it only where the audit shows it helps."""
+    registers and 84 B spilled to 123 and none, the lite backwards from up to 13.8 KB to at most 7.6
+    KB, hard medium from 0 to 768 B spilled. So a launcher passes it only where the audit shows it
+    helps."""
     return min(255, REGISTERS_PER_SM // (32 * num_warps))
 
 
@@ -123,6 +131,16 @@ def dot_mode(dtype: torch.dtype, device: torch.device) -> str:
     if dtype in _HALF_DOTS and device.type == "cuda" and not interpreting():
         return _HALF_DOTS[dtype]
     return dot_precision(dtype)
+
+
+def autocast_input(z: torch.Tensor) -> torch.Tensor:
+    """z cast to the autocast dtype when autocast is on for z's device, else z: the expert kernels are
+    custom ops, which autocast does not cast, so each op's entry point does it for its GEMM input. The
+    launchers then pick ``dot_mode(z.dtype, ...)``: half-precision tensor cores with fp32 accumulation;
+    the weights stay as they are (fp32 masters, cast per tile), so weight gradients are fp32."""
+    if torch.is_autocast_enabled(z.device.type) and z.is_floating_point():
+        return z.to(torch.get_autocast_dtype(z.device.type))
+    return z
 
 
 @triton.jit

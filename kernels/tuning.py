@@ -145,33 +145,59 @@ def forced_experts_hard_config(kind: str, **config: int):
 # ----------------------------------------------------------------------------------------------------
 
 TRAIN_BLOCK_M = 16     # rows per block: the smallest tl.dot M
-TRAIN_MLP_BLOCK_N = 64   # output pixels per mlp tile
-# the mlp pixel tile on archs with less shared memory than sm_90 (see training_mlp_config)
-_SMALL_SHARED_MLP_BLOCK_N = 32
+TRAIN_MLP_BLOCK_N = 32   # output pixels per mlp tile on a GPU (see training_mlp_config)
 
 
-def training_mlp_config(arch: int) -> dict[str, int]:
-    """Tiles of the fused mlp soft / top-k kernels, forward and backward, for ``arch``: BM rows per
-    block, BN output pixels per tile. The audit (sm_90) reports them at 190-210 KB of shared memory
-    with BN=64 and 3 pipelining stages, and 122-150 KB on sm_86 with BN=32: archs with less shared
-    memory than sm_90 get BN=32 and no pipelining."""
-    small = arch != 0 and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]
-    return {"BM": TRAIN_BLOCK_M, "BN": _SMALL_SHARED_MLP_BLOCK_N if small else TRAIN_MLP_BLOCK_N, "num_warps": 8,
-            "num_stages": 1 if small else 3}
+def training_mlp_config(arch: int, direction: str = "fwd") -> dict[str, int]:
+    """Tiles of the fused mlp soft / top-k kernels (``direction`` "fwd" or "bwd") for ``arch``: BM rows
+    per block, BN output pixels per tile, pipelining stages. Audit figures, spill bytes per thread:
+
+    - BN: with 64 (3 stages, sm_90) the forwards spilled 16 B in bf16 and the backwards 2.2 / 4.1 KB
+      (soft / top-k, IEEE) at 190-210 KB of shared memory; with BN = 32 the forwards spill nothing
+      in IEEE, TF32 and bf16 and the backwards 1.5 / 3.3 KB, at 120-146 KB.
+    - stages, archs with less shared memory than sm_90 (which take one config, so that the audit's
+      sm_86 compile stands for sm_80 and sm_89): the forward's 146 KB with 3 stages is over sm_86's
+      99 KB; with 1 it spills nothing on sm_86 and 8-32 B on sm_80 in IEEE (2 stages spilled 16-44 B
+      on sm_86). The backward with 1 stage spilled 7.4-10.2 KB on sm_80 and sm_86, with 2 0.7-3.6 KB
+      in IEEE and bf16 (sm_80 TF32 stays at 8.6 KB: ptxas keeps it at 128 registers). sm_90 keeps 3
+      in both directions (2 spilled more in its IEEE backward).
+
+    The interpreter keeps BN = 64: fewer numpy steps."""
+    if arch == 0:
+        return {"BM": TRAIN_BLOCK_M, "BN": 64, "num_warps": 8, "num_stages": 3}
+    if SHARED_LIMIT_BYTES.get(arch, 0) >= SHARED_LIMIT_BYTES[90]:
+        stages = 3
+    else:
+        stages = 1 if direction == "fwd" else 2
+    return {"BM": TRAIN_BLOCK_M, "BN": TRAIN_MLP_BLOCK_N, "num_warps": 8, "num_stages": stages}
 
 
-def training_lite_fwd_config(arch: int) -> dict[str, int]:
-    """Tiles of the lite soft / top-k forward kernels: they run the hard kernel's per-tile decoder
-    (kernels/decoder_tiles.py) on the same tiles, so they take its config at the largest bucket."""
-    return experts_hard_default("lite", arch, MAX_BUCKET)
+def training_lite_fwd_config(arch: int, dot: str = "ieee", gating: str = "soft") -> dict[str, int]:
+    """Tiles of the lite soft / top-k (``gating``) forward kernels in GEMM mode ``dot``
+    (``launch.dot_mode``): they run the hard kernel's per-tile decoder (kernels/decoder_tiles.py) on
+    the same tiles, so they take its config at the largest bucket, at 16 or 8 warps. Audit, spill
+    bytes per thread at 16 warps (at most 128 registers with one CTA per SM) -> at 8:
+
+    - TF32 / bf16 (tensor-core dots): soft 116 / 172 B, top-k 48 / 56 B (sm_90) -> 0 on sm_80, sm_86
+      and sm_90 (208-255 registers): 8 warps.
+    - IEEE: soft 0 on sm_90 but 16 / 56 B on sm_80 / sm_86 (ptxas took 128 / 64 registers) -> 0;
+      top-k (with the launcher's register cap) 0 everywhere. 8 warps doubled the predicted time on
+      sm_90 (soft 4,549 against 2,275 us: half the warps to hide the scratch gathers' latency), so
+      IEEE keeps 16 where it spills nothing: top-k everywhere, soft on sm_90."""
+    config = experts_hard_default("lite", arch, MAX_BUCKET)
+    if arch == 0:
+        return config
+    if dot != "ieee" or (gating == "soft" and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]):
+        config["num_warps"] = 8
+    return config
 
 
 def training_lite_bwd_config(arch: int) -> dict[str, int]:
-    """Tiles of the lite soft / top-k backward (kernels/decoder_tiles_bwd.py): the forward's tiles (it
+    """Tiles of the lite soft / top-k backward (kernels/decoder_tiles_bwd.py): the hard kernel's tiles (it
     recomputes the forward with the same device functions); TS must be a power of two dividing 4 * BR.
-    Its [BR, 256] gathered conv1 tiles took 144 KB of shared memory in TF32 with BR = 64 (audit,
+    It keeps 16 warps in every mode (8 spilled as much or more). Its [BR, 256] gathered conv1 tiles took 144 KB of shared memory in TF32 with BR = 64 (audit,
     sm_86), over the 99 KB of sm_86/sm_89: archs with less shared memory than sm_90 get BR = 32."""
-    config = training_lite_fwd_config(arch)
+    config = experts_hard_default("lite", arch, MAX_BUCKET)
     if arch != 0 and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]:
         config["BR"] = 32
     return config
@@ -189,24 +215,26 @@ def grouped_layer_config(kernel: str, c_in: int, c_out: int, pixels_in: int, pix
     """Tiles of a grouped conv/linear layer kernel (``kernel`` "fwd", "dgrad" or "wgrad") for ``arch``:
     BM x BN output tile, BK reduction step, software-pipelining stages.
 
-    The staged operand tiles take about num_stages * (BM*BK + BK*BN) * 4 bytes of shared memory: on
-    sm_90 the audit reports 176-224 KB for the conv1/conv2 dgrad and wgrad tiles below with 3 stages,
-    more than sm_80 (163 KB) or sm_86/sm_89 (99 KB) allow, so archs with less shared memory than
-    sm_90 get BM, BK <= 64 and 2 stages (at most about 80 KB)."""
+    GPU archs get BM <= 64, BK = 16 and 8 warps. The gathered operand's [BM, BK] addresses and masks
+    live in registers; with BM = 128, BK = 64 and 4 warps ptxas spilled 11-12 KB per thread in every
+    forward conv and 18-30 KB in dgrad (audit, sm_90), with BM <= 64, BK = 16, 8 warps it spills
+    nothing in 35 of the 36 (kernel, precision) rows (IEEE, TF32, bf16), at 38-186 registers and
+    6-28 KB of shared memory, well inside every arch's limit; wgrad conv2 (BM = 32) spilled 8 B with 3
+    stages and none with 2, so wgrad takes 2 (its reduction runs over rows, with no reuse to hide).
+    The interpreter (arch 0) takes larger tiles: fewer, bigger numpy steps."""
+    if arch == 0:
+        bm, bk, warps = 128, 64, 4
+    else:
+        bm, bk, warps = 64, 16, 8
     if kernel == "fwd":
-        config = {"BM": _block(GROUPED_TILE_ROWS * pixels_out, 128), "BN": _block(c_out, 64), "BK": 64}
+        config = {"BM": _block(GROUPED_TILE_ROWS * pixels_out, bm), "BN": _block(c_out, 64), "BK": bk}
     elif kernel == "dgrad":
-        config = {"BM": _block(GROUPED_TILE_ROWS * pixels_in, 128), "BN": _block(c_in, 64), "BK": 64}
+        config = {"BM": _block(GROUPED_TILE_ROWS * pixels_in, bm), "BN": _block(c_in, 64), "BK": bk}
     elif kernel == "wgrad":
-        config = {"BM": _block(c_out, 64), "BN": _block(c_in * ks * ks, 64), "BK": 128}
+        config = {"BM": _block(c_out, 64), "BN": _block(c_in * ks * ks, 64), "BK": 2 * bk if arch == 0 else bk}
     else:
         raise ValueError(f"unknown grouped-layer kernel {kernel!r}")
-    config.update(num_warps=4, num_stages=3)
-    if arch != 0 and kernel == "wgrad":
-        # 64 x 128 operand tiles in 3 stages took 224 KB on sm_90, 3 KB short of its limit
-        config["BK"] = 64
-    if arch != 0 and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]:
-        config.update(BM=min(config["BM"], 64), BK=min(config["BK"], 64), num_stages=2)
+    config.update(num_warps=warps, num_stages=2 if kernel == "wgrad" and arch != 0 else 3)
     return config
 
 
@@ -227,6 +255,11 @@ def grouped_layer_config(kernel: str, c_in: int, c_out: int, pixels_in: int, pix
 # forward 520-1,776 B -> 0 in IEEE fp32 on sm_90 (116 B TF32), lite backward 20.8-22.5 KB -> 4.3-9.1 KB.
 # The mlp backward went up on sm_86 (7.2 KB -> 8.7 / 10.2 KB; sm_90 2.2 / 4.1 KB): pass 1 now loops the
 # group's experts per row block, summing dz in registers and adding d fc1 into the partial rows.
+# After the training tiles were set per precision (2026-12-02: bf16 rows audited too): every lite
+# forward 0 B in IEEE, TF32 and bf16 on sm_80, sm_86 and sm_90; lite backwards at most 7.6 / 6.3 KB
+# (soft / top-k; 13.8 KB in bf16 on sm_80 before the register cap); the grouped medium layers 0 B
+# (at most 8 B: dgrad conv1, bf16, sm_86) from 11.6-30 KB; mlp forwards 0 B except 8-32 B in IEEE
+# on sm_80; mlp backwards at most 8.6 / 8.1 KB (sm_80 TF32).
 SPILL_BUDGET_BYTES = {
     "grouping": 0,
     "tile offsets": 0,
@@ -234,26 +267,18 @@ SPILL_BUDGET_BYTES = {
     "hard lite": 64,
     "hard medium": 2_880,
     "hard mlp": 64,
-    "soft fwd lite": 128,
+    "soft fwd lite": 0,
     "soft fwd mlp": 64,
-    "soft bwd lite": 9_152,
+    "soft bwd lite": 7_680,
     "soft bwd mlp": 8_704,
-    "topk fwd lite": 64,
+    "topk fwd lite": 0,
     "topk fwd mlp": 64,
-    "topk bwd lite": 6_592,
-    "topk bwd mlp": 10_240,
-    "medium fwd fc": 64,
-    "medium fwd conv1": 11_584,
-    "medium fwd conv2": 10_688,
-    "medium fwd conv3": 11_648,
-    "medium dgrad fc": 0,
-    "medium dgrad conv1": 22_976,
-    "medium dgrad conv2": 27_008,
-    "medium dgrad conv3": 29_696,
-    "medium wgrad fc": 0,
-    "medium wgrad conv1": 23_808,
-    "medium wgrad conv2": 13_184,
-    "medium wgrad conv3": 2_816,
+    "topk bwd lite": 6_272,
+    "topk bwd mlp": 8_192,
+    "medium fwd": 0,
+    "medium dgrad conv1": 64,
+    "medium dgrad": 0,
+    "medium wgrad": 0,
 }
 
 

@@ -115,8 +115,8 @@ def test_lite_gpu_tiles_match_reference(tile, monkeypatch):
     # B = 19: a full token block then 3 tokens (a partial last group of TS with stale slots), E = 2
     import importlib
     module = importlib.import_module("smoe_fast.kernels.experts_soft")
-    monkeypatch.setattr(module, "training_lite_fwd_config", lambda arch: dict(tile))
-    monkeypatch.setattr(module, "training_lite_bwd_config", lambda arch: dict(tile))
+    monkeypatch.setattr(module, "training_lite_fwd_config", lambda arch, *mode: dict(tile))
+    monkeypatch.setattr(module, "training_lite_bwd_config", lambda arch, *mode: dict(tile))
     _check_against_reference("lite", 19, 2, "uniform", True)
 
 

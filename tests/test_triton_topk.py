@@ -81,8 +81,8 @@ def test_lite_gpu_tiles_match_reference(tile, monkeypatch):
     # tokens with a last, partial group (stale slots masked), and over BR-row steps
     import importlib
     module = importlib.import_module("smoe_fast.kernels.experts_topk")
-    monkeypatch.setattr(module, "training_lite_fwd_config", lambda arch: dict(tile))
-    monkeypatch.setattr(module, "training_lite_bwd_config", lambda arch: dict(tile))
+    monkeypatch.setattr(module, "training_lite_fwd_config", lambda arch, *mode: dict(tile))
+    monkeypatch.setattr(module, "training_lite_bwd_config", lambda arch, *mode: dict(tile))
     z, idx, gates, weights, leaves = _inputs("lite", 13, 3, 2, "uniform", False)
     expected = reference.experts_topk(z, idx, gates, weights, "lite")
     actual = experts_topk(z, idx, gates, weights, "lite")

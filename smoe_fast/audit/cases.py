@@ -238,6 +238,17 @@ def hard_cases(arch: int, full: bool) -> list[Case]:
 # soft / top-k fused training kernels (lite, mlp)
 # ----------------------------------------------------------------------------------------------------
 
+# training GEMM modes: IEEE fp32 (default), TF32 (torch's setting), bf16 under autocast (z cast, fp32
+# weights cast per tile, fp32 accumulation)
+_TRAINING_PRECISIONS = ("ieee", "tf32", "bf16")
+# (gating, direction, kind) of the kernels whose launchers pass ``maxnreg=launch.register_cap(...)``
+_CAPPED_TRAINING_KERNELS = {("topk", "fwd", "lite"), ("soft", "bwd", "lite"), ("topk", "bwd", "lite")}
+
+
+def _precision_label(precision: str) -> str:
+    return "bf16" if precision == "bf16" else f"fp32/{precision}"
+
+
 def _training_items(op: str, direction: str, bm: int, weights_per_expert: int) -> tuple[int, int, int]:
     """(items, expert groups, token runs) of a training launch at its target shape, from the launchers'
     own split functions (kernels/decoder_blocks.py)."""
@@ -347,19 +358,19 @@ def training_cases(arch: int, full: bool) -> list[Case]:
         for kind in ("lite", "mlp"):
             is_mlp = kind == "mlp"
             h = hidden if is_mlp else 1
-            for precision in ("ieee", "tf32"):
+            for precision in _TRAINING_PRECISIONS:
                 for direction in ("fwd", "bwd"):
                     if is_mlp:
-                        config = tuning.training_mlp_config(arch)
+                        config = tuning.training_mlp_config(arch, direction)
                     elif direction == "fwd":
-                        config = tuning.training_lite_fwd_config(arch)
+                        config = tuning.training_lite_fwd_config(arch, precision, op)
                     else:
                         config = tuning.training_lite_bwd_config(arch)
                     name = f"_experts_{op}_{kind}_{direction}_kernel"
                     kernel = getattr(module, name)
                     args = arg_names(kernel)
                     work = _training_work(op, kind, direction, config, hidden)
-                    label = f"{_fmt(config)},fp32/{precision}"
+                    label = f"{_fmt(config)},{_precision_label(precision)}"
                     if not is_mlp:
                         ptrs = {a: "*fp32" for a in args if a.startswith("p_") or a in (
                             "z", "out", "scratch", "gates", "fc_w", "fc_b", "conv1_w", "conv1_b", "conv2_w", "conv2_b")}
@@ -373,6 +384,7 @@ def training_cases(arch: int, full: bool) -> list[Case]:
                                        stride_gb=e, stride_ge=1, stride_dob=W.PIXELS, stride_dop=1, W_TOTAL=14_249,
                                        n_blocks=W.cdiv(batch, config["BM"]), n_items=70, runs=3, blocks_per_run=3,
                                        experts_per_group=3, max_tiles=70, scratch_per_program=per_program)
+                        z_name = "z"
                         consts = dict(LOG_E=launch.log2_ceil(e), C0=c0, C1=c1, BM=config["BM"], TS=config["TS"],
                                       BR=config["BR"], BLOCK_L=32, LP=32, BN_FC=64, INPUT_PRECISION=precision)
                     else:
@@ -382,16 +394,19 @@ def training_cases(arch: int, full: bool) -> list[Case]:
                                        stride_ge=1, stride_gk=1, stride_dob=W.PIXELS, stride_dop=1, W_TOTAL=5000,
                                        B=batch, L=latent, H=h, E=e, K=W.TOPK_K, n_items=70, n_blocks=64,
                                        experts_per_group=3, runs=3, blocks_per_run=3)
+                        z_name = "p_z"
                         consts = dict(LOG_E=launch.log2_ceil(e), LP=decoder_blocks.latent_pad(latent),
                                       HP=max(16, 1 << max(0, h - 1).bit_length()), BM=config["BM"], BN=config["BN"],
                                       PREC=precision)
+                    if precision == "bf16":   # under autocast the op casts z; weights stay fp32 masters
+                        ptrs[z_name] = "*bf16"
                     cases.append(Case(f"experts_{op}:{name}", f"{op} {direction} {kind}", label, ptrs,
                                       {k: v for k, v in scalars.items() if k in args},
                                       {k: v for k, v in consts.items() if k in args}, config["num_warps"], work,
                                       precision, config.get("num_stages", 3),
                                       # the launcher's register cap (experts_topk.py)
-                                      launch.register_cap(config["num_warps"]) if (op, direction, kind) == ("topk", "fwd", "lite")
-                                      else None))
+                                      launch.register_cap(config["num_warps"])
+                                      if (op, direction, kind) in _CAPPED_TRAINING_KERNELS else None))
     w_total = 14_249
     rows = launch.tile_bound(W.TOPK_B * W.TOPK_K, W.TOPK_E, decoder_blocks.BLOCK_M)
     experts_topk = kernel_module("experts_topk")
@@ -419,7 +434,7 @@ def grouped_cases(arch: int, full: bool) -> list[Case]:
     cases = []
     e, rows = W.MEDIUM_E, W.MEDIUM_ROWS
     tiles = launch.tile_bound(rows, e, gl.TILE_ROWS)
-    for precision in ("ieee", "tf32"):
+    for precision in _TRAINING_PRECISIONS:
         for name, c_in, c_out, ks, up, hw, act, has_idx in MEDIUM_LAYERS:
             pixels_in, pixels_out = hw * hw, (hw * up) ** 2
             k_total = c_in * ks * ks
@@ -437,6 +452,8 @@ def grouped_cases(arch: int, full: bool) -> list[Case]:
                 kernel = getattr(gl, role)
                 ptrs = {a: "*fp32" for a in arg_names(kernel) if a.startswith("p_")}
                 ptrs.update({k: v for k, v in ptr_i32.items() if k in ptrs})
+                if precision == "bf16" and has_idx and kernel_name != "dgrad":
+                    ptrs["p_x"] = "*bf16"   # z, cast by the op under autocast; activations stay fp32
                 scalars = dict(common, **x_strides) if kernel_name != "dgrad" else dict(common)
                 consts = dict(base, BM=config["BM"], BN=config["BN"], BK=config["BK"])
                 if kernel_name != "dgrad":
@@ -457,7 +474,7 @@ def grouped_cases(arch: int, full: bool) -> list[Case]:
                               serial_steps=W.cdiv(k_total if kernel_name != "wgrad" else gl.TILE_ROWS * pixels_out, config["BK"]),
                               useful_flops=flops, compulsory_bytes=act_bytes)
                 cases.append(Case(f"grouped_layers:{role}", f"medium {kernel_name} {name}",
-                                  f"{_fmt(config)},fp32/{precision}",
+                                  f"{_fmt(config)},{_precision_label(precision)}",
                                   ptrs, {k: v for k, v in scalars.items() if k in arg_names(kernel)},
                                   {k: v for k, v in consts.items() if k in arg_names(kernel)}, config["num_warps"],
                                   work, precision, config["num_stages"]))

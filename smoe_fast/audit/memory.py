@@ -92,7 +92,7 @@ def soft_step_memory(kind: str, num_experts: int, batch: int = W.SOFT_B, program
             scratch = decoder_tiles.conv_scratch_size("lite", config["BM"], config["TS"])
             forward += (4 * scratch * min(programs, groups * W.cdiv(batch, config["BM"])) + 4 * batch) / batch
         weights = sum(decoder_blocks.partial_layout(kind, latent, MLP_HIDDEN))
-        bwd = tuning.training_lite_bwd_config(90) if kind == "lite" else tuning.training_mlp_config(90)
+        bwd = tuning.training_lite_bwd_config(90) if kind == "lite" else tuning.training_mlp_config(90, "bwd")
         groups, _, runs, _ = decoder_blocks.soft_backward_split(batch, num_experts, programs, bwd["BM"], weights, latent)
         backward = 4 * latent * groups
         if kind == "lite":
