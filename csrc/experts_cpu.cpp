@@ -341,18 +341,20 @@ struct PixelWalk {
 
 // out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB (weights and biases of NE
 // experts interleaved, see bcast).
-template <typename scalar_t, int OB, int NE>
-inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias,
+// out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB; w_tile: rows o0 .. o0 + OB of W
+// (weights and biases of NE experts interleaved, see bcast).
+template <typename scalar_t, int OB, int NE, int KC>
+inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar_t* w_tile, const scalar_t* bias,
                             int o0, scalar_t* out, int out_pad) {
   constexpr int T = kLanes<scalar_t>;
-  const int K = layer.in_c;
+  const int K = KC > 0 ? KC : layer.in_c;
   Vec<scalar_t> acc[OB];
   SMOE_FAST_UNROLL
   for (int ob = 0; ob < OB; ++ob) acc[ob] = bcast<NE>(bias + (o0 + ob) * NE);
   for (int k = 0; k < K; ++k) {
     const Vec<scalar_t> src = load(in + k * T);
     SMOE_FAST_UNROLL
-    for (int ob = 0; ob < OB; ++ob) acc[ob] += bcast<NE>(weight + (static_cast<int64_t>(o0 + ob) * K + k) * NE) * src;
+    for (int ob = 0; ob < OB; ++ob) acc[ob] += bcast<NE>(w_tile + (static_cast<int64_t>(ob) * K + k) * NE) * src;
   }
   PixelWalk at(layer, o0, out_pad);
   for (int ob = 0; ob < OB; ++ob, at.next()) {
@@ -361,15 +363,40 @@ inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar
   }
 }
 
-template <typename scalar_t, int NE = 1>
-void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias, scalar_t* out,
-                int out_pad) {
-  const int N = layer.out_size();
+// KC: the input size as a constant (0: layer.in_c at run time). With K known, a tile's OB weight rows
+// sit at immediate offsets from one pointer; with K at run time they took OB pointers and the
+// accumulators went through the stack. With NE > 1 the weights are the NE experts' own [N][K] rows
+// (experts[e]), interleaved one tile at a time into tile_buf (OB * K * NE scalars, stays in L1): the
+// whole-layer interleave before the layer wrote and re-read 200 KB per block (lite fc, NE = 4).
+template <typename scalar_t, int NE, int KC>
+void linear_fwd_k(const Layer& layer, const scalar_t* in, const scalar_t* const* experts, const scalar_t* bias,
+                  scalar_t* out, int out_pad, scalar_t* tile_buf) {
+  const int N = layer.out_size(), K = KC > 0 ? KC : layer.in_c;
+  auto tile = [&](auto tile_rows, int o) {
+    constexpr int OB = decltype(tile_rows)::value;
+    const scalar_t* w_tile = experts[0] + static_cast<int64_t>(o) * K;
+    if constexpr (NE > 1) {
+      const int64_t n = static_cast<int64_t>(OB) * K, first = static_cast<int64_t>(o) * K;
+      for (int64_t j = 0; j < n; ++j)
+        SMOE_FAST_UNROLL
+        for (int e = 0; e < NE; ++e) tile_buf[j * NE + e] = experts[e][first + j];
+      w_tile = tile_buf;
+    }
+    linear_fwd_tile<scalar_t, OB, NE, KC>(layer, in, w_tile, bias, o, out, out_pad);
+  };
   int o = 0;
   // 24 accumulators: each weight is used once per block, so the tile only needs to hide FMA latency.
-  for (; o + 24 <= N; o += 24) linear_fwd_tile<scalar_t, 24, NE>(layer, in, weight, bias, o, out, out_pad);
-  for (; o + kOutBlock <= N; o += kOutBlock) linear_fwd_tile<scalar_t, kOutBlock, NE>(layer, in, weight, bias, o, out, out_pad);
-  for (; o < N; ++o) linear_fwd_tile<scalar_t, 1, NE>(layer, in, weight, bias, o, out, out_pad);
+  for (; o + 24 <= N; o += 24) tile(std::integral_constant<int, 24>{}, o);
+  for (; o + kOutBlock <= N; o += kOutBlock) tile(std::integral_constant<int, kOutBlock>{}, o);
+  for (; o < N; ++o) tile(std::integral_constant<int, 1>{}, o);
+}
+
+// experts: NE pointers to the experts' [N][K] weights; tile_buf: 24 * K * NE scalars when NE > 1.
+template <typename scalar_t, int NE = 1>
+void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* const* experts, const scalar_t* bias, scalar_t* out,
+                int out_pad, scalar_t* tile_buf = nullptr) {
+  if (layer.in_c == 32) return linear_fwd_k<scalar_t, NE, 32>(layer, in, experts, bias, out, out_pad, tile_buf);  // L = 32
+  linear_fwd_k<scalar_t, NE, 0>(layer, in, experts, bias, out, out_pad, tile_buf);
 }
 
 // grad_in = W^T grad_out; per-lane weight and bias gradients accumulate (summed over lanes later).
@@ -578,12 +605,11 @@ constexpr int kPhaseTilePixels = 6;    // NP: 24 accumulators + 4 weights + 1 in
 
 // Packed weights of an up == 2 conv, folded straight from weight[co][ci][3][3] (no folded[] pass):
 // out_c % 4 == 0: [phase][co / 4][ci][r][s][co % 4] (phase tiles); else [co][ci][phase][r][s] (row tiles).
-// Element j goes to packed[j * ne + slot] (the interleaved weights of a shared block; ne = 1 otherwise).
 // Folded tap (r, s) of phase (a, c) sums the 3x3 taps kh in rows(a, r), kw in rows(c, s), with
 // rows(0, 0) = {0}, rows(0, 1) = {1, 2}, rows(1, 0) = {0, 1}, rows(1, 1) = {2}. Measured at E = 8,192,
 // B = 65,536: the generic fold + pack (index arithmetic per tap) took 8% of the hard lite forward.
 template <typename scalar_t>
-void pack_conv_up2(const Layer& layer, const scalar_t* weight, scalar_t* packed, int ne = 1, int slot = 0) {
+void pack_conv_up2(const Layer& layer, const scalar_t* weight, scalar_t* packed) {
   const int Cout = layer.out_c, Cin = layer.in_c;
   constexpr int OB = kPhaseTileChannels;
   const bool phase_tiles = Cout % OB == 0;
@@ -608,7 +634,7 @@ void pack_conv_up2(const Layer& layer, const scalar_t* weight, scalar_t* packed,
               const int64_t j = phase_tiles
                   ? (((static_cast<int64_t>(ph) * (Cout / OB) + co / OB) * Cin + ci) * 4 + t) * OB + co % OB
                   : (static_cast<int64_t>(co) * Cin + ci) * 16 + ph * 4 + t;
-              packed[j * ne + slot] = folded[s_tap];
+              packed[j] = folded[s_tap];
             }
           }
     }
@@ -1000,8 +1026,10 @@ template <typename scalar_t>
 struct Scratch {
   // phase_grad: conv_up2_bwd's per-phase output gradients, one per layer (their borders must stay zero).
   std::vector<std::vector<scalar_t>> act, grad, folded, packed, packed_t, phase_grad, grad_weight, grad_bias;
-  // Weights of the experts of a shared block, interleaved (bcast): per layer linear weight or packed conv, and bias.
-  std::vector<std::vector<scalar_t>> shared_weight, shared_bias;
+  // Weights of the experts of a shared block, interleaved (bcast), per layer: the packed conv weights or
+  // one linear tile's rows (linear_fwd), and the biases; shared_pack: each expert's packed conv weights
+  // before the interleave.
+  std::vector<std::vector<scalar_t>> shared_weight, shared_bias, shared_pack;
 
   std::vector<std::vector<Vec<scalar_t>>> folded_vec, grad_weight_lanes, grad_bias_lanes;
   int pad[kMaxLayers + 1];
@@ -1067,8 +1095,8 @@ void decode_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s, int6
     if (layer.is_conv) {
       conv_fwd(layer, s.act[i].data(), s.packed[i].data(), s.folded_vec[i].data(), bias, s.act[i + 1].data(), s.pad[i + 1]);
     } else {
-      linear_fwd(layer, s.act[i].data(), pb.weight[i] + expert * layer.weight_size(), bias, s.act[i + 1].data(),
-                 s.pad[i + 1]);
+      const scalar_t* weight = pb.weight[i] + expert * layer.weight_size();
+      linear_fwd(layer, s.act[i].data(), &weight, bias, s.act[i + 1].data(), s.pad[i + 1]);
     }
   }
 }
@@ -1246,32 +1274,43 @@ void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& 
     gate[t] = valid && pb.gates ? pb.gates[row] : scalar_t(1);
     for (int64_t l = 0; l < L; ++l) zt[l * T + t] = valid ? pb.z[tokens[t] * L + l] : scalar_t(0);
   }
-  // Linear weights and all biases: expert-innermost copies (vectorised as interleaving stores).
+  // Biases: expert-innermost copies (the linear weights are interleaved a tile at a time by linear_fwd).
   for (int i = 0; i < plan.num_layers; ++i) {
     const Layer& layer = plan.layers[i];
     const scalar_t* bias[NE];
-    const scalar_t* w[NE];
-    for (int e = 0; e < NE; ++e) {
-      bias[e] = pb.bias[i] + b.expert[e] * layer.bias_size();
-      w[e] = pb.weight[i] + b.expert[e] * layer.weight_size();
-    }
+    for (int e = 0; e < NE; ++e) bias[e] = pb.bias[i] + b.expert[e] * layer.bias_size();
     scalar_t* sb = s.shared_bias[i].data();
     for (int j = 0; j < layer.bias_size(); ++j)
       SMOE_FAST_UNROLL
       for (int e = 0; e < NE; ++e) sb[j * NE + e] = bias[e][j];
-    if (layer.is_conv) continue;
-    scalar_t* sw = s.shared_weight[i].data();
-    for (int64_t j = 0; j < layer.weight_size(); ++j)
-      SMOE_FAST_UNROLL
-      for (int e = 0; e < NE; ++e) sw[j * NE + e] = w[e][j];
   }
-  // Conv weights: folded and packed straight into the interleaved layout (every conv has an up == 2 kernel here).
+  // Conv weights: each distinct expert folded and packed once (an expert's tail often takes two
+  // slots of a block), then interleaved like the linear weights.
   for (int i = 0; i < plan.num_layers; ++i) {
     const Layer& layer = plan.layers[i];
     if (!layer.is_conv) continue;
-    for (int e = 0; e < NE; ++e)
-      pack_conv_up2(layer, pb.weight[i] + b.expert[e] * layer.weight_size(), s.shared_weight[i].data(), NE, e);
+    const int64_t n = folded_size(layer);
+    const scalar_t* packed[NE];
+    for (int e = 0; e < NE; ++e) {
+      if (e > 0 && b.expert[e] == b.expert[e - 1]) {
+        packed[e] = packed[e - 1];
+        continue;
+      }
+      scalar_t* dst = s.shared_pack[i].data() + e * n;
+      pack_conv_up2(layer, pb.weight[i] + b.expert[e] * layer.weight_size(), dst);
+      packed[e] = dst;
+    }
+    scalar_t* sw = s.shared_weight[i].data();
+    for (int64_t j = 0; j < n; ++j)
+      SMOE_FAST_UNROLL
+      for (int e = 0; e < NE; ++e) sw[j * NE + e] = packed[e][j];
   }
+  // The next block's latent rows (random tokens: each a cache miss when the copy loop above reached it).
+  for (int e = 0; next != nullptr && e < NE; ++e)
+    for (int j = 0; j < next->count[e]; ++j) {
+      const scalar_t* z_row = pb.z + pb.rows[next->row_begin[e] + j] / pb.slots * L;
+      for (int64_t l = 0; l < L; l += 64 / sizeof(scalar_t)) __builtin_prefetch(z_row + l, 0, 3);
+    }
   s.prefetch.clear();
   for (int e = 0; next != nullptr && e < NE; ++e) {
     if (next->count[e] == 0 || (e > 0 && next->expert[e] == next->expert[e - 1])) continue;
@@ -1284,8 +1323,10 @@ void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& 
       conv_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), nullptr, s.shared_bias[i].data(),
                              s.act[i + 1].data(), s.pad[i + 1], &s.prefetch);
     } else {
-      linear_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), s.shared_bias[i].data(),
-                               s.act[i + 1].data(), s.pad[i + 1]);
+      const scalar_t* weight[NE];
+      for (int e = 0; e < NE; ++e) weight[e] = pb.weight[i] + b.expert[e] * layer.weight_size();
+      linear_fwd<scalar_t, NE>(layer, s.act[i].data(), weight, s.shared_bias[i].data(), s.act[i + 1].data(), s.pad[i + 1],
+                               s.shared_weight[i].data());
     }
   }
 }
@@ -1306,10 +1347,12 @@ void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
       if (share) {
         s.shared_weight.resize(pb.plan.num_layers);
         s.shared_bias.resize(pb.plan.num_layers);
+        s.shared_pack.resize(pb.plan.num_layers);
         for (int i = 0; i < pb.plan.num_layers; ++i) {
           const Layer& layer = pb.plan.layers[i];
-          s.shared_weight[i].resize(kSharedSlots * (layer.is_conv ? folded_size(layer) : layer.weight_size()));
+          s.shared_weight[i].resize(kSharedSlots * (layer.is_conv ? folded_size(layer) : 24 * static_cast<int64_t>(layer.in_c)));
           s.shared_bias[i].resize(kSharedSlots * layer.bias_size());
+          if (layer.is_conv) s.shared_pack[i].resize(kSharedSlots * folded_size(layer));
         }
       }
       return s;

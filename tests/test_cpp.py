@@ -248,12 +248,14 @@ def test_weight_gradients_are_deterministic():
 # ------------------------------------------------------------------------------------------------
 # Block layout: full 16-lane blocks, tails of several experts sharing a block, many experts
 
-# Tokens per expert -> the block layout they hit (fp32 on AVX-512: 16 lanes; tails of 1-4 tokens
-# share a block four experts at a time, of 5-8 two at a time, of 9-15 keep their own block).
+# Tokens per expert -> the block layout they hit (fp32 on AVX-512: 16 lanes; a tail of 1-12 tokens
+# takes ceil(tail / 4) slots of 4 lanes in blocks of four slots, so one expert may hold two or three
+# slots of a block (its weights packed once) or run on into the next block; tails of 13-15 keep their
+# own block).
 COUNT_CASES = [
     ("full_and_tails", [40, 16, 3, 4, 5, 8, 9, 1, 0, 12, 2, 7]),  # 2 full + tail 8, exact full, every tail kind
     ("odd_quads", [1, 2, 3, 4, 1]),                                 # a quad block and a partial one
-    ("odd_pairs", [5, 6, 7]),                                       # a pair block and a half-used one
+    ("odd_pairs", [5, 6, 7]),                                       # two slots per expert, the last block half used
     ("one_big", [0, 0, 97]),                                        # 6 full blocks + tail 1, other experts empty
 ]
 
@@ -277,6 +279,20 @@ def test_block_layouts_match_reference(name, counts, kind, dtype):
     # Top-1 under autograd runs the backward on the same layouts.
     _compare_with_grads(lambda z_, w: extension.experts_hard(z_, expert_idx, w, kind),
                         lambda z_, w: reference.experts_hard(z_, expert_idx, w, kind), [z], weights, kind, ["z"])
+
+
+@pytest.mark.parametrize("kind", ["lite", "mlp"])
+@pytest.mark.parametrize("latent", [7, 64], ids=["L7", "L64"])
+def test_block_layouts_with_other_latent_sizes(latent, kind):
+    # The linear layers specialise on L = 32 (the paper's); other sizes take the generic loop, in
+    # one-expert and shared blocks alike.
+    counts = COUNT_CASES[0][1]
+    expert_idx = _routing_from_counts(counts)
+    weights = random_weights(kind, len(counts), latent_dim=latent, seed=15)
+    z = _inputs(expert_idx.numel(), len(counts), torch.float32, latent=latent)
+    with torch.no_grad():
+        out = ops.experts_hard(z, expert_idx, weights, kind=kind, backend="cpp")
+    assert_close(out, reference.experts_hard(z, expert_idx, weights, kind), name="x_hat")
 
 
 def test_many_experts_small_batch():
