@@ -81,3 +81,14 @@ def blob_images(n: int, seed: int):
         images[labels == c, :, 4 + 7 * c:11 + 7 * c, 8:20] = 0.0
     images = (images + 0.05 * torch.randn(images.shape, generator=g)).clamp(0, 1)
     return ImageDataset(images, labels, None, ("a", "b", "c"))
+
+
+class RecordingKernel:
+    """Stands in for a @triton.jit kernel (``kernel[grid](**kwargs)``): appends each launch's keyword
+    arguments to ``launches`` (a list of its own, or one shared by several kernels) and runs nothing."""
+
+    def __init__(self, launches: list | None = None):
+        self.launches = [] if launches is None else launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(kwargs)

@@ -16,7 +16,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import assert_close, random_weights
+from helpers import RecordingKernel, assert_close, random_weights
 from smoe_fast import reference
 
 triton = pytest.importorskip("triton")
@@ -90,20 +90,10 @@ def test_cpu_autocast_computes_on_the_rounded_latent(kind, gating, batch, num_ex
         assert_close(g_actual, g_expected, name=f"d {name}")
 
 
-class _RecordingKernel:
-    """Stands in for a jit kernel: records each launch's constexpr keywords and runs nothing."""
-
-    def __init__(self, log):
-        self.log = log
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append(kwargs)
-
-
 def _record_launches(monkeypatch, module, names):
     log = []
     for name in names:
-        monkeypatch.setattr(module, name, _RecordingKernel(log))
+        monkeypatch.setattr(module, name, RecordingKernel(log))
     return log
 
 

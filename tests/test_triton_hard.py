@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import assert_close, random_weights, routing_case
+from helpers import RecordingKernel, assert_close, random_weights, routing_case
 from smoe_fast import reference
 from smoe_fast.kernels.experts_hard import experts_hard
 from smoe_fast.kernels.tuning import bucket_tokens, forced_experts_hard_config
@@ -160,16 +160,6 @@ def test_experts_hard_compiles_without_graph_breaks():
     assert_close(compiled(z, idx), reference.experts_hard(z, idx, weights, "mlp") * 2)
 
 
-class _RecordingKernel:
-    """Stands in for a jit kernel: records each launch's keyword arguments and runs nothing."""
-
-    def __init__(self):
-        self.launches = []
-
-    def __getitem__(self, grid):
-        return lambda **kwargs: self.launches.append(kwargs)
-
-
 # (torch setting, TF32 allowed, z dtype the kernel sees, dot mode on CPU tensors)
 PRECISION_SETTINGS = [
     pytest.param(None, False, torch.float32, "ieee", id="fp32-default-ieee"),
@@ -185,7 +175,7 @@ def test_launcher_passes_the_dot_mode_of_its_inputs(monkeypatch, kind, autocast,
     # the launcher asks launch.dot_mode with the dtype and device the kernel reads (after autocast's
     # cast) and passes its answer as INPUT_PRECISION; which mode a GPU gets is test_launch's table
     name = "_experts_hard_mlp_fwd_kernel" if kind == "mlp" else "_experts_hard_conv_fwd_kernel"
-    kernel, asked = _RecordingKernel(), []
+    kernel, asked = RecordingKernel(), []
     real_dot_mode = experts_hard_module.dot_mode
     monkeypatch.setattr(experts_hard_module, name, kernel)
     monkeypatch.setattr(experts_hard_module, "dot_mode", lambda *a: asked.append(a) or real_dot_mode(*a))
