@@ -53,6 +53,14 @@ def conv_bwd_scratch_size(bm: int, ts: int) -> int:
 
 
 @triton.jit
+def _gather_tap_columns(p_src, o_row, o_col, m_r):
+    """A tile [rows, K] of a transposed phase GEMM (steps 5 and 6): row r x column k reads
+    ``p_src[o_row[r] + o_col[k]]``, the token innermost so a warp's rows are consecutive addresses;
+    rows outside the map (``m_r`` false) read zero."""
+    return tl.load(p_src + o_row[:, None] + o_col[None, :], mask=m_r[:, None], other=0.0)
+
+
+@triton.jit
 def _lite_parts_to_scratch(p_a1, p_part, w, e, TS: tl.constexpr, BR: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """conv2's (phase, tap) parts of every a1 pixel (the first half of the forward's
     ``_upconv3x3_one_channel_to_image``): part[n][a][b] = sum_ci W'[n, ci] a1[ci][a][b]."""
@@ -142,7 +150,7 @@ def _lite_tile_bwd(z, stride_zb, stride_zl, row_div, p_rows, n_rows, e,
         for r0 in range(0, 14 * 14 * TS, BR):
             m_r, o_t, o_a, o_b = _pixel_token_rows(r0, 14, 14, TS, BR)
             m_v = m_r & (o_t < n_group)
-            b_g = tl.load(p_g2 + ((o_a * 16 + o_b) * TS + o_t)[:, None] + o_col2[None, :], mask=m_r[:, None], other=0.0)
+            b_g = _gather_tap_columns(p_g2, (o_a * 16 + o_b) * TS + o_t, o_col2, m_r)
             b_a1 = tl.load(p_a1 + (((o_a + 1) * 16 + o_b + 1) * TS + o_t)[:, None] + o_ci[None, :] * (256 * TS),
                            mask=m_v[:, None], other=0.0)
             acc_w2 += mm(tl.trans(b_g), b_a1, INPUT_PRECISION)
@@ -163,7 +171,7 @@ def _lite_tile_bwd(z, stride_zb, stride_zl, row_div, p_rows, n_rows, e,
             m_r, o_t, o_a, o_b = _pixel_token_rows(r0, 7, 7, TS, BR)
             m_v = m_r & (o_t < n_group)
             o_h0 = ((o_a + 1) * 9 + o_b + 1) * BM + g0 + o_t
-            b_g = tl.load(p_dc1 + ((o_a * 9 + o_b) * TS + o_t)[:, None] + o_col1[None, :], mask=m_r[:, None], other=0.0)
+            b_g = _gather_tap_columns(p_dc1, (o_a * 9 + o_b) * TS + o_t, o_col1, m_r)
             b_h0 = tl.load(p_h0 + o_h0[:, None] + o_ci[None, :] * (81 * BM), mask=m_v[:, None] & m_ci8[None, :],
                            other=0.0)
             acc_w1 += mm(tl.trans(b_g), b_h0, INPUT_PRECISION)

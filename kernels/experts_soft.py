@@ -148,7 +148,7 @@ def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor
     arch = device_arch(device)
     cap = max_programs(device)
     dot = dot_mode(z.dtype, device)
-    config = training_lite_fwd_config(arch, dot) if kind == "lite" else training_mlp_config(arch)
+    config = training_lite_fwd_config(arch, dot) if kind == "lite" else training_mlp_config(arch, "fwd", dot)
     n_blocks, groups, per_group = soft_forward_split(batch, num_experts, cap, config["BM"])
     n_items = n_blocks * groups
     programs = min(n_items, cap)

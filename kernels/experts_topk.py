@@ -191,7 +191,7 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
             maxnreg=register_cap(config["num_warps"]),
         )
     else:
-        config = training_mlp_config(arch)
+        config = training_mlp_config(arch, "fwd", dot)
         _experts_topk_mlp_fwd_kernel[(programs, triton.cdiv(PIXELS, config["BN"]))](
             z, z.stride(0), z.stride(1), topk_gates, topk_gates.stride(0), topk_gates.stride(1), y_slots,
             *ws, sorted_token_idx, expert_offsets, tile_offs,

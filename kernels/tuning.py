@@ -148,9 +148,10 @@ TRAIN_BLOCK_M = 16     # rows per block: the smallest tl.dot M
 TRAIN_MLP_BLOCK_N = 32   # output pixels per mlp tile on a GPU (see training_mlp_config)
 
 
-def training_mlp_config(arch: int, direction: str = "fwd") -> dict[str, int]:
-    """Tiles of the fused mlp soft / top-k kernels (``direction`` "fwd" or "bwd") for ``arch``: BM rows
-    per block, BN output pixels per tile, pipelining stages. Audit figures, spill bytes per thread:
+def training_mlp_config(arch: int, direction: str = "fwd", dot: str = "ieee") -> dict[str, int]:
+    """Tiles of the fused mlp soft / top-k kernels (``direction`` "fwd" or "bwd", GEMM mode ``dot``) for
+    ``arch``: BM rows per block, BN output pixels per tile, pipelining stages. Audit figures, spill
+    bytes per thread:
 
     - BN: with 64 (3 stages, sm_90) the forwards spilled 16 B in bf16 and the backwards 2.2 / 4.1 KB
       (soft / top-k, IEEE) at 190-210 KB of shared memory; with BN = 32 the forwards spill nothing
@@ -161,15 +162,23 @@ def training_mlp_config(arch: int, direction: str = "fwd") -> dict[str, int]:
       on sm_86). The backward with 1 stage spilled 7.4-10.2 KB on sm_80 and sm_86, with 2 0.7-3.6 KB
       in IEEE and bf16 (sm_80 TF32 stays at 8.6 KB: ptxas keeps it at 128 registers). sm_90 keeps 3
       in both directions (2 spilled more in its IEEE backward).
+    - the IEEE forward on those archs: with BN = 32 ptxas stops sm_80 at 128 registers and spills
+      32 / 8 B (soft / top-k; a register cap of 168 or 255 moves the spill to sm_86); with BN = 16,
+      122 / 106 registers on sm_80 / sm_86 and nothing spilled, the same predicted time, 35 KB of
+      shared memory instead of 50. TF32 and bf16 keep BN = 32: at 16 they took 255 registers and
+      spilled 12-332 B.
 
     The interpreter keeps BN = 64: fewer numpy steps."""
     if arch == 0:
         return {"BM": TRAIN_BLOCK_M, "BN": 64, "num_warps": 8, "num_stages": 3}
+    block_n = TRAIN_MLP_BLOCK_N
     if SHARED_LIMIT_BYTES.get(arch, 0) >= SHARED_LIMIT_BYTES[90]:
         stages = 3
     else:
         stages = 1 if direction == "fwd" else 2
-    return {"BM": TRAIN_BLOCK_M, "BN": TRAIN_MLP_BLOCK_N, "num_warps": 8, "num_stages": stages}
+        if direction == "fwd" and dot == "ieee":
+            block_n = 16
+    return {"BM": TRAIN_BLOCK_M, "BN": block_n, "num_warps": 8, "num_stages": stages}
 
 
 def training_lite_fwd_config(arch: int, dot: str = "ieee", gating: str = "soft") -> dict[str, int]:
@@ -268,11 +277,11 @@ SPILL_BUDGET_BYTES = {
     "hard medium": 2_880,
     "hard mlp": 64,
     "soft fwd lite": 0,
-    "soft fwd mlp": 64,
+    "soft fwd mlp": 0,
     "soft bwd lite": 7_680,
     "soft bwd mlp": 8_704,
     "topk fwd lite": 0,
-    "topk fwd mlp": 64,
+    "topk fwd mlp": 0,
     "topk bwd lite": 6_272,
     "topk bwd mlp": 8_192,
     "medium fwd": 0,

@@ -164,6 +164,16 @@ def test_step_rows_sum_the_forward_and_backward_kernels(rows):
         assert step.shape == "B=1024 E=256" or gating == "topk"
 
 
+def test_soft_step_is_within_twice_its_roofline(rows):
+    # the training issue's target: the soft step at B = 1,024, E = 256 (lite, the paper's expert) in
+    # IEEE fp32, predicted from the compiled code, takes at most twice the ideal roofline
+    step = next(r for r in rows if r.kernel == audit.STEP_KERNEL and r.arch == "sm_90" and r.op == "soft step lite"
+                and r.config.endswith("fp32/ieee"))
+    assert step.predicted_us <= 2 * step.ideal_us, (
+        f"soft step lite predicted {step.predicted_us:.0f} us, ideal {step.ideal_us:.0f} us: "
+        f"{step.predicted_us / step.ideal_us:.2f}x (at most 2x)")
+
+
 def test_soft_step_memory_does_not_grow_with_experts():
     # the memory model: nothing kept beyond the inputs, temporaries per token flat in E once the grid
     # is full, while the reference keeps every (token, expert) pair's activations

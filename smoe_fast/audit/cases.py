@@ -309,7 +309,10 @@ def _training_work(op: str, kind: str, direction: str, config: dict, hidden: int
         # the forward's traffic, then g2 written, its 16-tap gather and a1 read, dc1 written, its
         # 256-column gather and h0 read, dh0 written and read
         per_row = _conv_tile_scratch_per_row("lite") + 4 * (784 + 196 * 16 + 3136 + 3136 + 49 * 256 + 392 * 3)
-        scratch = W.Stream("activation scratch", rows * per_row, "scratch", gather=True)
+        # its gathers: the recomputed forward's phase rows and the transposed GEMMs' tap columns (as the
+        # forward's stream counts its phase rows only: weight loads and stores are not gathers)
+        scratch = W.Stream("activation scratch", rows * per_row, "scratch", gather=True,
+                           sites=("_gather_phase_rows", "_gather_tap_columns"))
         scratch_footprint = programs * kernel_module("decoder_tiles_bwd").conv_bwd_scratch_size(bm, config["TS"]) * 4
     useful = rows * sum(f.values())
     if direction == "bwd":
@@ -361,7 +364,7 @@ def training_cases(arch: int, full: bool) -> list[Case]:
             for precision in _TRAINING_PRECISIONS:
                 for direction in ("fwd", "bwd"):
                     if is_mlp:
-                        config = tuning.training_mlp_config(arch, direction)
+                        config = tuning.training_mlp_config(arch, direction, precision)
                     elif direction == "fwd":
                         config = tuning.training_lite_fwd_config(arch, precision, op)
                     else:
