@@ -229,7 +229,7 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
         )
 
     with device_guard(z):
-        run(experts_hard_config(kind, z.dtype, device, B, run=run))
+        run(experts_hard_config(kind, z.dtype, device, B, run=run, dot=precision))
     return out
 
 

@@ -87,17 +87,28 @@ _HARD_INTERPRETER = {
 }
 # the mlp tile with few tokens per expert: smaller tiles waste fewer masked rows
 _HARD_MLP_SMALL = {"BM": 32, "num_warps": 4}
+# the mlp tile in IEEE fp32 (audit, triton 3.9): BN = 64, BH = 32 stops ptxas at 128 registers and spills
+# 32 B (sm_90) / 16 B (sm_86); BN = 32, BH = 16 takes 80 / 80 / 128 registers on sm_90 / sm_86 / sm_80,
+# spills nothing, and is predicted at the same 409 us (FMA-bound: h is read from the tile's scratch
+# twice as often, which the FMA time hides). TF32 and bf16 spill nothing at 64 / 32 and are bound on
+# memory, so they keep it. The small tile in TF32 spilled 8-16 B on sm_90 at BH = 32; BH = 16: 122
+# registers, none spilled, the same predicted time.
+_HARD_MLP_IEEE = {"BN": 32, "BH": 16}
 _tuned: dict[tuple, dict[str, int]] = {}
 _forced: dict[str, dict[str, int]] = {}
 
 
-def experts_hard_default(kind: str, arch: int, bucket: int) -> dict[str, int]:
-    """The heuristic config for ``arch`` (no timing)."""
+def experts_hard_default(kind: str, arch: int, bucket: int, dot: str = "ieee") -> dict[str, int]:
+    """The heuristic config for ``arch`` and GEMM mode ``dot`` (no timing)."""
     if arch == 0:
         return dict(_HARD_INTERPRETER[kind])
     config = dict(_HARD_DEFAULTS[kind])
     if kind == "mlp" and bucket <= 256:
         config.update(_HARD_MLP_SMALL)
+        if dot == "tf32":
+            config["BH"] = 16
+    elif kind == "mlp" and dot == "ieee":
+        config.update(_HARD_MLP_IEEE)
     return config
 
 
@@ -105,20 +116,21 @@ def experts_hard_candidates(kind: str) -> list[dict[str, int]]:
     return [dict(c) for c in _HARD_CANDIDATES[kind]]
 
 
-def experts_hard_config(kind: str, dtype: torch.dtype, device: torch.device, num_tokens: int, run=None) -> dict[str, int]:
-    """Config for the hard-gated experts kernel of ``kind``.
+def experts_hard_config(kind: str, dtype: torch.dtype, device: torch.device, num_tokens: int, run=None,
+                        dot: str = "ieee") -> dict[str, int]:
+    """Config for the hard-gated experts kernel of ``kind`` whose GEMMs run in mode ``dot``.
 
     ``run(config)`` launches the kernel once with a config; with ``SMOE_FAST_AUTOTUNE=1`` on a GPU it
-    is timed for each candidate on the first call per (kind, dtype, arch, bucket) key.
+    is timed for each candidate on the first call per (kind, dtype, GEMM mode, arch, bucket) key.
     """
     if kind in _forced:
         return dict(_forced[kind])
     bucket = bucket_tokens(num_tokens)
     arch = device_arch(device)
-    key = (kind, dtype, arch, bucket)
+    key = (kind, dtype, dot, arch, bucket)
     if key in _tuned:
         return _tuned[key]
-    config = experts_hard_default(kind, arch, bucket)
+    config = experts_hard_default(kind, arch, bucket, dot)
     if (run is not None and device.type == "cuda" and not interpreting() and os.environ.get(AUTOTUNE_ENV) == "1"
             and not torch.cuda.is_current_stream_capturing()):
         import triton.testing
@@ -275,7 +287,7 @@ SPILL_BUDGET_BYTES = {
     "segment sum": 0,
     "hard lite": 64,
     "hard medium": 2_880,
-    "hard mlp": 64,
+    "hard mlp": 0,
     "soft fwd lite": 0,
     "soft fwd mlp": 0,
     "soft bwd lite": 7_680,

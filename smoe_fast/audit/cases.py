@@ -197,40 +197,48 @@ def hard_cases(arch: int, full: bool) -> list[Case]:
     latent, hidden, e = W.LATENT, 256, W.HARD_E
     dtypes = list(_HARD_DTYPES) if full else ["fp32/ieee", "fp32/tf32", "bf16"]
     for kind in ("lite", "medium", "mlp"):
-        configs = [tuning.experts_hard_default(kind, arch, tuning.MAX_BUCKET)]
-        small = tuning.experts_hard_default(kind, arch, 64)
-        if small not in configs:
-            configs.append(small)
-        if full:
-            configs += [c for c in tuning.experts_hard_candidates(kind) if c not in configs]
-        for config in configs:
-            for dtype_label in dtypes:
-                dtype, precision = _HARD_DTYPES[dtype_label]
-                label = f"{_fmt(config)},{dtype_label}"
-                bm = config["BM"]
-                max_tiles = launch.tile_bound(W.HARD_B, e, bm)
-                index_ptrs = {"scratch": "*fp32", "sorted_token_idx": "*i32", "expert_offsets": "*i32",
-                              "tile_offsets": "*i32"}
-                work = _hard_work(kind, config, dtype, arch, hidden)
-                rate = "bf16" if dtype != "fp32" else precision
-                if kind == "mlp":
-                    ptrs = {n: "*" + dtype for n in ("z", "out", "fc1_w", "fc1_b", "fc2_w", "fc2_b")}
-                    scalars = dict(E=e, L=latent, HIDDEN=hidden, stride_zb=latent, stride_zl=1, max_tiles=max_tiles)
-                    consts = dict(LOG_E=launch.log2_ceil(e), PIXELS=W.PIXELS, BM=bm, BH=config["BH"],
-                                  BN=config["BN"], BLOCK_L=32, INPUT_PRECISION=precision)
-                    cases.append(Case("experts_hard:_experts_hard_mlp_fwd_kernel", "hard mlp", label,
-                                      dict(ptrs, **index_ptrs), scalars, consts, config["num_warps"], work, rate))
-                    continue
-                c0, c1, c2 = decoder_tiles.CONV_CHANNELS[kind]
-                ptrs = {n: "*" + dtype for n in ("z", "out", "fc_w", "fc_b", "conv1_w", "conv1_b", "conv2_w",
-                                                  "conv2_b", "conv3_w", "conv3_b")}
-                per_program = decoder_tiles.conv_scratch_size(kind, bm, config["TS"])
-                scalars = dict(E=e, L=latent, stride_zb=latent, stride_zl=1, max_tiles=max_tiles,
-                               scratch_per_program=per_program)
-                consts = dict(LOG_E=launch.log2_ceil(e), C0=c0, C1=c1, C2=c2, HAS_CONV3=kind == "medium", BM=bm,
-                              TS=config["TS"], BR=config["BR"], BLOCK_L=32, BN_FC=64, INPUT_PRECISION=precision)
-                cases.append(Case("experts_hard:_experts_hard_conv_fwd_kernel", f"hard {kind}", label,
+        pairs = []  # (config, dtype label): the launcher's choices, which depend on the GEMM mode
+        for dtype_label in dtypes:
+            dot = _HARD_DTYPES[dtype_label][1]
+            configs = [tuning.experts_hard_default(kind, arch, tuning.MAX_BUCKET, dot)]
+            small = tuning.experts_hard_default(kind, arch, 64, dot)
+            if small not in configs:
+                configs.append(small)
+            if full:
+                configs += [c for c in tuning.experts_hard_candidates(kind) if c not in configs]
+            pairs += [(config, dtype_label) for config in configs]
+        order = []
+        for config, _ in pairs:
+            if config not in order:
+                order.append(config)
+        pairs.sort(key=lambda pair: order.index(pair[0]))  # rows grouped by config, modes in order
+        for config, dtype_label in pairs:
+            dtype, precision = _HARD_DTYPES[dtype_label]
+            label = f"{_fmt(config)},{dtype_label}"
+            bm = config["BM"]
+            max_tiles = launch.tile_bound(W.HARD_B, e, bm)
+            index_ptrs = {"scratch": "*fp32", "sorted_token_idx": "*i32", "expert_offsets": "*i32",
+                          "tile_offsets": "*i32"}
+            work = _hard_work(kind, config, dtype, arch, hidden)
+            rate = "bf16" if dtype != "fp32" else precision
+            if kind == "mlp":
+                ptrs = {n: "*" + dtype for n in ("z", "out", "fc1_w", "fc1_b", "fc2_w", "fc2_b")}
+                scalars = dict(E=e, L=latent, HIDDEN=hidden, stride_zb=latent, stride_zl=1, max_tiles=max_tiles)
+                consts = dict(LOG_E=launch.log2_ceil(e), PIXELS=W.PIXELS, BM=bm, BH=config["BH"],
+                              BN=config["BN"], BLOCK_L=32, INPUT_PRECISION=precision)
+                cases.append(Case("experts_hard:_experts_hard_mlp_fwd_kernel", "hard mlp", label,
                                   dict(ptrs, **index_ptrs), scalars, consts, config["num_warps"], work, rate))
+                continue
+            c0, c1, c2 = decoder_tiles.CONV_CHANNELS[kind]
+            ptrs = {n: "*" + dtype for n in ("z", "out", "fc_w", "fc_b", "conv1_w", "conv1_b", "conv2_w",
+                                              "conv2_b", "conv3_w", "conv3_b")}
+            per_program = decoder_tiles.conv_scratch_size(kind, bm, config["TS"])
+            scalars = dict(E=e, L=latent, stride_zb=latent, stride_zl=1, max_tiles=max_tiles,
+                           scratch_per_program=per_program)
+            consts = dict(LOG_E=launch.log2_ceil(e), C0=c0, C1=c1, C2=c2, HAS_CONV3=kind == "medium", BM=bm,
+                          TS=config["TS"], BR=config["BR"], BLOCK_L=32, BN_FC=64, INPUT_PRECISION=precision)
+            cases.append(Case("experts_hard:_experts_hard_conv_fwd_kernel", f"hard {kind}", label,
+                              dict(ptrs, **index_ptrs), scalars, consts, config["num_warps"], work, rate))
     return cases
 
 
