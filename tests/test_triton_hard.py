@@ -77,7 +77,9 @@ def test_non_contiguous_z_and_int32_indices(kind):
 GPU_TILES = [
     pytest.param("lite", {"BM": 16, "TS": 2, "BR": 64, "num_warps": 16}, 32, id="lite-BM16-TS2-BR64-gpu-default"),
     pytest.param("lite", {"BM": 32, "TS": 3, "BR": 128, "num_warps": 4}, 32, id="lite-BM32-TS3-odd-group"),
-    pytest.param("mlp", {"BM": 64, "BN": 64, "BH": 32, "num_warps": 8}, 64, id="mlp-BM64-BN64-BH32-gpu-default"),
+    pytest.param("mlp", {"BM": 64, "BN": 64, "BH": 32, "num_warps": 8}, 64, id="mlp-BM64-BN64-BH32-gpu-tf32-bf16"),
+    pytest.param("mlp", {"BM": 64, "BN": 32, "BH": 16, "num_warps": 8}, 64, id="mlp-BM64-BN32-BH16-gpu-ieee"),
+    pytest.param("mlp", {"BM": 32, "BN": 64, "BH": 16, "num_warps": 4}, 64, id="mlp-BM32-BH16-gpu-small-tf32"),
     pytest.param("mlp", {"BM": 16, "BN": 64, "BH": 32, "num_warps": 4}, 80, id="mlp-hidden80-three-hidden-chunks"),
     pytest.param("medium", {"BM": 16, "TS": 2, "BR": 256, "num_warps": 4}, 64, id="medium-BM16-TS2-BR256"),
 ]

@@ -120,6 +120,16 @@ def test_lite_gpu_tiles_match_reference(tile, monkeypatch):
     _check_against_reference("lite", 19, 2, "uniform", True)
 
 
+@pytest.mark.parametrize("block_n", [16, 32], ids=["BN16-gpu-ieee-small-smem", "BN32-gpu"])
+def test_mlp_gpu_tiles_match_reference(block_n, monkeypatch):
+    # the GPU's output-pixel tiles (the interpreter takes 64): 784 = 49 x 16, and 24.5 x 32 (a masked tail)
+    import importlib
+    module = importlib.import_module("smoe_fast.kernels.experts_soft")
+    tile = {"BM": 16, "BN": block_n, "num_warps": 8, "num_stages": 1}
+    monkeypatch.setattr(module, "training_mlp_config", lambda arch, *args: dict(tile))
+    _check_against_reference("mlp", 19, 2, "uniform", True)
+
+
 def test_soft_splits_are_bounded_by_the_grid_not_by_experts():
     # an H100's 264 programs at B = 1,024: the partial outputs and partial dz have at most a grid's
     # worth of rows whatever E; only the weight-gradient partials (O(E * weights)) grow with E

@@ -89,6 +89,19 @@ def test_lite_gpu_tiles_match_reference(tile, monkeypatch):
     assert_grads_close(actual, expected, leaves, ["z", "topk_gates", *weights])
 
 
+@pytest.mark.parametrize("block_n", [16, 32], ids=["BN16-gpu-ieee-small-smem", "BN32-gpu"])
+def test_mlp_gpu_tiles_match_reference(block_n, monkeypatch):
+    # the GPU's output-pixel tiles (the interpreter takes 64): 784 = 49 x 16, and 24.5 x 32 (a masked tail)
+    import importlib
+    module = importlib.import_module("smoe_fast.kernels.experts_topk")
+    tile = {"BM": 16, "BN": block_n, "num_warps": 8, "num_stages": 1}
+    monkeypatch.setattr(module, "training_mlp_config", lambda arch, *args: dict(tile))
+    z, idx, gates, weights, leaves = _inputs("mlp", 13, 3, 2, "uniform", False)
+    expected = reference.experts_topk(z, idx, gates, weights, "mlp")
+    actual = experts_topk(z, idx, gates, weights, "mlp")
+    assert_grads_close(actual, expected, leaves, ["z", "topk_gates", *weights])
+
+
 @pytest.mark.parametrize("kind", ["mlp", "lite"])
 def test_empty_batch(kind):
     # B = 0: an empty result and zero gradients
