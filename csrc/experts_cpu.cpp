@@ -339,8 +339,6 @@ struct PixelWalk {
   }
 };
 
-// out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB (weights and biases of NE
-// experts interleaved, see bcast).
 // out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB; w_tile: rows o0 .. o0 + OB of W
 // (weights and biases of NE experts interleaved, see bcast).
 template <typename scalar_t, int OB, int NE, int KC>
