@@ -41,9 +41,15 @@ inline DecoderKind parse_kind(c10::string_view kind) {
 }
 
 // The decoder plan for `kind`, after checking the (weight, bias) pairs against it; returns E in *num_experts.
-inline DecoderPlan checked_plan(c10::string_view kind, const at::Tensor& z, at::TensorList weights, int64_t* num_experts) {
+// The weights share one dtype: z's, or with fp32_masters_ok (the CUDA kernels) fp32 for an fp16 / bf16 z.
+inline DecoderPlan checked_plan(c10::string_view kind, const at::Tensor& z, at::TensorList weights, int64_t* num_experts,
+                                bool fp32_masters_ok = false) {
   const DecoderKind decoder = parse_kind(kind);
   TORCH_CHECK(!weights.empty(), "weights must hold the (weight, bias) tensors of every layer, got none");
+  const at::ScalarType z_type = z.scalar_type(), w_type = weights[0].scalar_type();
+  const bool half_z = z_type == at::kHalf || z_type == at::kBFloat16;
+  TORCH_CHECK(w_type == z_type || (fp32_masters_ok && half_z && w_type == at::kFloat), "the expert weights must have z's dtype (",
+              z_type, fp32_masters_ok && half_z ? ") or be float32" : ")", ", got ", w_type);
   const int hidden = decoder == DecoderKind::kMlp && weights[0].dim() == 3 ? static_cast<int>(weights[0].size(1)) : 1;
   const DecoderPlan plan = make_plan(decoder, static_cast<int>(z.size(1)), hidden);
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 2 * plan.num_layers, "decoder '", std::string(kind), "' takes ",
@@ -58,8 +64,8 @@ inline DecoderPlan checked_plan(c10::string_view kind, const at::Tensor& z, at::
                 "] must hold ", E, " experts x ", layer.weight_size(), " values for layer ", i, ", got shape ", w.sizes());
     TORCH_CHECK(b.dim() >= 1 && b.size(0) == E && b.numel() == E * layer.bias_size(), "weights[", 2 * i + 1,
                 "] must hold ", E, " experts x ", layer.bias_size(), " bias values for layer ", i, ", got shape ", b.sizes());
-    CHECK_SAME_DTYPE(w, z);
-    CHECK_SAME_DTYPE(b, z);
+    TORCH_CHECK(w.scalar_type() == w_type && b.scalar_type() == w_type, "every expert weight must have the dtype of weights[0] (",
+                w_type, "), got ", w.scalar_type(), " and ", b.scalar_type(), " for layer ", i);
     CHECK_DEVICE(w, z.device());
     CHECK_DEVICE(b, z.device());
   }

@@ -26,6 +26,12 @@ constexpr int kStageScalars = kThreads * 18;
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Reads of z, grad_out and the weights in the compute type (half inputs always compute in fp32).
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ double widen(double x) { return x; }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+
 // NaN in, NaN out for every activation (comparisons are false for NaN; exp/expm1 keep it).
 __device__ __forceinline__ float exp_of(float x) { return expf(x); }
 __device__ __forceinline__ double exp_of(double x) { return exp(x); }
@@ -87,20 +93,20 @@ __device__ __forceinline__ int folded_tap(int phase, int k) { return phase == 0 
 
 // out[t][o] = act(bias[o] + sum_k W[o,k] in[t][k]). Rows of W staged with stride K + 1 (no bank
 // conflicts); threads on (t, o) with o fastest.
-template <typename scalar_t>
-__device__ void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias,
-                           scalar_t* out, scalar_t* stage) {
+template <typename scalar_t, typename w_t>
+__device__ void linear_fwd(const Layer& layer, const scalar_t* in, const w_t* weight, const w_t* bias, scalar_t* out,
+                           scalar_t* stage) {
   const int K = layer.in_c, N = layer.out_size(), ld = K + 1;
   const int rows = kStageScalars / ld;
   for (int o0 = 0; o0 < N; o0 += rows) {
     const int nr = min(rows, N - o0);
-    for (int j = threadIdx.x; j < nr * K; j += blockDim.x) stage[(j / K) * ld + j % K] = weight[static_cast<int64_t>(o0) * K + j];
+    for (int j = threadIdx.x; j < nr * K; j += blockDim.x) stage[(j / K) * ld + j % K] = widen(weight[static_cast<int64_t>(o0) * K + j]);
     __syncthreads();
     for (int j = threadIdx.x; j < T * nr; j += blockDim.x) {
       const int t = j / nr, o = j % nr;
       const scalar_t* w = stage + o * ld;
       const scalar_t* x = in + t * K;
-      scalar_t acc = bias[o0 + o];
+      scalar_t acc = widen(bias[o0 + o]);
       for (int k = 0; k < K; ++k) acc += w[k] * x[k];
       out[t * N + o0 + o] = activate(acc, layer.act);
     }
@@ -109,8 +115,8 @@ __device__ void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_
 }
 
 // grad_in[t][k] = sum_o W[o,k] d[t][o]; weight and bias gradients summed over the tile's n tokens.
-template <typename scalar_t>
-__device__ void linear_bwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* d, int n,
+template <typename scalar_t, typename w_t>
+__device__ void linear_bwd(const Layer& layer, const scalar_t* in, const w_t* weight, const scalar_t* d, int n,
                            scalar_t* grad_in, scalar_t* grad_weight, scalar_t* grad_bias, bool overwrite,
                            scalar_t* stage) {
   const int K = layer.in_c, N = layer.out_size(), ld = K + 1;
@@ -118,7 +124,7 @@ __device__ void linear_bwd(const Layer& layer, const scalar_t* in, const scalar_
   for (int j = threadIdx.x; j < T * K; j += blockDim.x) grad_in[j] = scalar_t(0);  // each j keeps its thread
   for (int o0 = 0; o0 < N; o0 += rows) {
     const int nr = min(rows, N - o0);
-    for (int j = threadIdx.x; j < nr * K; j += blockDim.x) stage[(j / K) * ld + j % K] = weight[static_cast<int64_t>(o0) * K + j];
+    for (int j = threadIdx.x; j < nr * K; j += blockDim.x) stage[(j / K) * ld + j % K] = widen(weight[static_cast<int64_t>(o0) * K + j]);
     __syncthreads();
     for (int j = threadIdx.x; j < T * K; j += blockDim.x) {
       const int t = j / K, k = j % K;
@@ -152,21 +158,21 @@ struct Folding {
 };
 
 // Stages F for output channels [co0, co0 + nco): stage[((col * PH + ph) * Cin + ci) * RR + r * R + s].
-template <int UP, typename scalar_t>
-__device__ void stage_folded(const Layer& layer, const scalar_t* weight, int co0, int nco, scalar_t* stage) {
+template <int UP, typename scalar_t, typename w_t>
+__device__ void stage_folded(const Layer& layer, const w_t* weight, int co0, int nco, scalar_t* stage) {
   using F = Folding<UP>;
   const int Cin = layer.in_c;
   for (int j = threadIdx.x; j < nco * F::PH * Cin * F::RR; j += blockDim.x) {
     const int s = j % F::R, r = (j / F::R) % F::R, ci = (j / F::RR) % Cin, ph = (j / (F::RR * Cin)) % F::PH;
     const int col = j / (F::RR * Cin * F::PH);
-    const scalar_t* w = weight + (static_cast<int64_t>(co0 + col) * Cin + ci) * 9;
+    const w_t* w = weight + (static_cast<int64_t>(co0 + col) * Cin + ci) * 9;
     scalar_t v = 0;
     if (UP == 1) {
-      v = w[r * 3 + s];
+      v = widen(w[r * 3 + s]);
     } else {
       for (int kh = 0; kh < 3; ++kh)
         for (int kw = 0; kw < 3; ++kw)
-          if (folded_tap(ph / 2, kh) == r && folded_tap(ph % 2, kw) == s) v += w[kh * 3 + kw];
+          if (folded_tap(ph / 2, kh) == r && folded_tap(ph % 2, kw) == s) v += widen(w[kh * 3 + kw]);
     }
     stage[j] = v;
   }
@@ -179,9 +185,9 @@ __host__ __device__ inline int channels_per_stage(const Layer& layer) {
 }
 
 // Threads on (output channel, pixel), pixel fastest; the tile's T tokens in registers.
-template <int UP, typename scalar_t>
-__device__ void conv_fwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* bias,
-                         scalar_t* out, scalar_t* stage) {
+template <int UP, typename scalar_t, typename w_t>
+__device__ void conv_fwd(const Layer& layer, const scalar_t* in, const w_t* weight, const w_t* bias, scalar_t* out,
+                         scalar_t* stage) {
   using F = Folding<UP>;
   const int Cin = layer.in_c, H = layer.in_h, W = layer.in_w, Wo = layer.out_w, HWo = layer.out_h * Wo;
   const int in_size = layer.in_size(), out_size = layer.out_size();
@@ -195,7 +201,7 @@ __device__ void conv_fwd(const Layer& layer, const scalar_t* in, const scalar_t*
       const int p = y / UP, a = y % UP, q = x / UP, c = x % UP;
       const scalar_t* wf = stage + (col * F::PH + a * UP + c) * Cin * F::RR;
       scalar_t acc[T];
-      for (int t = 0; t < T; ++t) acc[t] = bias[co0 + col];
+      for (int t = 0; t < T; ++t) acc[t] = widen(bias[co0 + col]);
       for (int ci = 0; ci < Cin; ++ci) {
         const scalar_t* src = in + ci * H * W;
 #pragma unroll
@@ -242,8 +248,8 @@ __device__ __forceinline__ void unfold_add(const scalar_t* acc, scalar_t* grad_w
 
 // grad_in = conv^T(d) (threads on input pixels); weight gradients folded per (co, ci) pair in
 // registers, then unfolded to the 3x3 taps (experts_cpu.cpp's unfold_conv_grad).
-template <int UP, typename scalar_t>
-__device__ void conv_bwd(const Layer& layer, const scalar_t* in, const scalar_t* weight, const scalar_t* d, int n,
+template <int UP, typename scalar_t, typename w_t>
+__device__ void conv_bwd(const Layer& layer, const scalar_t* in, const w_t* weight, const scalar_t* d, int n,
                          scalar_t* grad_in, scalar_t* grad_weight, scalar_t* grad_bias, bool overwrite,
                          scalar_t* stage) {
   using F = Folding<UP>;
@@ -371,8 +377,8 @@ struct Run {
   bool continues;
 };
 
-template <typename scalar_t>
-__device__ __forceinline__ void phase_rows(const ExpertsCudaArgs<scalar_t>& args, int64_t* begin, int64_t* end) {
+template <typename Args>
+__device__ __forceinline__ void phase_rows(const Args& args, int64_t* begin, int64_t* end) {
   if (args.key_offsets == nullptr) {  // soft: phase k is every token, in order, for expert k
     *begin = 0;
     *end = args.num_tokens;
@@ -383,17 +389,16 @@ __device__ __forceinline__ void phase_rows(const ExpertsCudaArgs<scalar_t>& args
   *end = args.key_offsets[k0 + args.num_experts];
 }
 
-template <typename scalar_t>
-__device__ __forceinline__ Run find_run(const ExpertsCudaArgs<scalar_t>& args, int64_t row, int64_t chunk_begin,
-                                        int64_t chunk_end) {
+template <typename Args>
+__device__ __forceinline__ Run find_run(const Args& args, int64_t row, int64_t chunk_begin, int64_t chunk_end) {
   if (args.key_offsets == nullptr) return Run{args.phase, chunk_end, chunk_begin > 0};
   const int64_t k0 = args.phase * args.num_experts;
   const int64_t key = find_key(args.key_offsets, k0, k0 + args.num_experts, row);
   return Run{key - k0, min64(chunk_end, args.key_offsets[key + 1]), args.key_offsets[key] < chunk_begin};
 }
 
-template <typename scalar_t>
-__device__ void load_tile_rows(const ExpertsCudaArgs<scalar_t>& args, int64_t r0, int n, TileRows& rows) {
+template <typename Args>
+__device__ void load_tile_rows(const Args& args, int64_t r0, int n, TileRows& rows) {
   if (threadIdx.x < n) {
     const int64_t r = r0 + threadIdx.x;
     const int64_t flat = args.sorted_rows != nullptr ? args.sorted_rows[r] : r * args.slots + args.phase;
@@ -404,21 +409,21 @@ __device__ void load_tile_rows(const ExpertsCudaArgs<scalar_t>& args, int64_t r0
 }
 
 // Decodes the tile's z through `expert`: buffers.act(0) .. act(num_layers).
-template <typename scalar_t>
-__device__ void decode_tile(const ExpertsCudaArgs<scalar_t>& args, int64_t expert, const TileRows& rows, int n,
+template <typename Args, typename scalar_t = typename Args::acc_type>
+__device__ void decode_tile(const Args& args, int64_t expert, const TileRows& rows, int n,
                             const TileBuffers<scalar_t>& buffers, scalar_t* stage) {
   const DecoderPlan& plan = args.plan;
   const int L = static_cast<int>(args.latent);
   scalar_t* z = buffers.act(0);
   for (int j = threadIdx.x; j < T * L; j += blockDim.x) {
     const int t = j / L;
-    z[j] = t < n ? args.z[rows.token[t] * L + j % L] : scalar_t(0);  // unused lanes decode zeros
+    z[j] = t < n ? widen(args.z[rows.token[t] * L + j % L]) : scalar_t(0);  // unused lanes decode zeros
   }
   __syncthreads();
   for (int i = 0; i < plan.num_layers; ++i) {
     const Layer& layer = plan.layers[i];
-    const scalar_t* weight = args.weight[i] + expert * layer.weight_size();
-    const scalar_t* bias = args.bias[i] + expert * layer.bias_size();
+    const auto* weight = args.weight[i] + expert * layer.weight_size();
+    const auto* bias = args.bias[i] + expert * layer.bias_size();
     if (!layer.is_conv) {
       linear_fwd(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
     } else if (layer.up == 2) {
@@ -430,8 +435,8 @@ __device__ void decode_tile(const ExpertsCudaArgs<scalar_t>& args, int64_t exper
 }
 
 // Every tile of the block's chunks, in order: body(expert, r0, n, chunk, continues, first tile of run).
-template <typename scalar_t, typename Body>
-__device__ void for_each_tile(const ExpertsCudaArgs<scalar_t>& args, Body& body) {
+template <typename Args, typename Body>
+__device__ void for_each_tile(const Args& args, Body& body) {
   int64_t phase_begin, phase_end;
   phase_rows(args, &phase_begin, &phase_end);
   for (int64_t chunk = blockIdx.x;; chunk += gridDim.x) {
@@ -447,17 +452,18 @@ __device__ void for_each_tile(const ExpertsCudaArgs<scalar_t>& args, Body& body)
   }
 }
 
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t* block_region(const ExpertsCudaArgs<scalar_t>& args, scalar_t* stage) {
+template <typename Args, typename scalar_t = typename Args::acc_type>
+__device__ __forceinline__ scalar_t* block_region(const Args& args, scalar_t* stage) {
   return args.workspace != nullptr ? args.workspace + blockIdx.x * args.acts_per_block : stage + kStageScalars;
 }
 
 // ------------------------------------------------------------------------------------------------
 // Kernels.
 
-template <typename scalar_t>
+template <typename Args>
 struct ForwardTile {
-  const ExpertsCudaArgs<scalar_t>& args;
+  using scalar_t = typename Args::acc_type;
+  const Args& args;
   TileBuffers<scalar_t> buffers;
   scalar_t* stage;
   TileRows& rows;
@@ -476,18 +482,20 @@ struct ForwardTile {
 };
 
 // Grid: args.grid blocks of kThreads (see the file comment); out[b] (+)= gate * D_e(z[b]) for phase k.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 1) experts_fwd_kernel(const __grid_constant__ ExpertsCudaArgs<scalar_t> args) {
+template <typename Args>
+__global__ void __launch_bounds__(kThreads, 1) experts_fwd_kernel(const __grid_constant__ Args args) {
+  using scalar_t = typename Args::acc_type;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ TileRows rows;
   scalar_t* stage = reinterpret_cast<scalar_t*>(shared_raw);
-  ForwardTile<scalar_t> body{args, TileBuffers<scalar_t>{block_region(args, stage), &args.plan, false}, stage, rows};
+  ForwardTile<Args> body{args, TileBuffers<scalar_t>{block_region(args, stage), &args.plan, false}, stage, rows};
   for_each_tile(args, body);
 }
 
-template <typename scalar_t>
+template <typename Args>
 struct BackwardTile {
-  const ExpertsCudaArgs<scalar_t>& args;
+  using scalar_t = typename Args::acc_type;
+  const Args& args;
   TileBuffers<scalar_t> buffers;
   scalar_t* stage;
   TileRows& rows;
@@ -504,7 +512,7 @@ struct BackwardTile {
       dgate[t] = 0;
       const scalar_t gate = t < n ? args.gates[rows.flat[t]] : scalar_t(0);
       for (int pix = threadIdx.x; pix < kImagePixels; pix += blockDim.x) {
-        const scalar_t g = t < n ? args.grad_out[rows.token[t] * kImagePixels + pix] : scalar_t(0);
+        const scalar_t g = t < n ? widen(args.grad_out[rows.token[t] * kImagePixels + pix]) : scalar_t(0);
         dy[t * kImagePixels + pix] = gate * g;
         dgate[t] += g * y[t * kImagePixels + pix];
       }
@@ -526,7 +534,7 @@ struct BackwardTile {
       const scalar_t* a = buffers.act(i + 1);
       for (int j = threadIdx.x; j < T * layer.out_size(); j += blockDim.x) d[j] *= activation_grad(a[j], layer.act);
       __syncthreads();
-      const scalar_t* weight = args.weight[i] + expert * layer.weight_size();
+      const auto* weight = args.weight[i] + expert * layer.weight_size();
       scalar_t* gw = continues ? partial + param_offset(plan, i) : args.grad_weight[i] + expert * layer.weight_size();
       scalar_t* gb = continues ? gw + layer.weight_size() : args.grad_bias[i] + expert * layer.bias_size();
       if (!layer.is_conv) {
@@ -548,18 +556,20 @@ struct BackwardTile {
 };
 
 // Grid: args.grid blocks of kThreads; phase k's grad_z (+)=, grad_gates, weight gradients.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, 1) experts_bwd_kernel(const __grid_constant__ ExpertsCudaArgs<scalar_t> args) {
+template <typename Args>
+__global__ void __launch_bounds__(kThreads, 1) experts_bwd_kernel(const __grid_constant__ Args args) {
+  using scalar_t = typename Args::acc_type;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   __shared__ TileRows rows;
   scalar_t* stage = reinterpret_cast<scalar_t*>(shared_raw);
-  BackwardTile<scalar_t> body{args, TileBuffers<scalar_t>{block_region(args, stage), &args.plan, true}, stage, rows};
+  BackwardTile<Args> body{args, TileBuffers<scalar_t>{block_region(args, stage), &args.plan, true}, stage, rows};
   for_each_tile(args, body);
 }
 
 // Grid: ceil(B * K / 256) blocks, one row each thread. NaN for rows with an out-of-range expert.
-template <typename scalar_t>
-__global__ void experts_mark_invalid_kernel(ExpertsCudaArgs<scalar_t> args, bool backward) {
+template <typename Args>
+__global__ void experts_mark_invalid_kernel(const __grid_constant__ Args args, bool backward) {
+  using scalar_t = typename Args::acc_type;
   const int64_t f = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (f >= args.num_tokens * args.slots) return;
   const int64_t e = args.expert_idx[f];
@@ -582,8 +592,9 @@ cudaError_t set_shared(Kernel kernel, int bytes) {
 
 }  // namespace
 
-template <typename scalar_t>
-int64_t plan_experts_launch(ExpertsCudaArgs<scalar_t>& args, bool backward, int max_shared_bytes, int num_sms) {
+template <typename Args>
+int64_t plan_experts_launch(Args& args, bool backward, int max_shared_bytes, int num_sms) {
+  using scalar_t = typename Args::acc_type;
   const DecoderPlan& plan = args.plan;
   args.params = param_offset(plan, plan.num_layers);
   // About 8 chunks per SM (load balance under skewed routing); backward's partial slots kept <= 2^24 scalars.
@@ -605,40 +616,39 @@ int64_t plan_experts_launch(ExpertsCudaArgs<scalar_t>& args, bool backward, int 
   return in_shared ? 0 : grid * args.acts_per_block;
 }
 
-template <typename scalar_t>
-cudaError_t experts_fwd_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream) {
+template <typename Args>
+cudaError_t experts_fwd_cuda(const Args& args, cudaStream_t stream) {
   if (args.num_tokens == 0) return cudaSuccess;
-  cudaError_t err = set_shared(experts_fwd_kernel<scalar_t>, args.shared_bytes);
+  cudaError_t err = set_shared(experts_fwd_kernel<Args>, args.shared_bytes);
   if (err != cudaSuccess) return err;
-  experts_fwd_kernel<scalar_t><<<args.grid, kThreads, args.shared_bytes, stream>>>(args);
+  experts_fwd_kernel<Args><<<args.grid, kThreads, args.shared_bytes, stream>>>(args);
   return cudaGetLastError();
 }
 
-template <typename scalar_t>
-cudaError_t experts_bwd_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream) {
+template <typename Args>
+cudaError_t experts_bwd_cuda(const Args& args, cudaStream_t stream) {
   if (args.num_tokens == 0) return cudaSuccess;
-  cudaError_t err = set_shared(experts_bwd_kernel<scalar_t>, args.shared_bytes);
+  cudaError_t err = set_shared(experts_bwd_kernel<Args>, args.shared_bytes);
   if (err != cudaSuccess) return err;
-  experts_bwd_kernel<scalar_t><<<args.grid, kThreads, args.shared_bytes, stream>>>(args);
+  experts_bwd_kernel<Args><<<args.grid, kThreads, args.shared_bytes, stream>>>(args);
   return cudaGetLastError();
 }
 
-template <typename scalar_t>
-cudaError_t experts_mark_invalid_cuda(const ExpertsCudaArgs<scalar_t>& args, bool backward, cudaStream_t stream) {
+template <typename Args>
+cudaError_t experts_mark_invalid_cuda(const Args& args, bool backward, cudaStream_t stream) {
   const int64_t rows = args.num_tokens * args.slots;
   if (rows == 0 || args.expert_idx == nullptr) return cudaSuccess;
   const int64_t blocks = (rows + 255) / 256;
-  experts_mark_invalid_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(args, backward);
+  experts_mark_invalid_kernel<Args><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(args, backward);
   return cudaGetLastError();
 }
 
-#define SMOE_FAST_INSTANTIATE(scalar_t)                                                                           \
-  template int64_t plan_experts_launch<scalar_t>(ExpertsCudaArgs<scalar_t>&, bool, int, int);                    \
-  template cudaError_t experts_fwd_cuda<scalar_t>(const ExpertsCudaArgs<scalar_t>&, cudaStream_t);               \
-  template cudaError_t experts_bwd_cuda<scalar_t>(const ExpertsCudaArgs<scalar_t>&, cudaStream_t);               \
-  template cudaError_t experts_mark_invalid_cuda<scalar_t>(const ExpertsCudaArgs<scalar_t>&, bool, cudaStream_t);
-SMOE_FAST_INSTANTIATE(float)
-SMOE_FAST_INSTANTIATE(double)
+#define SMOE_FAST_INSTANTIATE(scalar_t, in_t, w_t)                                                     \
+  template int64_t plan_experts_launch(ExpertsCudaArgs<scalar_t, in_t, w_t>&, bool, int, int);          \
+  template cudaError_t experts_fwd_cuda(const ExpertsCudaArgs<scalar_t, in_t, w_t>&, cudaStream_t);     \
+  template cudaError_t experts_bwd_cuda(const ExpertsCudaArgs<scalar_t, in_t, w_t>&, cudaStream_t);     \
+  template cudaError_t experts_mark_invalid_cuda(const ExpertsCudaArgs<scalar_t, in_t, w_t>&, bool, cudaStream_t);
+SMOE_FAST_FOR_EACH_PRECISION(SMOE_FAST_INSTANTIATE)
 #undef SMOE_FAST_INSTANTIATE
 
 }  // namespace smoe_fast

@@ -13,6 +13,14 @@
 // chunk c writes partial slot c. After each phase, experts_wgrad_reduce_cuda adds every expert's
 // partial slots in chunk order.
 //
+// Precision (the modes of the Triton kernels, on the FMA units): z and grad_out are read in their own
+// dtype in_t (fp32, fp64, or fp16 / bf16 under autocast or in a half model), the weights in theirs,
+// w_t (fp32 masters, or the half model's own dtype); everything is computed and accumulated in
+// scalar_t (fp32, fp64 for fp64): activations, the weight stage, outputs over slots, grad_z over
+// slots, weight gradients and their partial slots. The glue casts the fp32 outputs to the caller's
+// dtypes once at the end (x_hat and grad_z in z's, weight gradients in the weights'). TF32 allowed by
+// torch: computed in IEEE fp32, which is within TF32's tolerance (these kernels use no tensor cores).
+//
 // Out-of-range expert indices (ops.py's check_indices=False): never read or written out of bounds.
 // Grouping sorts such rows after every key (rows offsets[num_keys] .. n, stable), so sorted_token_idx
 // stays a permutation and counts leave them out. The expert ops write NaN for them: the token's whole
@@ -22,6 +30,8 @@
 
 #include <cstdint>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include "decoder_plan.h"
@@ -41,20 +51,24 @@ cudaError_t group_by_expert_cuda(const int64_t* expert_idx, int64_t n, int64_t s
                                  int32_t* counts, int32_t* offsets, int32_t* sorted_rows, int32_t* row_sorted_pos,
                                  int32_t* workspace, cudaStream_t stream);
 
-template <typename scalar_t>
+// scalar_t: compute and accumulation type (float or double); in_t: z and grad_out; w_t: the weights.
+template <typename scalar_t, typename in_t = scalar_t, typename w_t = scalar_t>
 struct ExpertsCudaArgs {
+  using acc_type = scalar_t;
+  using input_type = in_t;
+  using weight_type = w_t;
   DecoderPlan plan;
   int64_t num_tokens, latent, slots, num_experts;
   int64_t phase;               // slot k of this launch
-  const scalar_t* z;           // [B, L]
+  const in_t* z;               // [B, L]
   const int64_t* expert_idx;   // [B, K]; nullptr: soft (K = E, slot k is expert k, no grouping)
   const int32_t* sorted_rows;  // [B * K] flat rows b * K + k grouped by key (nullptr: soft)
   const int32_t* key_offsets;  // [K * E + 1] (nullptr: soft)
   const scalar_t* gates;       // [B, K]; nullptr: hard (gate 1)
-  const scalar_t* weight[kMaxLayers];
-  const scalar_t* bias[kMaxLayers];
+  const w_t* weight[kMaxLayers];
+  const w_t* bias[kMaxLayers];
   scalar_t* out;               // forward: [B, 784]
-  const scalar_t* grad_out;    // backward: [B, 784]
+  const in_t* grad_out;        // backward: [B, 784]
   scalar_t* grad_z;            // [B, L]
   scalar_t* grad_gates;        // [B, K]
   scalar_t* grad_weight[kMaxLayers];  // zero-initialised, [E, ...]
@@ -67,14 +81,19 @@ struct ExpertsCudaArgs {
   scalar_t* workspace;         // activations, [grid][acts_per_block], when they do not fit shared memory
   int64_t acts_per_block;
   int shared_bytes;            // dynamic shared memory per block: the weight stage (+ activations if they fit)
-  bool allow_tf32;             // torch's TF32 matmul setting (the FMA kernels compute IEEE fp32 either way)
 };
+
+// The (scalar_t, in_t, w_t) combinations the glue dispatches to and every .cu file instantiates:
+// fp64; fp32; fp16 / bf16 z with fp32 weights (autocast); fp16 / bf16 z and weights (a half model).
+#define SMOE_FAST_FOR_EACH_PRECISION(X)                                                     \
+  X(double, double, double) X(float, float, float) X(float, __half, float)                 \
+  X(float, __nv_bfloat16, float) X(float, __half, __half) X(float, __nv_bfloat16, __nv_bfloat16)
 
 // The launch plan: rows per chunk, chunks, grid, activation size, shared memory and whether the
 // activations live in shared memory; fills those fields of args. max_shared_bytes: the device's
 // opt-in shared memory per block; num_sms: its multiprocessors. Returns the workspace size (scalars).
-template <typename scalar_t>
-int64_t plan_experts_launch(ExpertsCudaArgs<scalar_t>& args, bool backward, int max_shared_bytes, int num_sms);
+template <typename Args>
+int64_t plan_experts_launch(Args& args, bool backward, int max_shared_bytes, int num_sms);
 
 // Where layer `layer`'s weight starts in one expert's parameters (weight, bias per layer, in order);
 // param_offset(plan, num_layers) is the expert's parameter count. The partial slots use this layout.
@@ -85,20 +104,20 @@ SMOE_FAST_HOST_DEVICE inline int64_t param_offset(const DecoderPlan& plan, int l
 }
 
 // Phase args.phase of the forward: out[b] (+)= gate * D_e(z[b]) for the phase's rows.
-template <typename scalar_t>
-cudaError_t experts_fwd_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream);
+template <typename Args>
+cudaError_t experts_fwd_cuda(const Args& args, cudaStream_t stream);
 
 // Phase args.phase of the backward: grad_z (+)=, grad_gates, weight gradients (direct or partial slots).
-template <typename scalar_t>
-cudaError_t experts_bwd_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream);
+template <typename Args>
+cudaError_t experts_bwd_cuda(const Args& args, cudaStream_t stream);
 
 // After the last phase: NaN into out (forward) or grad_z / grad_gates (backward) of out-of-range rows.
-template <typename scalar_t>
-cudaError_t experts_mark_invalid_cuda(const ExpertsCudaArgs<scalar_t>& args, bool backward, cudaStream_t stream);
+template <typename Args>
+cudaError_t experts_mark_invalid_cuda(const Args& args, bool backward, cudaStream_t stream);
 
 // After phase args.phase of the backward: add each expert's partial slots, in chunk order, into its gradient.
-template <typename scalar_t>
-cudaError_t experts_wgrad_reduce_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream);
+template <typename Args>
+cudaError_t experts_wgrad_reduce_cuda(const Args& args, cudaStream_t stream);
 
 #if defined(__CUDACC__)
 // The key in [lo, hi) whose rows hold `row`: the last key with offsets[key] <= row (empty keys skipped).

@@ -1,8 +1,9 @@
 // CUDA implementations of the smoe_fast ops: tensor checks, device guard, current stream, then the
 // raw-pointer launchers of experts_cuda.h (grouping_cuda.cu, experts_cuda.cu, wgrad_reduce_cuda.cu).
-// Compiled only when torch has CUDA (smoe_fast/extension.py). Same schemas and checks as the CPU ops;
-// out-of-range expert indices give NaN rows here (the CPU raises), see experts_cuda.h.
-#include <ATen/Context.h>
+// Compiled only when torch has CUDA (smoe_fast/extension.py). Same schemas and checks as the CPU ops,
+// with two differences (experts_cuda.h): fp16 / bf16 z (with fp32 or same-dtype weights) is taken
+// as is, x_hat and every gradient come back in their input's dtype, computed in fp32; out-of-range
+// expert indices give NaN rows here (the CPU raises).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -44,17 +45,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_by_expert_cuda_
 struct Prepared {
   DecoderPlan plan;
   int64_t num_experts, slots;
-  at::Tensor z, idx, gates;
+  at::ScalarType acc_type;  // the kernels' compute type: double for fp64, else float (experts_cuda.h)
+  at::Tensor z, idx, gates;  // z in its own dtype; gates in acc_type
   std::vector<at::Tensor> weights;
 };
 
 Prepared prepare(const at::Tensor& z, const at::Tensor& idx, const at::Tensor& gates, at::TensorList weights,
                  c10::string_view kind, bool soft) {
   CHECK_CUDA(z);
-  CHECK_FLOAT(z);
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble || z.scalar_type() == at::kHalf ||
+                  z.scalar_type() == at::kBFloat16,
+              "z must be float32, float64, float16 or bfloat16, got ", z.scalar_type());
   CHECK_DIM(z, 2);
   Prepared p;
-  p.plan = checked_plan(kind, z, weights, &p.num_experts);
+  p.plan = checked_plan(kind, z, weights, &p.num_experts, /*fp32_masters_ok=*/true);
+  p.acc_type = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   p.z = z.contiguous();
   p.weights = contiguous_all(weights);
   if (idx.defined()) {
@@ -72,18 +77,41 @@ Prepared prepare(const at::Tensor& z, const at::Tensor& idx, const at::Tensor& g
                 "4095 inputs (they stage whole weight rows), got ", p.plan.layers[i].in_c);
   if (gates.defined()) {
     CHECK_DEVICE(gates, z.device());
-    CHECK_SAME_DTYPE(gates, z);
+    TORCH_CHECK(at::isFloatingType(gates.scalar_type()), "gates must be a floating-point tensor, got ", gates.scalar_type());
     CHECK_SHAPE(gates, z.size(0), p.slots);
-    p.gates = gates.contiguous();
+    p.gates = gates.to(p.acc_type).contiguous();
   }
   return p;
 }
 
+// Runs f(Args{}) with the ExpertsCudaArgs of z's and the weights' dtypes (SMOE_FAST_FOR_EACH_PRECISION).
+template <typename F>
+void dispatch_precision(const Prepared& p, F&& f) {
+  const at::ScalarType w_type = p.weights[0].scalar_type();
+  switch (p.z.scalar_type()) {
+    case at::kDouble: return f(ExpertsCudaArgs<double>{});
+    case at::kFloat: return f(ExpertsCudaArgs<float>{});
+    case at::kHalf:
+      return w_type == at::kHalf ? f(ExpertsCudaArgs<float, __half, __half>{}) : f(ExpertsCudaArgs<float, __half, float>{});
+    case at::kBFloat16:
+      return w_type == at::kBFloat16 ? f(ExpertsCudaArgs<float, __nv_bfloat16, __nv_bfloat16>{})
+                                     : f(ExpertsCudaArgs<float, __nv_bfloat16, float>{});
+    default: TORCH_CHECK(false, "unsupported dtype ", p.z.scalar_type());
+  }
+}
+
+// A tensor's data as the kernels' element type (at::Half / at::BFloat16 have __half's / __nv_bfloat16's layout).
+template <typename T>
+T* data_as(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
 // Everything a phase launch needs, with its scratch tensors: the (slot, expert) grouping (not for soft),
 // the activation workspace (when the activations do not fit shared memory) and the partial slots.
-template <typename scalar_t>
+template <typename Args>
 struct Launch {
-  ExpertsCudaArgs<scalar_t> args{};
+  using scalar_t = typename Args::acc_type;
+  Args args{};
   at::Tensor sorted_rows, key_offsets, workspace, partials;
 
   Launch(const Prepared& p, bool backward, cudaStream_t stream) {
@@ -92,14 +120,12 @@ struct Launch {
     args.latent = p.z.size(1);
     args.slots = p.slots;
     args.num_experts = p.num_experts;
-    args.z = p.z.data_ptr<scalar_t>();
-    args.gates = p.gates.defined() ? p.gates.data_ptr<scalar_t>() : nullptr;
+    args.z = data_as<const typename Args::input_type>(p.z);
+    args.gates = p.gates.defined() ? data_as<const scalar_t>(p.gates) : nullptr;
     for (int i = 0; i < p.plan.num_layers; ++i) {
-      args.weight[i] = p.weights[2 * i].data_ptr<scalar_t>();
-      args.bias[i] = p.weights[2 * i + 1].data_ptr<scalar_t>();
+      args.weight[i] = data_as<const typename Args::weight_type>(p.weights[2 * i]);
+      args.bias[i] = data_as<const typename Args::weight_type>(p.weights[2 * i + 1]);
     }
-    // TF32 follows torch (torch.backends.cuda.matmul.allow_tf32 / fp32_precision), read per call.
-    args.allow_tf32 = at::globalContext().allowTF32CuBLAS();
     const auto int_options = p.z.options().dtype(at::kInt);
     if (p.idx.defined()) {
       const int64_t rows = args.num_tokens * args.slots, keys = args.slots * args.num_experts;
@@ -117,35 +143,42 @@ struct Launch {
     int max_shared = 0, num_sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+    const auto acc_options = p.z.options().dtype(p.acc_type);
     const int64_t workspace_size = plan_experts_launch(args, backward, max_shared, num_sms);
     if (workspace_size > 0) {
-      workspace = at::empty({workspace_size}, p.z.options());
-      args.workspace = workspace.data_ptr<scalar_t>();
+      workspace = at::empty({workspace_size}, acc_options);
+      args.workspace = data_as<scalar_t>(workspace);
     }
     if (backward) {
-      partials = at::empty({args.num_chunks * args.params}, p.z.options());
-      args.partials = partials.data_ptr<scalar_t>();
+      partials = at::empty({args.num_chunks * args.params}, acc_options);
+      args.partials = data_as<scalar_t>(partials);
     }
   }
 };
+
+// The kernels accumulate every output in the compute type; the caller gets it in `like`'s dtype.
+at::Tensor in_dtype_of(const at::Tensor& t, const at::Tensor& like) {
+  return t.scalar_type() == like.scalar_type() ? t : t.to(like.scalar_type());
+}
 
 at::Tensor experts_fwd_cuda_op(const at::Tensor& z_in, const at::Tensor& idx_in, const at::Tensor& gates_in,
                                at::TensorList weights_in, c10::string_view kind, bool soft) {
   const c10::cuda::CUDAGuard guard(z_in.device());
   Prepared p = prepare(z_in, idx_in, gates_in, weights_in, kind, soft);
-  at::Tensor out = alloc_output({p.z.size(0), 1, 28, 28}, p.z.options());
-  if (p.z.size(0) == 0) return out;
+  at::Tensor out = alloc_output({p.z.size(0), 1, 28, 28}, p.z.options().dtype(p.acc_type));
+  if (p.z.size(0) == 0) return in_dtype_of(out, z_in);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "cpp_experts_fwd_cuda", [&] {
-    Launch<scalar_t> launch(p, false, stream);
-    launch.args.out = out.data_ptr<scalar_t>();
+  dispatch_precision(p, [&](auto tag) {
+    using Args = decltype(tag);
+    Launch<Args> launch(p, false, stream);
+    launch.args.out = data_as<typename Args::acc_type>(out);
     for (int64_t k = 0; k < p.slots; ++k) {  // one launch per slot: outputs accumulate in slot order
       launch.args.phase = k;
       CHECK_LAUNCH(experts_fwd_cuda(launch.args, stream));
     }
     CHECK_LAUNCH(experts_mark_invalid_cuda(launch.args, false, stream));
   });
-  return out;
+  return in_dtype_of(out, z_in);
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> experts_bwd_cuda_op(
@@ -154,25 +187,32 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> experts_bwd_cuda_op(
   const c10::cuda::CUDAGuard guard(z_in.device());
   Prepared p = prepare(z_in, idx_in, gates_in, weights_in, kind, soft);
   CHECK_DEVICE(grad_out_in, z_in.device());
-  CHECK_SAME_DTYPE(grad_out_in, z_in);
   TORCH_CHECK(grad_out_in.numel() == p.z.size(0) * kImagePixels, "grad_out must have shape (", p.z.size(0),
               ", 1, 28, 28), got ", grad_out_in.sizes());
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  at::Tensor grad_z = alloc_output(p.z.sizes(), p.z.options());
-  at::Tensor grad_gates = alloc_output(p.gates.sizes(), p.gates.options());
+  const at::Tensor grad_out = grad_out_in.to(p.z.scalar_type()).contiguous();  // x_hat's dtype is z's
+  const auto acc_options = p.z.options().dtype(p.acc_type);
+  at::Tensor grad_z = alloc_output(p.z.sizes(), acc_options);
+  at::Tensor grad_gates = alloc_output(p.gates.sizes(), acc_options);
   std::vector<at::Tensor> grad_weights;
-  for (const auto& w : p.weights) grad_weights.push_back(at::zeros_like(w));
-  if (p.z.size(0) == 0) return {grad_z, grad_gates, grad_weights};
+  for (const auto& w : p.weights) grad_weights.push_back(at::zeros(w.sizes(), acc_options));
+  const auto results = [&] {
+    std::vector<at::Tensor> weight_grads;
+    for (size_t i = 0; i < grad_weights.size(); ++i) weight_grads.push_back(in_dtype_of(grad_weights[i], p.weights[i]));
+    return std::make_tuple(in_dtype_of(grad_z, z_in), in_dtype_of(grad_gates, gates_in), weight_grads);
+  };
+  if (p.z.size(0) == 0) return results();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "cpp_experts_bwd_cuda", [&] {
-    Launch<scalar_t> launch(p, true, stream);
+  dispatch_precision(p, [&](auto tag) {
+    using Args = decltype(tag);
+    using scalar_t = typename Args::acc_type;
+    Launch<Args> launch(p, true, stream);
     auto& args = launch.args;
-    args.grad_out = grad_out.data_ptr<scalar_t>();
-    args.grad_z = grad_z.data_ptr<scalar_t>();
-    args.grad_gates = grad_gates.data_ptr<scalar_t>();
+    args.grad_out = data_as<const typename Args::input_type>(grad_out);
+    args.grad_z = data_as<scalar_t>(grad_z);
+    args.grad_gates = data_as<scalar_t>(grad_gates);
     for (int i = 0; i < p.plan.num_layers; ++i) {
-      args.grad_weight[i] = grad_weights[2 * i].data_ptr<scalar_t>();
-      args.grad_bias[i] = grad_weights[2 * i + 1].data_ptr<scalar_t>();
+      args.grad_weight[i] = data_as<scalar_t>(grad_weights[2 * i]);
+      args.grad_bias[i] = data_as<scalar_t>(grad_weights[2 * i + 1]);
     }
     for (int64_t k = 0; k < p.slots; ++k) {  // per slot: the tiles, then the partial slots' segment sums
       args.phase = k;
@@ -181,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> experts_bwd_cuda_op(
     }
     CHECK_LAUNCH(experts_mark_invalid_cuda(args, true, stream));
   });
-  return {grad_z, grad_gates, grad_weights};
+  return results();
 }
 
 at::Tensor experts_hard_cuda(const at::Tensor& z, const at::Tensor& expert_idx, at::TensorList weights,

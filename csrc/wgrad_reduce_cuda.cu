@@ -13,9 +13,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    experts_wgrad_reduce_kernel(const __grid_constant__ ExpertsCudaArgs<scalar_t> args) {
+template <typename Args>
+__global__ void __launch_bounds__(kThreads) experts_wgrad_reduce_kernel(const __grid_constant__ Args args) {
+  using scalar_t = typename Args::acc_type;
   const int64_t chunk = blockIdx.x, C = args.rows_per_chunk;
   int64_t phase_begin = 0, phase_end = args.num_tokens, expert = args.phase, expert_begin = 0, expert_end = phase_end;
   if (args.key_offsets != nullptr) {
@@ -50,15 +50,17 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-template <typename scalar_t>
-cudaError_t experts_wgrad_reduce_cuda(const ExpertsCudaArgs<scalar_t>& args, cudaStream_t stream) {
+template <typename Args>
+cudaError_t experts_wgrad_reduce_cuda(const Args& args, cudaStream_t stream) {
   if (args.num_tokens == 0 || args.num_chunks < 2) return cudaSuccess;  // one chunk: nothing continues
   const dim3 grid(static_cast<unsigned>(args.num_chunks), static_cast<unsigned>((args.params + kThreads - 1) / kThreads));
-  experts_wgrad_reduce_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(args);
+  experts_wgrad_reduce_kernel<Args><<<grid, kThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
-template cudaError_t experts_wgrad_reduce_cuda<float>(const ExpertsCudaArgs<float>&, cudaStream_t);
-template cudaError_t experts_wgrad_reduce_cuda<double>(const ExpertsCudaArgs<double>&, cudaStream_t);
+#define SMOE_FAST_INSTANTIATE(scalar_t, in_t, w_t) \
+  template cudaError_t experts_wgrad_reduce_cuda(const ExpertsCudaArgs<scalar_t, in_t, w_t>&, cudaStream_t);
+SMOE_FAST_FOR_EACH_PRECISION(SMOE_FAST_INSTANTIATE)
+#undef SMOE_FAST_INSTANTIATE
 
 }  // namespace smoe_fast

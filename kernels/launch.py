@@ -7,7 +7,7 @@
 | device_arch         | 90 for sm_90, 80 for sm_80, ...; 0 for CPU tensors or the interpreter           |
 | dot_precision       | ``tl.dot`` input precision, read from torch's own TF32 setting at call time       |
 | dot_mode            | GEMM mode of a kernel: dot_precision, or bf16/fp16 tensor cores for half inputs   |
-| autocast_input      | z in the autocast dtype when autocast is on for its device (what the GEMMs read) |
+| autocast_input      | z in the autocast dtype when autocast is on (from smoe_fast.contract)             |
 | mm (jit)            | one GEMM tile with fp32 accumulation in a dot_mode                                |
 | log2_ceil           | binary-search steps over E experts (the ``LOG_E`` constexpr of every tile lookup) |
 | tile_bound          | host-side bound on the tiles of any routing (a grid size with no host sync)       |
@@ -30,6 +30,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from smoe_fast.contract import autocast_input  # noqa: F401  (the kernels' entry points import it from here)
 
 __all__ = ["interpreting", "device_guard", "max_programs", "device_arch", "dot_precision", "dot_mode",
            "autocast_input", "mm",
@@ -131,16 +133,6 @@ def dot_mode(dtype: torch.dtype, device: torch.device) -> str:
     if dtype in _HALF_DOTS and device.type == "cuda" and not interpreting():
         return _HALF_DOTS[dtype]
     return dot_precision(dtype)
-
-
-def autocast_input(z: torch.Tensor) -> torch.Tensor:
-    """z cast to the autocast dtype when autocast is on for z's device, else z: the expert kernels are
-    custom ops, which autocast does not cast, so each op's entry point does it for its GEMM input. The
-    launchers then pick ``dot_mode(z.dtype, ...)``: half-precision tensor cores with fp32 accumulation;
-    the weights stay as they are (fp32 masters, cast per tile), so weight gradients are fp32."""
-    if torch.is_autocast_enabled(z.device.type) and z.is_floating_point():
-        return z.to(torch.get_autocast_dtype(z.device.type))
-    return z
 
 
 @triton.jit

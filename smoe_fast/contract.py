@@ -70,3 +70,13 @@ def alloc_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype 
         fill = float("nan") if dtype.is_floating_point else -(2 ** 31 - 1)
         return torch.full(shape, fill, dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def autocast_input(z: torch.Tensor) -> torch.Tensor:
+    """z cast to the autocast dtype when autocast is on for z's device, else z: the expert kernels are
+    custom ops, which autocast does not cast, so each op's entry point does it for its GEMM input (the
+    Triton launchers, and the cpp backend on CUDA tensors). The kernels then compute on the half z with
+    fp32 accumulation; the weights stay as they are (fp32 masters), so weight gradients are fp32."""
+    if torch.is_autocast_enabled(z.device.type) and z.is_floating_point():
+        return z.to(torch.get_autocast_dtype(z.device.type))
+    return z

@@ -236,7 +236,8 @@ def test_topk_all_tokens_on_one_expert():
 
 
 def test_tf32_setting_is_followed_within_its_tolerance():
-    # With torch's TF32 switch on the kernels stay within the TF32 tolerance (they compute IEEE fp32).
+    # With torch's TF32 switch on the kernels stay within the TF32 tolerance (they compute IEEE fp32 on
+    # the FMA units: no tensor cores, so TF32 would round for no speed).
     kind, batch, num_experts = "lite", 33, 5
     weights = _cuda_weights(kind, num_experts, torch.float32, seed=14)
     gates = _soft_gates(batch, num_experts, torch.float32)
@@ -247,6 +248,77 @@ def test_tf32_setting_is_followed_within_its_tolerance():
     with torch.no_grad():
         out = ops.experts_soft(z, gates, weights, kind=kind, backend="cpp")
     assert_close(out, expected, rtol_rms=1e-3, name="x_hat (TF32 allowed)")
+
+
+HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+HALF_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # one rounding of a half output (rel-RMS)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("kind,gating", [("lite", "soft"), ("lite", "topk"), ("mlp", "soft"), ("mlp", "topk"),
+                                         ("medium", "topk")])
+def test_training_under_autocast(kind, gating, dtype):
+    # Autocast: z in the autocast dtype, fp32 weights (masters) and gates. The kernels compute in fp32:
+    # x_hat and dz in the autocast dtype, weight gradients in fp32, every one within 2x the error of the
+    # reference run under the same autocast, against fp64 (DESIGN.md).
+    batch, num_experts = (64, 5) if kind != "medium" else (16, 3)
+    weights = _cuda_weights(kind, num_experts, torch.float32, seed=15)
+    z = _z(batch, torch.float32)
+    if gating == "soft":
+        gates = _soft_gates(batch, num_experts, torch.float32)
+        fns = {"cpp": lambda z_, g_, w: ops.experts_soft(z_, g_, w, kind=kind, backend="cpp"),
+               "reference": lambda z_, g_, w: reference.experts_soft(z_, g_, w, kind)}
+    else:
+        gates, topk_idx = _topk_routing(batch, num_experts, 2, torch.float32)
+        fns = {"cpp": lambda z_, g_, w: ops.experts_topk(z_, topk_idx, g_, w, kind=kind, backend="cpp"),
+               "reference": lambda z_, g_, w: reference.experts_topk(z_, topk_idx, g_, w, kind)}
+    names = ["z", "gates", *extension._weight_list({k: k for k in weights}, kind)]
+
+    def outputs(backend, z_, g_, w, autocast):
+        leaves = [z_.detach().clone().requires_grad_(), g_.detach().clone().requires_grad_()]
+        wl = {k: v.detach().clone().requires_grad_() for k, v in w.items()}
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            out = fns[backend](leaves[0], leaves[1], wl)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        inputs = leaves + [wl[n] for n in names[2:]]
+        return out, torch.autograd.grad(out, inputs, upstream.to(out.dtype).cuda())
+
+    exact, exact_grads = outputs("reference", z.double(), gates.double(), {k: v.double() for k, v in weights.items()}, False)
+    got, got_grads = outputs("cpp", z, gates, weights, True)
+    ref, ref_grads = outputs("reference", z, gates, weights, True)
+    assert got.dtype == dtype and got_grads[0].dtype == torch.float32  # dz back through autocast's cast of z
+    for name, g in zip(names[1:], got_grads[1:]):
+        assert g.dtype == torch.float32, f"d {name} is {g.dtype}: gate and weight gradients must be fp32"
+    for name, g_got, g_ref, g_exact in zip(["x_hat", *names], (got, *got_grads), (ref, *ref_grads), (exact, *exact_grads)):
+        ref_err = ((g_ref.double() - g_exact).norm() / g_exact.norm().clamp_min(1e-30)).item()
+        assert_close(g_got.double(), g_exact, rtol_rms=max(2 * ref_err, 1e-3), name=f"{kind} {gating} {dtype} {name}")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_model(kind, dtype):
+    # A model cast to fp16 / bf16: z and weights in that dtype. The kernels compute in fp32 on those
+    # values, so the fp32 reference on the same (rounded) values is the answer up to one rounding of
+    # each output, in the model's dtype: x_hat (hard, soft, top-k) and every gradient.
+    batch, num_experts = (29, 5) if kind != "medium" else (9, 3)
+    weights = {k: v.to(dtype) for k, v in _cuda_weights(kind, num_experts, torch.float32, seed=16).items()}
+    widened = {k: v.float() for k, v in weights.items()}
+    z = _z(batch, dtype)
+    expert_idx = routing_case("skewed", batch, num_experts).cuda()
+    with torch.no_grad():
+        out = ops.experts_hard(z, expert_idx, weights, kind=kind, backend="cpp")
+        want = reference.experts_hard(z.float(), expert_idx, widened, kind)
+    assert out.dtype == dtype
+    assert_close(out, want, rtol_rms=HALF_TOL[dtype], name="hard x_hat")
+    gates, topk_idx = _topk_routing(batch, num_experts, 2, dtype)
+    out, grads, names = _grads(lambda z_, g_, w: ops.experts_topk(z_, topk_idx, g_, w, kind=kind, backend="cpp"),
+                               [z, gates], weights, kind)
+    out_ref, grads_ref, _ = _grads(lambda z_, g_, w: reference.experts_topk(z_, topk_idx, g_, w, kind),
+                                   [z.float(), gates.float()], widened, kind)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert_close(out, out_ref, rtol_rms=HALF_TOL[dtype], name="top-k x_hat")
+    for g, g_ref, name in zip(grads, grads_ref, ["z", "gates", *names]):
+        assert_close(g, g_ref, rtol_rms=HALF_TOL[dtype], name=f"grad of {name}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -73,6 +73,53 @@ def ref_vs_emu(mode, b, E, kind, dtype, k=2, routing="uniform"):
             assert_close(got, want, name="grad " + nm)
     return run
 
+def half_case(mode, b, E, kind, dtype, half_weights, half_gates=False):
+    # fp16 / bf16 z (and weights when half_weights): the kernels compute in fp32 on the rounded inputs,
+    # so the fp32 reference on those inputs is the answer up to one rounding of each half output.
+    def run():
+        w = random_weights(kind, E, dtype=torch.float32, seed=3)
+        if half_weights:
+            w = {k: v.to(dtype) for k, v in w.items()}
+        wr = {k: v.float() for k, v in w.items()}
+        wl = extension._weight_list(w, kind)
+        z = z_of(b, dtype)
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+        if mode == "hard":
+            idx = routing_case("uniform", b, E)
+            out = E_.cpp_experts_hard(z, idx, wl, kind)
+            assert out.dtype == dtype, out.dtype
+            with torch.no_grad():
+                assert_close(out, reference.experts_hard(z.float(), idx, wr, kind), rtol_rms=tol, name="hard out")
+            return
+        g = torch.Generator().manual_seed(5)
+        if mode == "soft":
+            gates = torch.randn(b, E, generator=g).softmax(-1)
+            fwd, bwd, extra = E_.cpp_experts_soft_fwd, E_.cpp_experts_soft_bwd, ()
+            ref_fn = lambda z_, g_, w_: reference.experts_soft(z_, g_, w_, kind)
+        else:
+            tg, ti = torch.rand(b, E, generator=g).topk(2, 1)
+            gates = tg / tg.sum(-1, keepdim=True)
+            fwd, bwd, extra = E_.cpp_experts_topk_fwd, E_.cpp_experts_topk_bwd, (ti,)
+            ref_fn = lambda z_, g_, w_: reference.experts_topk(z_, ti, g_, w_, kind)
+        if half_gates:
+            gates = gates.to(dtype)
+        out = fwd(z, *extra, gates, wl, kind)
+        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+        gz, gg, gw = bwd(up, z, *extra, gates, wl, kind)
+        assert out.dtype == gz.dtype == dtype and gg.dtype == gates.dtype, (out.dtype, gz.dtype, gg.dtype)
+        assert all(t.dtype == w0.dtype for t, w0 in zip(gw, wl)), [t.dtype for t in gw]
+        leaves = [z.float().requires_grad_(), gates.float().requires_grad_()]
+        wref = {k: v.clone().requires_grad_() for k, v in wr.items()}
+        out_ref = ref_fn(leaves[0], leaves[1], wref)
+        names = extension._weight_list({k: k for k in w}, kind)
+        want = torch.autograd.grad(out_ref, leaves + [wref[n] for n in names], up.float())
+        assert_close(out, out_ref, rtol_rms=tol, name="out")
+        assert_close(gz, want[0], rtol_rms=tol, name="grad z")
+        assert_close(gg, want[1], rtol_rms=tol if half_gates else 1e-5, name="grad gates")
+        for got, ref, nm in zip(gw, want[2:], names):  # fp32 weights: fp32 gradients, fp32 tolerance
+            assert_close(got, ref, rtol_rms=tol if half_weights else 1e-5, name="grad " + nm)
+    return run
+
 which = sys.argv[1] if len(sys.argv) > 1 else "all"
 if which in ("all", "group"):
     for (b, E, r) in [(37, 5, "uniform"), (19, 4, "one_expert"), (23, 6, "even_only"), (1, 3, "uniform"), (3, 11, "uniform"),
@@ -92,4 +139,14 @@ if which in ("all", "experts"):
         check(f"soft b1 lite {dtype}", ref_vs_emu("soft", 1, 2, "lite", dtype))
         check(f"hard e>b lite {dtype}", ref_vs_emu("hard", 3, 11, "lite", dtype))
         check(f"soft b0 lite {dtype}", ref_vs_emu("hard", 0, 3, "lite", dtype))
+if which in ("all", "half"):
+    for dtype in (torch.float16, torch.bfloat16):
+        for half_weights in (False, True):
+            tag = f"{dtype} z, {'half' if half_weights else 'fp32'} weights"
+            for kind in ("lite", "mlp"):
+                check(f"half hard {kind} {tag}", half_case("hard", 37, 5, kind, dtype, half_weights))
+                check(f"half soft {kind} {tag}", half_case("soft", 13, 3, kind, dtype, half_weights))
+                check(f"half topk {kind} {tag}", half_case("topk", 17, 5, kind, dtype, half_weights))
+            check(f"half topk medium {tag}", half_case("topk", 6, 3, "medium", dtype, half_weights))
+        check(f"half topk lite half gates {dtype}", half_case("topk", 11, 4, "lite", dtype, False, half_gates=True))
 print("FAILURES:", fails)

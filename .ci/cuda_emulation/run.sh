@@ -4,7 +4,7 @@
 # intrinsics are emulated (include/emu_runtime.h; fake cuda_runtime.h and c10/cuda headers).
 # transform.py rewrites csrc's .cu files and glue into host C++ (<<<...>>> launches, __shared__,
 # extern shared memory, a CPU-registered copy of the ops as torch.ops.smoe_emu.*), and drive*.py
-# compare those ops with smoe_fast.reference. Not part of .ci/run (about 10 minutes); it checks the
+# compare those ops with smoe_fast.reference. Not part of .ci/run (about 20 minutes); it checks the
 # kernels' logic, not GPU timing, memory ordering between blocks or real warp scheduling.
 #   bash .ci/cuda_emulation/run.sh [--asan]
 # EMU_MAX_SHARED (opt-in shared memory per block; default sm_86's 101376) and EMU_SMS (default 3)

@@ -28,7 +28,7 @@ import time
 
 from .inspect import TTGIR, ptx_stats, ptxas_usage
 
-FORMAT = 4   # bump when a record's fields change
+FORMAT = 5   # bump when a record's fields change
 
 
 def default_cache_dir() -> str:
@@ -186,6 +186,23 @@ _NVCC_FUNCTION = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+a?)'(
                             re.S)
 
 
+def _demangle(names: list[str]) -> list[str]:
+    """Kernel names as written in csrc ("experts_fwd_kernel<ExpertsCudaArgs<float, __half, float> >"),
+    through c++filt; the mangled names where it is not installed."""
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None or not names:
+        return names
+    run = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    pretty = run.stdout.splitlines()
+    if run.returncode != 0 or len(pretty) != len(names):
+        return names
+    out = []
+    for name in pretty:
+        name = re.sub(r"\(anonymous namespace\)::|smoe_fast::", "", name.removeprefix("void "))
+        out.append(name[:name.index("(")] if "(" in name else name)
+    return out
+
+
 def nvcc_resources(archs, csrc_dir: str, cache_dir: str) -> list[dict]:
     """Per (CUDA kernel, arch): registers, spills, static shared memory from ``nvcc -Xptxas -v``.
     Empty when nvcc is not installed."""
@@ -193,8 +210,9 @@ def nvcc_resources(archs, csrc_dir: str, cache_dir: str) -> list[dict]:
     if nvcc is None:
         return []
     rows = []
+    headers = b"".join(open(h, "rb").read() for h in sorted(glob.glob(os.path.join(csrc_dir, "*.h"))))
     for source in sorted(glob.glob(os.path.join(csrc_dir, "*.cu"))):
-        text = open(source, "rb").read()
+        text = open(source, "rb").read() + headers
         for arch in archs:
             key = hashlib.sha256(text + f"{FORMAT}{arch}{nvcc}".encode()).hexdigest()[:32]
             path = os.path.join(cache_dir, f"nvcc-{key}.json")
@@ -206,10 +224,11 @@ def nvcc_resources(archs, csrc_dir: str, cache_dir: str) -> list[dict]:
                                       f"-I{csrc_dir}", source, "-o", os.path.join(tmp, "k.o")],
                                      capture_output=True, text=True)
             found = []
-            for name, target, body in _NVCC_FUNCTION.findall(run.stderr):
+            entries = _NVCC_FUNCTION.findall(run.stderr)
+            for (name, target, body), pretty in zip(entries, _demangle([e[0] for e in entries])):
                 usage = ptxas_usage(body)
                 smem = re.search(r"(\d+) bytes smem", body)
-                found.append({"kernel": name, "source": os.path.basename(source), "arch": arch,
+                found.append({"kernel": pretty, "source": os.path.basename(source), "arch": arch,
                               "ok": run.returncode == 0, **usage, "shared_bytes": int(smem.group(1)) if smem else 0})
             if run.returncode != 0:
                 found.append({"kernel": os.path.basename(source), "source": os.path.basename(source), "arch": arch,

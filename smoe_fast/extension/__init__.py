@@ -13,7 +13,8 @@ happens in a private temporary folder under a file lock and is renamed into plac
 so concurrent processes never see half a build; later processes load it without compiling. The
 compiler output goes to ``<cache>/ext/<key>.build.log``.
 
-Supported: float32 and float64; decoder kinds "lite", "medium" and "mlp"; CPU tensors (C++,
+Supported: float32 and float64 (and on CUDA float16 / bfloat16 z, with fp32 or same-dtype weights,
+computed in fp32: csrc/experts_cuda.h); decoder kinds "lite", "medium" and "mlp"; CPU tensors (C++,
 multithreaded with at::parallel_for) and, when torch has CUDA and a GPU is visible at build time,
 CUDA tensors. Weight gradients are deterministic on both (the CUDA kernels reduce per-expert partials in a fixed order, no float atomics).
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import Routing
+from ..contract import Routing, autocast_input
 from . import load
 
 # (weight, bias) pairs in the order the C++ decoder plans take them (csrc/decoder_plan.h).
@@ -84,9 +84,25 @@ def _weight_list(weights: dict[str, torch.Tensor], kind: str) -> list[torch.Tens
     return [weights[f"{layer}.{part}"] for layer in LAYERS[kind] for part in ("weight", "bias")]
 
 
-def _match_dtype(t: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    # Under autocast z may arrive in a lower precision than the weights: compute in the weights' dtype.
-    return t if t.dtype == weights[0].dtype else t.to(weights[0].dtype)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _match_dtype(z: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """z as the kernels take it. CUDA: an fp16 / bf16 z (autocast's dtype when autocast is on for CUDA,
+    as the Triton backend) is read as is by the kernels, which compute in fp32 and return x_hat in z's
+    dtype, with fp32 or same-dtype weights. CPU (fp32 / fp64 kernels), and any other mix: the weights'
+    dtype."""
+    if z.is_cuda:
+        z = autocast_input(z)
+        if z.dtype in _HALF and weights[0].dtype in (z.dtype, torch.float32):
+            return z
+    return z if z.dtype == weights[0].dtype else z.to(weights[0].dtype)
+
+
+def _match_gates(gates: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """Gates in the weights' dtype on CPU; as they are on CUDA (the kernels read them in fp32 or fp64,
+    and their gradient comes back in their dtype)."""
+    return gates if gates.is_cuda or gates.dtype == weights[0].dtype else gates.to(weights[0].dtype)
 
 
 def group_by_expert(expert_idx: torch.Tensor, num_experts: int) -> Routing:
@@ -107,11 +123,11 @@ def experts_hard(z: torch.Tensor, expert_idx: torch.Tensor, weights: dict[str, t
 def experts_soft(z: torch.Tensor, gates: torch.Tensor, weights: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """x_hat = sum_e gates[:, e] * D_e(z); z [B,L], gates [B,E] -> [B,1,28,28]."""
     ops, w = _ops(), _weight_list(weights, kind)
-    return ops.cpp_experts_soft_fwd(_match_dtype(z, w), _match_dtype(gates, w), w, kind)
+    return ops.cpp_experts_soft_fwd(_match_dtype(z, w), _match_gates(gates, w), w, kind)
 
 
 def experts_topk(z: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Tensor,
                  weights: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """x_hat[b] = sum_k topk_gates[b,k] * D_{topk_idx[b,k]}(z[b]); topk_idx, topk_gates [B,K]."""
     ops, w = _ops(), _weight_list(weights, kind)
-    return ops.cpp_experts_topk_fwd(_match_dtype(z, w), topk_idx, _match_dtype(topk_gates, w), w, kind)
+    return ops.cpp_experts_topk_fwd(_match_dtype(z, w), topk_idx, _match_gates(topk_gates, w), w, kind)
