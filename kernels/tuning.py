@@ -179,17 +179,24 @@ def training_mlp_config(arch: int, direction: str = "fwd", dot: str = "ieee") ->
       122 / 106 registers on sm_80 / sm_86 and nothing spilled, the same predicted time, 35 KB of
       shared memory instead of 50. TF32 and bf16 keep BN = 32: at 16 they took 255 registers and
       spilled 12-332 B.
+    - the IEEE and TF32 forwards on sm_90 at 1 stage too: 3 stages took 146 KB and 150-176 registers,
+      one CTA of 8 warps per SM (predicted soft fwd 3,269 / 3,081 us, top-k 449 us); 1 stage takes
+      50 KB and 108-114 registers, two CTAs per SM, nothing spilled (predicted 1,635 / 1,540 us, top-k
+      224 us: the forward's own roofline in IEEE). bf16 keeps 3: it holds 176-198 registers (one CTA)
+      at any depth.
 
     The interpreter keeps BN = 64: fewer numpy steps."""
     if arch == 0:
         return {"BM": TRAIN_BLOCK_M, "BN": 64, "num_warps": 8, "num_stages": 3}
     block_n = TRAIN_MLP_BLOCK_N
-    if SHARED_LIMIT_BYTES.get(arch, 0) >= SHARED_LIMIT_BYTES[90]:
+    if direction == "fwd" and dot in ("ieee", "tf32"):
+        stages = 1
+        if dot == "ieee" and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]:
+            block_n = 16
+    elif SHARED_LIMIT_BYTES.get(arch, 0) >= SHARED_LIMIT_BYTES[90]:
         stages = 3
     else:
         stages = 1 if direction == "fwd" else 2
-        if direction == "fwd" and dot == "ieee":
-            block_n = 16
     return {"BM": TRAIN_BLOCK_M, "BN": block_n, "num_warps": 8, "num_stages": stages}
 
 

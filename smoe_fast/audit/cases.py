@@ -175,8 +175,10 @@ def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W
         # zero-bordered maps, zero-filled once per call
         scratch_footprint = programs * kernel_module("decoder_tiles").conv_scratch_size(kind, bm, config["TS"]) * 4
         useful = b * sum((W.lite_flops() if kind == "lite" else W.medium_flops()).values())
+    weight_bytes = W.nonempty_experts(e, b) * params * elem   # each routed expert's weights, once from HBM
     streams = (W.Stream("z rows + indices", b * (W.LATENT * elem + 12), "hbm"),
                W.Stream("x_hat rows", b * per_token_out, "hbm"),
+               W.Stream("expert weights, first read", weight_bytes, "hbm"),
                W.Stream("expert weights per tile", tiles * params * elem, "l2"),
                W.Stream("activation scratch", b * scratch_per_token, "scratch", gather=True,
                         sites=("_gather_phase_rows",) if kind == "lite" else None),
@@ -185,7 +187,7 @@ def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W
     return W.Work(shape=f"B={b} E={e}", programs=programs, stages=stages, streams=streams,
                   serial_steps=tiles_per_program * (6 if kind == "lite" else 8 if kind == "medium" else 4),
                   scratch_bytes=scratch_footprint, useful_flops=useful,
-                  compulsory_bytes=b * (W.LATENT * elem + 8 + per_token_out))
+                  compulsory_bytes=b * (W.LATENT * elem + 8 + per_token_out) + weight_bytes)
 
 
 def hard_cases(arch: int, full: bool) -> list[Case]:
@@ -332,7 +334,10 @@ def _training_work(op: str, kind: str, direction: str, config: dict, hidden: int
             stages = recompute + [W.Stage(s.name + " grads", 2 * s.flops, "_mlp_experts_bwd_body", 0, s.unit)
                                   for s in stages]
         useful *= 3
+    # the weights of every expert a row visits, once from HBM (fp32 masters), then per tile from L2
+    weights_read = (e if op == "soft" else W.nonempty_experts(e, rows)) * params * 4
     streams = [W.Stream("z, gates, x_hat (and d x_hat)", b * (W.LATENT * 4 + e * 4 + W.PIXELS * 4 * (2 if direction == "bwd" else 1)), "hbm"),
+               W.Stream("expert weights, first read", weights_read, "hbm"),
                W.Stream("expert weights per tile", tiles * params * 4, "l2"), scratch]
     if scratch_footprint:
         streams.append(W.Stream("scratch zero-fill", scratch_footprint, "scratch"))
@@ -350,10 +355,13 @@ def _training_work(op: str, kind: str, direction: str, config: dict, hidden: int
         if op == "soft":
             streams.append(W.Stream("partial dz [groups, B, L] (added per expert, summed)",
                                     rows * W.LATENT * 4 * 2 + groups * b * W.LATENT * 4, "l2"))
+    # compulsory: z, gates and x_hat (or d x_hat) once, the weights of every expert a row visits once,
+    # and in the backward every expert's weight gradient written once
+    weight_bytes = weights_read + (e * params * 4 if direction == "bwd" else 0)
     return W.Work(shape=f"B={b} E={e}" + (f" K={W.TOPK_K}" if op == "topk" else ""), programs=programs,
                   stages=tuple(stages), streams=tuple(streams), serial_steps=tiles / programs * 6,
-                  scratch_bytes=scratch_footprint,
-                  useful_flops=useful, compulsory_bytes=b * (W.LATENT * 4 + e * 4 + W.PIXELS * 4))
+                  scratch_bytes=scratch_footprint, useful_flops=useful,
+                  compulsory_bytes=b * (W.LATENT * 4 + e * 4 + W.PIXELS * 4) + weight_bytes)
 
 
 def training_cases(arch: int, full: bool) -> list[Case]:

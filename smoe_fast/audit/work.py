@@ -76,6 +76,12 @@ def cdiv(a: int, b: int) -> int:
 # lite / medium decoder arithmetic per token (phase-split convolutions: 4 taps per input channel)
 # ----------------------------------------------------------------------------------------------------
 
+def nonempty_experts(experts: int, rows: int) -> float:
+    """Expected experts holding at least one of ``rows`` uniformly routed rows: the experts whose weights
+    an ideal kernel must read (all of them for soft gating, where every row visits every expert)."""
+    return experts * (1.0 - (1.0 - 1.0 / experts) ** rows)
+
+
 def lite_flops() -> dict[str, float]:
     return {"fc": 2 * LATENT * 392, "conv1": 2 * 16 * 196 * 8 * 4, "conv2": 2 * 784 * 16 * 4}
 
