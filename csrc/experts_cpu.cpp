@@ -139,6 +139,17 @@ constexpr int kLanes = kVecBytes / sizeof(scalar_t);
 #endif
 constexpr int kOutBlock = 8;                     // output channels per register tile
 
+// Vector registers the register tiles below are sized for: 32 with AVX-512 (zmm0-31) and on AArch64,
+// 16 with AVX / AVX2 and SSE. Tiles sized for 32 spilled on AVX2: measured on a Zen 2 (AVX2) at
+// E = 64, B = 65,536, the hard lite forward ran at 41% of that process's sgemm rate.
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
+// Rows of a linear layer's register tile: accumulators plus the input vector and one broadcast weight.
+constexpr int kLinearTileRows = kVecRegs >= 32 ? 24 : 12;
+
 template <typename scalar_t>
 inline Vec<scalar_t> load(const scalar_t* p) {
   Vec<scalar_t> v;
@@ -383,13 +394,14 @@ void linear_fwd_k(const Layer& layer, const scalar_t* in, const scalar_t* const*
     linear_fwd_tile<scalar_t, OB, NE, KC>(layer, in, w_tile, bias, o, out, out_pad);
   };
   int o = 0;
-  // 24 accumulators: each weight is used once per block, so the tile only needs to hide FMA latency.
-  for (; o + 24 <= N; o += 24) tile(std::integral_constant<int, 24>{}, o);
+  // kLinearTileRows accumulators: each weight is used once per block, so the tile only needs to hide
+  // FMA latency.
+  for (; o + kLinearTileRows <= N; o += kLinearTileRows) tile(std::integral_constant<int, kLinearTileRows>{}, o);
   for (; o + kOutBlock <= N; o += kOutBlock) tile(std::integral_constant<int, kOutBlock>{}, o);
   for (; o < N; ++o) tile(std::integral_constant<int, 1>{}, o);
 }
 
-// experts: NE pointers to the experts' [N][K] weights; tile_buf: 24 * K * NE scalars when NE > 1.
+// experts: NE pointers to the experts' [N][K] weights; tile_buf: kLinearTileRows * K * NE scalars when NE > 1.
 template <typename scalar_t, int NE = 1>
 void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* const* experts, const scalar_t* bias, scalar_t* out,
                 int out_pad, scalar_t* tile_buf = nullptr) {
@@ -599,7 +611,9 @@ inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* pack
 }
 
 constexpr int kPhaseTileChannels = 4;  // OB of conv_up2_phase_tile
-constexpr int kPhaseTilePixels = 6;    // NP: 24 accumulators + 4 weights + 1 input of 32 vector registers
+// NP: 24 accumulators + 4 weights + 1 input of 32 vector registers; of 16, 12 + 4 (the input vector an
+// FMA's memory operand).
+constexpr int kPhaseTilePixels = kVecRegs >= 32 ? 6 : 3;
 
 // Packed weights of an up == 2 conv, folded straight from weight[co][ci][3][3] (no folded[] pass):
 // out_c % 4 == 0: [phase][co / 4][ci][r][s][co % 4] (phase tiles); else [co][ci][phase][r][s] (row tiles).
@@ -691,8 +705,17 @@ void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed
   const int out_w = layer.out_w + 2 * out_pad;
   const int64_t out_channel = static_cast<int64_t>(layer.out_h + 2 * out_pad) * out_w * T;
   if (layer.out_c % kPhaseTileChannels != 0) {
-    // Row tiles: W = 7 as 4 + 3 pixels, W = 14 as 5 + 5 + 4.
-    if (W == 7) {
+    // Row tiles (4 x NP accumulators): W = 7 as 4 + 3 pixels, W = 14 as 5 + 5 + 4; with 16 vector
+    // registers 3 + 2 + 2 and 3 + 3 + 3 + 3 + 2.
+    if (kVecRegs < 32 && W == 7) {
+      conv_up2_row_tiles_from<scalar_t, 3, W, NE>(layer, in, packed, bias, out, out_pad, 0, prefetch);
+      conv_up2_row_tiles_from<scalar_t, 2, W, NE>(layer, in, packed, bias, out, out_pad, 3, prefetch);
+      conv_up2_row_tiles_from<scalar_t, 2, W, NE>(layer, in, packed, bias, out, out_pad, 5, prefetch);
+    } else if (kVecRegs < 32) {
+      for (int q0 = 0; q0 < 12; q0 += 3)
+        conv_up2_row_tiles_from<scalar_t, 3, W, NE>(layer, in, packed, bias, out, out_pad, q0, prefetch);
+      conv_up2_row_tiles_from<scalar_t, 2, W, NE>(layer, in, packed, bias, out, out_pad, 12, prefetch);
+    } else if (W == 7) {
       conv_up2_row_tiles_from<scalar_t, 4, W, NE>(layer, in, packed, bias, out, out_pad, 0, prefetch);
       conv_up2_row_tiles_from<scalar_t, 3, W, NE>(layer, in, packed, bias, out, out_pad, 4, prefetch);
     } else {
@@ -1348,7 +1371,7 @@ void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
         s.shared_pack.resize(pb.plan.num_layers);
         for (int i = 0; i < pb.plan.num_layers; ++i) {
           const Layer& layer = pb.plan.layers[i];
-          s.shared_weight[i].resize(kSharedSlots * (layer.is_conv ? folded_size(layer) : 24 * static_cast<int64_t>(layer.in_c)));
+          s.shared_weight[i].resize(kSharedSlots * (layer.is_conv ? folded_size(layer) : kLinearTileRows * static_cast<int64_t>(layer.in_c)));
           s.shared_bias[i].resize(kSharedSlots * layer.bias_size());
           if (layer.is_conv) s.shared_pack[i].resize(kSharedSlots * folded_size(layer));
         }
