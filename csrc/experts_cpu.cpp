@@ -21,7 +21,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -271,6 +271,55 @@ inline __m512 sigmoid_avx512(__m512 x) {
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && !defined(SMOE_FAST_VEC_BYTES)
+#define SMOE_FAST_AVX2_ACTIVATIONS 1
+// AVX2 forms of the same (8 lanes; Zen 2 and other machines without AVX-512): 2^n by integer
+// exponent arithmetic instead of vscalefps, so x is clamped where 2^n stays a normal float (ELU:
+// x >= -87, where expm1 is -1 in float anyway; sigmoid: |x| <= 87), and 1 / d from rcpps and one
+// Newton step (relative error ~2^-23). max / min keep NaN as in the AVX-512 forms. Measured on a
+// Zen 2: the generic ELU (33 instructions) ran on as many vectors as 1/32 of conv1's multiply-adds,
+// i.e. about as many instructions as conv1 itself.
+inline __m256 pow2_avx2(__m256 n) {  // 2^n for integral n in [-126, 127]
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+
+inline __m256 expm1_avx2(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  const __m256 em = _mm256_fmadd_ps(_mm256_mul_ps(r, r), p, r);
+  const __m256 scale = pow2_avx2(n);
+  return _mm256_fmadd_ps(scale, em, _mm256_sub_ps(scale, _mm256_set1_ps(1.0f)));
+}
+
+inline __m256 sigmoid_avx2(__m256 x) {
+  __m256 u = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_sub_ps(_mm256_setzero_ps(), x));
+  u = _mm256_min_ps(_mm256_set1_ps(87.0f), u);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(u, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), u);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256 d = _mm256_fmadd_ps(p, pow2_avx2(n), _mm256_set1_ps(1.0f));
+  const __m256 e = _mm256_rcp_ps(d);
+  return _mm256_mul_ps(e, _mm256_fnmadd_ps(d, e, _mm256_set1_ps(2.0f)));
+}
+#endif
+
 inline void activate(VecFloat& v, Activation act) {
 #if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
   if (act == Activation::kElu) {
@@ -280,6 +329,16 @@ inline void activate(VecFloat& v, Activation act) {
   }
   if (act == Activation::kSigmoid) {
     v = sigmoid_avx512(v);
+    return;
+  }
+#elif defined(SMOE_FAST_AVX2_ACTIVATIONS)
+  if (act == Activation::kElu) {
+    const __m256 x = v;
+    v = _mm256_blendv_ps(expm1_avx2(x), x, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ));
+    return;
+  }
+  if (act == Activation::kSigmoid) {
+    v = sigmoid_avx2(v);
     return;
   }
 #endif
