@@ -272,7 +272,7 @@ inline __m512 sigmoid_avx512(__m512 x) {
 #endif
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && !defined(SMOE_FAST_VEC_BYTES)
-#define SMOE_FAST_AVX2_ACTIVATIONS 1
+#define SMOE_FAST_AVX2 1
 // AVX2 forms of the same (8 lanes; Zen 2 and other machines without AVX-512): 2^n by integer
 // exponent arithmetic instead of vscalefps, so x is clamped where 2^n stays a normal float (ELU:
 // x >= -87, where expm1 is -1 in float anyway; sigmoid: |x| <= 87), and 1 / d from rcpps and one
@@ -331,7 +331,7 @@ inline void activate(VecFloat& v, Activation act) {
     v = sigmoid_avx512(v);
     return;
   }
-#elif defined(SMOE_FAST_AVX2_ACTIVATIONS)
+#elif defined(SMOE_FAST_AVX2)
   if (act == Activation::kElu) {
     const __m256 x = v;
     v = _mm256_blendv_ps(expm1_avx2(x), x, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ));
@@ -1241,6 +1241,42 @@ inline void write_block_output(const float* y, const int64_t* tokens, const floa
       float* dst = out + tokens[t] * kImagePixels + pix;
       const __m512 v = _mm512_mul_ps(_mm512_set1_ps(gate[t]), r[t]);
       _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), v) : v);
+    }
+  }
+}
+#elif defined(SMOE_FAST_AVX2)
+// In-register transpose of 8 x 8 floats: r[i][t] -> r[t][i].
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// As the AVX-512 form, 8 pixels x 8 lanes at a time.
+inline void write_block_output(const float* y, const int64_t* tokens, const float* gate, bool accumulate,
+                               float* out) {
+  static_assert(kImagePixels % 8 == 0, "the transpose works on 8 pixels at a time");
+  for (int pix = 0; pix < kImagePixels; pix += 8) {
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(y + (pix + i) * 8);
+    transpose8(r);
+    for (int t = 0; t < 8; ++t) {
+      if (tokens[t] < 0) continue;
+      float* dst = out + tokens[t] * kImagePixels + pix;
+      const __m256 v = _mm256_mul_ps(_mm256_set1_ps(gate[t]), r[t]);
+      _mm256_storeu_ps(dst, accumulate ? _mm256_add_ps(_mm256_loadu_ps(dst), v) : v);
     }
   }
 }
