@@ -2,9 +2,15 @@
 // the argument, decoder-kind parsing and weight checks, and output allocation.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
+#include <deque>
 #include <limits>
+#include <mutex>
 #include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -74,31 +80,87 @@ inline DecoderPlan checked_plan(c10::string_view kind, const at::Tensor& z, at::
 }
 
 // CPU outputs of 2 MiB and more live on transparent huge pages (2 MiB-aligned, madvise'd; torch's
-// THP_MEM_ALLOC_ENABLE does the same for all its allocations). The ops write an output once, right
-// after allocating it, so its first touch is part of every call: with 4 KiB pages the hard lite
-// output at B = 65,536 (205 MB) takes ~50,000 page faults, measured 74 ms to allocate and fill on 2
-// threads against 28 ms on huge pages and 15 ms to refill a reused buffer.
+// THP_MEM_ALLOC_ENABLE does the same for all its allocations), and a freed one is kept for the next
+// output of its size, as torch's CUDA caching allocator keeps device memory. The ops write an output
+// once, right after allocating it, so its first touch is part of every call: with 4 KiB pages the
+// hard lite output at B = 65,536 (205 MB) took ~50,000 page faults, 74 ms to allocate and fill on 2
+// threads, against 28 ms on fresh huge pages (the kernel zeroes each page: 8-11% of a one-thread hard
+// lite forward in perf) and 15 ms to refill a reused buffer. The cache holds at most
+// SMOE_FAST_CPU_OUTPUT_CACHE_MB (default 512; 0 keeps nothing), oldest freed block evicted first.
 class HugePageAllocator final : public c10::Allocator {
  public:
   static constexpr size_t kHugePage = size_t{2} << 20;
+
+  static HugePageAllocator& instance() {
+    static HugePageAllocator* allocator = new HugePageAllocator();  // never destroyed: outputs may outlive statics
+    return *allocator;
+  }
 
   c10::DataPtr allocate(size_t nbytes) override {
     const c10::Device cpu(c10::DeviceType::CPU);
     if (nbytes == 0) return {nullptr, nullptr, &release, cpu};
     const size_t size = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* data = nullptr;
-    TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&data, kHugePage, size) == 0, "smoe_fast: could not allocate ", nbytes,
-                      " bytes for a CPU output (2 MiB-aligned); free memory or use a smaller batch");
+    void* data = take_cached(size);
+    if (data == nullptr) {
+      TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&data, kHugePage, size) == 0, "smoe_fast: could not allocate ",
+                       nbytes, " bytes for a CPU output (2 MiB-aligned); free memory or use a smaller batch");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(data, size, MADV_HUGEPAGE);  // advice only: without THP the pages are ordinary ones
+      madvise(data, size, MADV_HUGEPAGE);  // advice only: without THP the pages are ordinary ones
 #endif
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_[data] = size;
     return {data, data, &release, cpu};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
  private:
-  static void release(void* data) { std::free(data); }
+  HugePageAllocator() {
+    const char* mb = std::getenv("SMOE_FAST_CPU_OUTPUT_CACHE_MB");
+    cache_limit_ = (mb != nullptr ? static_cast<size_t>(std::max(0L, std::atol(mb))) : size_t{512}) << 20;
+  }
+
+  void* take_cached(size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = cached_.begin(); it != cached_.end(); ++it) {
+      if (it->second != size) continue;
+      void* data = it->first;
+      cached_bytes_ -= size;
+      cached_.erase(it);
+      return data;
+    }
+    return nullptr;
+  }
+
+  static void release(void* data) {
+    if (data == nullptr) return;
+    HugePageAllocator& self = instance();
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(self.mutex_);
+      const auto live = self.live_.find(data);
+      const size_t size = live->second;
+      self.live_.erase(live);
+      if (size > self.cache_limit_) {
+        evicted.push_back(data);
+      } else {
+        self.cached_.emplace_back(data, size);
+        self.cached_bytes_ += size;
+        while (self.cached_bytes_ > self.cache_limit_) {
+          evicted.push_back(self.cached_.front().first);
+          self.cached_bytes_ -= self.cached_.front().second;
+          self.cached_.pop_front();
+        }
+      }
+    }
+    for (void* p : evicted) std::free(p);
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<void*, size_t> live_;       // block -> its size, rounded to huge pages
+  std::deque<std::pair<void*, size_t>> cached_;  // freed blocks, oldest first
+  size_t cached_bytes_ = 0, cache_limit_ = 0;
 };
 
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -106,8 +168,7 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   if (!options.device().is_cpu() || nbytes < static_cast<int64_t>(HugePageAllocator::kHugePage)) {
     return at::empty(sizes, options);
   }
-  static HugePageAllocator allocator;
-  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+  return at::detail::empty_generic(sizes, &HugePageAllocator::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    options.dtype().toScalarType(), std::nullopt);
 }
 

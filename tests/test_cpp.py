@@ -150,6 +150,23 @@ def test_large_outputs_on_huge_pages_are_ordinary_tensors(poison, monkeypatch):
     assert torch.equal(out[:1031], copy)
     del out
 
+
+def test_a_reused_large_output_is_fully_rewritten(monkeypatch):
+    # csrc/common.h keeps a freed huge-page output for the next one of its size. The first output is
+    # NaN-filled before it is freed, so a second call that gets its block (poisoning off) and leaves
+    # any element unwritten fails the comparison.
+    monkeypatch.setenv("SMOE_FAST_POISON_OUTPUTS", "0")
+    weights = random_weights("lite", 5, seed=4)
+    z = _inputs(1031, 5, torch.float32)
+    expert_idx = routing_case("skewed", 1031, 5)
+    with torch.no_grad():
+        first = ops.experts_hard(z, routing_case("one_expert", 1031, 5), weights, kind="lite", backend="cpp")
+        first.fill_(float("nan"))
+        del first
+        second = ops.experts_hard(-z, expert_idx, weights, kind="lite", backend="cpp")
+    assert_close(second, reference.experts_hard(-z, expert_idx, weights, "lite"), name="x_hat")
+
+
 @pytest.mark.parametrize("kind", ["lite", "mlp"])
 def test_nan_and_inf_propagate_like_the_reference(kind):
     # Token 1 is NaN, token 2 +inf, token 3 -inf: the vectorised exp must not clamp NaN away.
