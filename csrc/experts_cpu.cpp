@@ -673,6 +673,8 @@ constexpr int kPhaseTileChannels = 4;  // OB of conv_up2_phase_tile
 // NP: 24 accumulators + 4 weights + 1 input of 32 vector registers; of 16, 12 + 4 (the input vector an
 // FMA's memory operand).
 constexpr int kPhaseTilePixels = kVecRegs >= 32 ? 6 : 3;
+// Shared blocks (NE > 1) broadcast their OB weights into registers (no embedded broadcast of NE values).
+constexpr int kSharedPhaseTilePixels = kVecRegs >= 32 ? 5 : 2;
 
 // Packed weights of an up == 2 conv, folded straight from weight[co][ci][3][3] (no folded[] pass):
 // out_c % 4 == 0: [phase][co / 4][ci][r][s][co % 4] (phase tiles); else [co][ci][phase][r][s] (row tiles).
@@ -784,8 +786,8 @@ void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed
     }
     return;
   }
-  constexpr int OB = kPhaseTileChannels, NP = kPhaseTilePixels;
-  constexpr int pixels = W * W, full = pixels / NP * NP;
+  constexpr int OB = kPhaseTileChannels, NP = NE == 1 ? kPhaseTilePixels : kSharedPhaseTilePixels;
+  constexpr int pixels = W * W, full = pixels / NP * NP, rest = pixels - full;
   int32_t in_off[pixels], out_off[pixels];
   for (int m = 0; m < pixels; ++m) {
     const int p = m / W, q = m % W;
@@ -805,9 +807,9 @@ void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed
                                                      out_channel, layer.act, out_g);
         if (prefetch) prefetch->step();
       }
-      for (int m = full; m < pixels; ++m)
-        conv_up2_phase_tile<scalar_t, OB, 1, W, NE>(Cin, in_ph, w, bias + g * OB * NE, in_off + m, out_off + m,
-                                                    out_channel, layer.act, out_g);
+      if (rest > 0)
+        conv_up2_phase_tile<scalar_t, OB, rest == 0 ? 1 : rest, W, NE>(Cin, in_ph, w, bias + g * OB * NE, in_off + full,
+                                                                       out_off + full, out_channel, layer.act, out_g);
     }
   }
 }
@@ -1269,6 +1271,14 @@ inline void write_block_output(const float* y, const int64_t* tokens, const floa
                                float* out) {
   constexpr int T = kLanes<float>;
   static_assert(kImagePixels % T == 0, "the transpose works on kLanes pixels at a time");
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+  // A token's 16 pixels are one whole 64-byte line of its output row (784 floats = 49 lines): written
+  // with streaming stores, the line is not first read from memory (the write-once output is 205 MB at
+  // B = 65,536, hard lite).
+  const bool stream = !accumulate && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+#else
+  constexpr bool stream = false;
+#endif
   for (int pix = 0; pix < kImagePixels; pix += T) {
     VecFloat r[T];
     for (int i = 0; i < T; ++i) r[i] = load(y + (pix + i) * T);
@@ -1277,9 +1287,18 @@ inline void write_block_output(const float* y, const int64_t* tokens, const floa
       if (tokens[t] < 0) continue;
       float* dst = out + tokens[t] * kImagePixels + pix;
       const VecFloat v = broadcast(gate[t]) * r[t];
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+      if (stream) {
+        _mm512_stream_ps(dst, v);
+        continue;
+      }
+#endif
       store(dst, accumulate ? load(dst) + v : v);
     }
   }
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered: visible before the block's item ends
+#endif
 }
 #endif
 
