@@ -681,8 +681,9 @@ constexpr int kSharedPhaseTilePixels = kVecRegs >= 32 ? 5 : 2;
 // Folded tap (r, s) of phase (a, c) sums the 3x3 taps kh in rows(a, r), kw in rows(c, s), with
 // rows(0, 0) = {0}, rows(0, 1) = {1, 2}, rows(1, 0) = {0, 1}, rows(1, 1) = {2}. Measured at E = 8,192,
 // B = 65,536: the generic fold + pack (index arithmetic per tap) took 8% of the hard lite forward.
+// stride > 1 packs one expert of a shared block straight into its interleaved place (packed[j * NE]).
 template <typename scalar_t>
-void pack_conv_up2(const Layer& layer, const scalar_t* weight, scalar_t* packed) {
+void pack_conv_up2(const Layer& layer, const scalar_t* weight, scalar_t* packed, int stride = 1) {
   const int Cout = layer.out_c, Cin = layer.in_c;
   constexpr int OB = kPhaseTileChannels;
   const bool phase_tiles = Cout % OB == 0;
@@ -707,7 +708,7 @@ void pack_conv_up2(const Layer& layer, const scalar_t* weight, scalar_t* packed)
               const int64_t j = phase_tiles
                   ? (((static_cast<int64_t>(ph) * (Cout / OB) + co / OB) * Cin + ci) * 4 + t) * OB + co % OB
                   : (static_cast<int64_t>(co) * Cin + ci) * 16 + ph * 4 + t;
-              packed[j] = folded[s_tap];
+              packed[j * stride] = folded[s_tap];
             }
           }
     }
@@ -1109,9 +1110,8 @@ struct Scratch {
   // phase_grad: conv_up2_bwd's per-phase output gradients, one per layer (their borders must stay zero).
   std::vector<std::vector<scalar_t>> act, grad, folded, packed, packed_t, phase_grad, grad_weight, grad_bias;
   // Weights of the experts of a shared block, interleaved (bcast), per layer: the packed conv weights or
-  // one linear tile's rows (linear_fwd), and the biases; shared_pack: each expert's packed conv weights
-  // before the interleave.
-  std::vector<std::vector<scalar_t>> shared_weight, shared_bias, shared_pack;
+  // one linear tile's rows (linear_fwd), and the biases.
+  std::vector<std::vector<scalar_t>> shared_weight, shared_bias;
 
   std::vector<std::vector<Vec<scalar_t>>> folded_vec, grad_weight_lanes, grad_bias_lanes;
   int pad[kMaxLayers + 1];
@@ -1420,26 +1420,19 @@ void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& 
       SMOE_FAST_UNROLL
       for (int e = 0; e < NE; ++e) sb[j * NE + e] = bias[e][j];
   }
-  // Conv weights: each distinct expert folded and packed once (an expert's tail often takes two
-  // slots of a block), then interleaved like the linear weights.
+  // Conv weights: each distinct expert folded and packed straight into its interleaved place (a
+  // separate interleave pass over per-expert packs took 5% of the forward at E = 8,192).
   for (int i = 0; i < plan.num_layers; ++i) {
     const Layer& layer = plan.layers[i];
     if (!layer.is_conv) continue;
-    const int64_t n = folded_size(layer);
-    const scalar_t* packed[NE];
-    for (int e = 0; e < NE; ++e) {
-      if (e > 0 && b.expert[e] == b.expert[e - 1]) {
-        packed[e] = packed[e - 1];
-        continue;
-      }
-      scalar_t* dst = s.shared_pack[i].data() + e * n;
-      pack_conv_up2(layer, pb.weight[i] + b.expert[e] * layer.weight_size(), dst);
-      packed[e] = dst;
-    }
     scalar_t* sw = s.shared_weight[i].data();
-    for (int64_t j = 0; j < n; ++j)
-      SMOE_FAST_UNROLL
-      for (int e = 0; e < NE; ++e) sw[j * NE + e] = packed[e][j];
+    for (int e = 0; e < NE; ++e) {
+      if (e == 0 || b.expert[e] != b.expert[e - 1]) {
+        pack_conv_up2(layer, pb.weight[i] + b.expert[e] * layer.weight_size(), sw + e, NE);
+      } else {  // the expert's tail took two slots: copy its lanes
+        for (int64_t j = 0; j < folded_size(layer); ++j) sw[j * NE + e] = sw[j * NE + e - 1];
+      }
+    }
   }
   // The next block's latent rows (random tokens: each a cache miss when the copy loop above reached it).
   for (int e = 0; next != nullptr && e < NE; ++e)
@@ -1483,12 +1476,10 @@ void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
       if (share) {
         s.shared_weight.resize(pb.plan.num_layers);
         s.shared_bias.resize(pb.plan.num_layers);
-        s.shared_pack.resize(pb.plan.num_layers);
         for (int i = 0; i < pb.plan.num_layers; ++i) {
           const Layer& layer = pb.plan.layers[i];
           s.shared_weight[i].resize(kSharedSlots * (layer.is_conv ? folded_size(layer) : kLinearTileRows * static_cast<int64_t>(layer.in_c)));
           s.shared_bias[i].resize(kSharedSlots * layer.bias_size());
-          if (layer.is_conv) s.shared_pack[i].resize(kSharedSlots * folded_size(layer));
         }
       }
       return s;
