@@ -302,7 +302,8 @@ def test_block_layouts_match_reference(name, counts, kind, dtype):
 @pytest.mark.parametrize("latent", [7, 64], ids=["L7", "L64"])
 def test_block_layouts_with_other_latent_sizes(latent, kind):
     # The linear layers specialise on L = 32 (the paper's); other sizes take the generic loop, in
-    # one-expert and shared blocks alike.
+    # one-expert and shared blocks alike. In the backward, L = 7 (not a multiple of the lanes) keeps
+    # the per-lane weight-gradient accumulators and L = 64 takes the dense ones in 2-vector chunks.
     counts = COUNT_CASES[0][1]
     expert_idx = _routing_from_counts(counts)
     weights = random_weights(kind, len(counts), latent_dim=latent, seed=15)
@@ -310,6 +311,8 @@ def test_block_layouts_with_other_latent_sizes(latent, kind):
     with torch.no_grad():
         out = ops.experts_hard(z, expert_idx, weights, kind=kind, backend="cpp")
     assert_close(out, reference.experts_hard(z, expert_idx, weights, kind), name="x_hat")
+    _compare_with_grads(lambda z_, w: extension.experts_hard(z_, expert_idx, w, kind),
+                        lambda z_, w: reference.experts_hard(z_, expert_idx, w, kind), [z], weights, kind, ["z"])
 
 
 def test_many_experts_small_batch():
