@@ -5,10 +5,11 @@
 // or accumulated without races and in a fixed order. A phase's rows of one expert are split into
 // chunks (work items); an item decodes its rows in blocks of `kLanes` tokens held
 // token-innermost ([C][H][W][lanes]), so every multiply-add is a vector over the lanes. In the
-// forward (16 lanes, AVX-512 float), the last 1-12 rows of an expert share a block with other experts'
-// tails (SharedBlock: four slots of 4 lanes, lane t in slot t % 4, weights interleaved), so that many
-// experts with few tokens each do not leave most lanes empty. Items are scheduled dynamically
-// (parallel_items), blocks write disjoint outputs, so results do not depend on the thread count.
+// forward (float, AVX2 or AVX-512), the last rows of an expert (1-12 of 16 lanes, 1-6 of 8) share a
+// block with other experts' tails (SharedBlock: four slots of 4 or 2 lanes, lane t in slot t % 4,
+// weights interleaved), so that many experts with few tokens each do not leave most lanes empty.
+// Items are scheduled dynamically (parallel_items), blocks write disjoint outputs, so results do not
+// depend on the thread count.
 // The up == 2 convolutions run phase-split (the nearest upsampling folded into four 2x2 kernels) as
 // register-tiled micro-kernels (conv_up2_*), forward and backward, with the folded weights packed
 // once per item. Weight gradients: an item accumulates per lane, then adds into the expert's gradient
@@ -168,7 +169,7 @@ inline Vec<scalar_t> broadcast(scalar_t x) {
 }
 
 // The weights of NE experts whose tokens share a block (lane t belongs to expert t % NE), interleaved
-// in memory as p[0 .. NE): vbroadcastss / vbroadcastf32x4 for NE = 1 / 4.
+// in memory as p[0 .. NE): vbroadcastss / vbroadcastf32x4 (AVX-512) or vbroadcastf128 (AVX2) for NE = 1 / 4.
 template <int NE, typename scalar_t>
 inline Vec<scalar_t> bcast(const scalar_t* p) {
   if constexpr (NE == 1) {
@@ -177,6 +178,13 @@ inline Vec<scalar_t> bcast(const scalar_t* p) {
 #if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
     if constexpr (std::is_same<scalar_t, float>::value && NE == 4) {
       return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+    }
+#elif defined(__AVX2__) && !defined(SMOE_FAST_VEC_BYTES)
+    if constexpr (std::is_same<scalar_t, float>::value && NE == 4) {
+      return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p));
+    }
+    if constexpr (std::is_same<scalar_t, float>::value && NE == 2) {
+      return _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(p)));
     }
 #endif
     Vec<scalar_t> v;
@@ -431,13 +439,15 @@ inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar
   }
 }
 
+// Not inlined (nor conv_up2_fwd): inlined into the shared-block item loop (AVX2, NE = 4), GCC kept the
+// tile's accumulators on the stack.
 // KC: the input size as a constant (0: layer.in_c at run time). With K known, a tile's OB weight rows
 // sit at immediate offsets from one pointer; with K at run time they took OB pointers and the
 // accumulators went through the stack. With NE > 1 the weights are the NE experts' own [N][K] rows
 // (experts[e]), interleaved one tile at a time into tile_buf (OB * K * NE scalars, stays in L1): the
 // whole-layer interleave before the layer wrote and re-read 200 KB per block (lite fc, NE = 4).
 template <typename scalar_t, int NE, int KC>
-void linear_fwd_k(const Layer& layer, const scalar_t* in, const scalar_t* const* experts, const scalar_t* bias,
+__attribute__((noinline)) void linear_fwd_k(const Layer& layer, const scalar_t* in, const scalar_t* const* experts, const scalar_t* bias,
                   scalar_t* out, int out_pad, scalar_t* tile_buf) {
   const int N = layer.out_size(), K = KC > 0 ? KC : layer.in_c;
   auto tile = [&](auto tile_rows, int o) {
@@ -736,8 +746,9 @@ constexpr int kPhaseTileChannels = 4;  // OB of conv_up2_phase_tile
 // NP: 24 accumulators + 4 weights + 1 input of 32 vector registers; of 16, 12 + 4 (the input vector an
 // FMA's memory operand).
 constexpr int kPhaseTilePixels = kVecRegs >= 32 ? 6 : 3;
-// Shared blocks (NE > 1) broadcast their OB weights into registers (no embedded broadcast of NE values).
-constexpr int kSharedPhaseTilePixels = kVecRegs >= 32 ? 5 : 2;
+// Shared blocks (NE > 1) broadcast their OB weights into registers (no embedded broadcast of NE values),
+// as every tile does without AVX-512.
+constexpr int kSharedPhaseTilePixels = kVecRegs >= 32 ? 5 : kPhaseTilePixels;
 
 // Packed weights of an up == 2 conv, folded straight from weight[co][ci][3][3] (no folded[] pass):
 // out_c % 4 == 0: [phase][co / 4][ci][r][s][co % 4] (phase tiles); else [co][ci][phase][r][s] (row tiles).
@@ -824,7 +835,7 @@ inline void conv_up2_row_tiles_from(const Layer& layer, const scalar_t* in, cons
 }
 
 template <typename scalar_t, int W, int NE>
-void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias, scalar_t* out,
+__attribute__((noinline)) void conv_up2_fwd(const Layer& layer, const scalar_t* in, const scalar_t* packed, const scalar_t* bias, scalar_t* out,
                   int out_pad, Prefetcher* prefetch) {
   constexpr int T = kLanes<scalar_t>;
   const int out_w = layer.out_w + 2 * out_pad;
@@ -1345,7 +1356,7 @@ inline void write_block_output(const float* y, const int64_t* tokens, const floa
   // B = 65,536, hard lite).
   const bool stream = !accumulate && reinterpret_cast<uintptr_t>(out) % 64 == 0;
 #else
-  constexpr bool stream = false;
+  [[maybe_unused]] constexpr bool stream = false;  // AVX2: half-line streaming stores measured 6-12% slower (Zen 3)
 #endif
   for (int pix = 0; pix < kImagePixels; pix += T) {
     VecFloat r[T];
@@ -1441,32 +1452,36 @@ void read_block_grad(const scalar_t* y, const scalar_t* const* g_rows, const sca
   }
 }
 
-// A block whose 16 lanes are four slots of up to 4 tokens (lane t: slot t % 4, its (t / 4)-th token),
-// each slot one expert's, so that many experts with few tokens each do not leave most lanes empty
-// (E = 8,192 at B = 65,536: about 8 tokens per expert). An expert's tail may take several slots.
+// A block whose lanes are kSharedSlots slots of kLanes / kSharedSlots tokens (lane t: slot t % NE, its
+// (t / NE)-th token), each slot one expert's, so that many experts with few tokens each do not leave most
+// lanes empty (E = 8,192 at B = 65,536: about 8 tokens per expert). An expert's tail may take several
+// slots; tails longer than all slots but one fill a one-expert block as well.
 constexpr int kSharedSlots = 4;
-constexpr int kMaxSharedTail = 12;  // longer tails (13 .. 15 rows) fill a one-expert block as well
 struct SharedBlock {
   int64_t expert[kSharedSlots], row_begin[kSharedSlots];
-  int count[kSharedSlots];  // <= 4; 0 for an unused slot (its expert repeats the last used slot's)
+  int count[kSharedSlots];  // <= the slot's lanes; 0 for an unused slot (its expert repeats the last used slot's)
 };
 
-// Whether blocks may hold several experts: 16 lanes (AVX-512 float) and an up == 2 kernel for every conv.
+// Whether blocks may hold several experts: at least 2 lanes a slot (AVX2 or AVX-512 float) and an up == 2
+// kernel for every conv.
 template <typename scalar_t>
 bool can_share_blocks(const DecoderPlan& plan) {
-  if (kLanes<scalar_t> != 16) return false;
+  if (kLanes<scalar_t> < 2 * kSharedSlots) return false;
   for (int i = 0; i < plan.num_layers; ++i)
     if (plan.layers[i].is_conv && !has_up2_kernel(plan.layers[i])) return false;
   return true;
 }
 
-// Moves the tails (1 .. kMaxSharedTail rows past the last full block) of the items[begin, end) of one
-// phase into shared blocks, ceil(tail / 4) slots each, in expert order. Lanes in use at E = 8,192,
-// B = 65,536 (uniform routing; counted over the blocks this makes): 84%, against 73% with the
-// previous slots of 4 or 8 lanes for tails of at most 8 rows and one-expert blocks for longer ones.
+// Moves the tails (1 .. lanes - slot lanes rows past the last full block) of the items[begin, end) of
+// one phase into shared blocks, ceil(tail / slot lanes) slots each, in expert order. Lanes in use at
+// E = 8,192, B = 65,536 (uniform routing; counted over the blocks this makes): 16 lanes, 84% (73%
+// with the previous slots of 4 or 8 lanes for tails of at most 8 rows); 8 lanes (AVX2), 94% with
+// slots of 2, 84% with two slots of 4, 71% with one-expert blocks only. Measured on a Zen 3 (2
+// threads, CPU time, medians of 9): E = 8,192 / E = 8 = 1.45x without sharing, 1.28-1.32x with two
+// slots of 4 lanes, 1.19-1.22x with four of 2 (1.10-1.20x with the layer kernels kept out of line).
 inline void share_tails(std::vector<WorkItem>& items, int64_t begin, int64_t end, int lanes,
                         std::vector<SharedBlock>& shared) {
-  constexpr int slot_lanes = 4;
+  const int slot_lanes = lanes / kSharedSlots, max_tail = lanes - slot_lanes;
   SharedBlock open{};
   int used = 0;
   auto flush = [&]() {
@@ -1482,7 +1497,7 @@ inline void share_tails(std::vector<WorkItem>& items, int64_t begin, int64_t end
     WorkItem& item = items[i];
     const bool last_of_expert = i + 1 == end || items[i + 1].expert != item.expert;
     const int tail = static_cast<int>((item.row_end - item.row_begin) % lanes);
-    if (!last_of_expert || tail == 0 || tail > kMaxSharedTail) continue;
+    if (!last_of_expert || tail == 0 || tail > max_tail) continue;
     item.row_end -= tail;
     for (int64_t r = item.row_end; r < item.row_end + tail; r += slot_lanes) {
       open.expert[used] = item.expert;
