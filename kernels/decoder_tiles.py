@@ -29,15 +29,17 @@ Decoder (conv kinds, ``_conv_decoder_tile``):
    taps. Then sigmoid and the output mode.
 
 Scratch. Triton cannot gather from registers, so the stages exchange activations through a small
-per-program buffer in global memory, fp32, sized by the grid and not by B (it stays in L1/L2). The
+per-program buffer in global memory, sized by the grid and not by B (it stays in L1/L2). The
 maps are token-innermost with a zero border, [C][H+2][W+2][tokens]: a GEMM row is (pixel, token) with
 the token fastest, so a warp's rows read consecutive addresses and vectorise (TS tokens per vector),
 and no tap needs a bounds mask (the border is the padding; the buffer is zero-filled once per call
 and only interiors are written). Per program: ``conv_scratch_size``.
 
 Precision (``INPUT_PRECISION``, ``launch.dot_mode``): every GEMM tile goes through ``launch.mm`` (IEEE
-or TF32 fp32, or bf16/fp16 tensor cores with fp32 accumulation); the scratch stays fp32; the
-one-channel last conv's tap sum stays an fp32 sum on the FMA units.
+or TF32 fp32, or bf16/fp16 tensor cores with fp32 accumulation). The maps are in the GEMM operands'
+dtype (``map_dtype``: fp32, or bf16/fp16 in a half mode, which halves their traffic and rounds
+nothing the GEMM would not); lite's conv2 parts and the one-channel last conv's tap sum stay fp32
+(the sum on the FMA units).
 """
 from __future__ import annotations
 
@@ -50,11 +52,25 @@ from .launch import mm
 CONV_CHANNELS = {"lite": (8, 16, 1), "medium": (32, 64, 32)}
 
 
-def conv_scratch_size(kind: str, bm: int, ts: int) -> int:
+# bytes of one map element (scratch_maps' MAPS)
+MAP_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def map_dtype(dot: str) -> str:
+    """The maps' dtype for GEMM mode ``dot`` (``launch.dot_mode``): a half mode keeps its maps in that
+    dtype, since ``mm`` rounds every GEMM operand read from them to it anyway (half the scratch
+    traffic, nothing rounded that was not); IEEE and TF32 keep fp32."""
+    return dot if dot in ("bf16", "fp16") else "fp32"
+
+
+def conv_scratch_size(kind: str, bm: int, ts: int, maps: str = "fp32") -> int:
     """fp32 scratch elements per program of the conv kinds: the zero-bordered maps h0 [C0][9][9][BM],
-    h1 [C1][16][16][TS], then medium's h2 [C2][30][30][TS] or lite's conv2 parts [16][16][16][TS]."""
+    h1 [C1][16][16][TS] and medium's h2 [C2][30][30][TS], in ``maps`` (``map_dtype``), then lite's
+    conv2 parts [16][16][16][TS] in fp32."""
     c0, c1, c2 = CONV_CHANNELS[kind]
-    return c0 * 81 * bm + c1 * 256 * ts + (c2 * 900 * ts if kind == "medium" else 16 * 256 * ts)
+    map_elements = c0 * 81 * bm + c1 * 256 * ts + (c2 * 900 * ts if kind == "medium" else 0)
+    parts = 16 * 256 * ts if kind == "lite" else 0
+    return -(-map_elements * MAP_BYTES[maps] // 4) + parts
 
 
 @triton.jit
@@ -249,13 +265,27 @@ def _upconv3x3_one_channel_to_image(p_src, p_part, out, p_rows, p_gate, stride_g
 
 
 @triton.jit
-def scratch_maps(scratch, scratch_per_program, C0: tl.constexpr, C1: tl.constexpr, BM: tl.constexpr,
-                 TS: tl.constexpr):
-    """This program's scratch maps (conv_scratch_size floats): h0 [C0, 9, 9, BM], h1 [C1, 16, 16, TS],
-    then medium's h2 [C2, 30, 30, TS] or lite's conv2 parts [16, 16, 16, TS]."""
-    p_h0 = scratch + tl.program_id(0).to(tl.int64) * scratch_per_program
+def scratch_maps(scratch, scratch_per_program, C0: tl.constexpr, C1: tl.constexpr, HAS_CONV3: tl.constexpr,
+                 BM: tl.constexpr, TS: tl.constexpr, MAPS: tl.constexpr):
+    """This program's part of the fp32 ``scratch`` (conv_scratch_size floats): the maps h0 [C0, 9, 9, BM],
+    h1 [C1, 16, 16, TS] and medium's h2 [C2, 30, 30, TS] as pointers to ``MAPS`` (``map_dtype``); for
+    lite, h2 is the conv2 parts [16, 16, 16, TS], fp32, after h1."""
+    p_base = scratch + tl.program_id(0).to(tl.int64) * scratch_per_program
+    if MAPS == "bf16":
+        p_h0 = p_base.to(tl.pointer_type(tl.bfloat16))
+    elif MAPS == "fp16":
+        p_h0 = p_base.to(tl.pointer_type(tl.float16))
+    else:
+        p_h0 = p_base
     p_h1 = p_h0 + C0 * 81 * BM
-    return p_h0, p_h1, p_h1 + C1 * 256 * TS
+    if HAS_CONV3:
+        p_h2 = p_h1 + C1 * 256 * TS
+    elif MAPS == "fp32":
+        p_h2 = p_base + C0 * 81 * BM + C1 * 256 * TS
+    else:
+        # half maps: C0 * 81 * BM + C1 * 256 * TS elements is even, so the parts start on a float
+        p_h2 = p_base + (C0 * 81 * BM + C1 * 256 * TS) // 2
+    return p_h0, p_h1, p_h2
 
 
 @triton.jit

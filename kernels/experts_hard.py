@@ -17,8 +17,9 @@ Decoder, per tile: the conv kinds run ``decoder_tiles._conv_decoder_tile`` (fc, 
 docstring there has the arithmetic) in its plain output mode, x_hat[token] = D_e(z[token]).
 mlp: relu(z W1^T + b1) -> scratch h [BM, hidden] -> sigmoid(h W2^T + b2) -> x_hat[token].
 
-Scratch, per program (fp32, sized by the grid, not by B): ``decoder_tiles.conv_scratch_size``, lite
-BM=16, TS=2: 26.8K floats (107 KB), medium BM=16, TS=1: 86.7K floats (347 KB); mlp BM*hidden floats.
+Scratch, per program (sized by the grid, not by B): ``decoder_tiles.conv_scratch_size``, lite
+BM=16, TS=2: 26.8K floats (107 KB; 79 KB with half maps), medium BM=16, TS=1: 86.7K floats (347 KB;
+173 KB with half maps); mlp BM*hidden floats.
 With 2 programs per SM on an H100 that is 28 MB (lite, inside the 50 MB L2) and 87 MB (medium).
 
 Launches: two for grouping (kernels/grouping.py), one for the tile scan and one decoder kernel,
@@ -30,10 +31,10 @@ Precision (``launch.dot_mode``, the ``INPUT_PRECISION`` constexpr, read at every
 ``tl.dot`` in IEEE fp32 unless torch allows TF32 matmuls (``fp32_precision`` or ``allow_tf32``), then
 TF32. bf16/fp16 inputs (GPU autocast): every GEMM tile (z, the fc/fc1/fc2 weights, the gathered
 activations, the phase-merged conv weights) is cast to the input dtype and ``tl.dot`` runs on the
-half-precision tensor cores with fp32 accumulation; the scratch stays fp32 and x_hat is in the input
-dtype. The one-channel last conv stays an fp32 weighted sum on the FMA units. The interpreter cannot
-run half-precision dots, so there half inputs are widened to fp32 instead. Block sizes and warps come
-from kernels/tuning.py.
+half-precision tensor cores with fp32 accumulation; the conv kinds' maps are in that dtype
+(``decoder_tiles.map_dtype``) and x_hat is in the input dtype. The one-channel last conv stays an
+fp32 weighted sum on the FMA units. The interpreter cannot run half-precision dots, so there half
+inputs are widened to fp32 instead. Block sizes and warps come from kernels/tuning.py.
 
 >>> from smoe_fast.kernels.experts_hard import experts_hard
 >>> x_hat = experts_hard(z, logits.argmax(-1), model.experts.weights(), kind="lite")   # [B, 1, 28, 28]
@@ -47,7 +48,8 @@ import triton.language as tl
 from smoe_fast.contract import IMAGE_PIXELS, IMAGE_SHAPE, alloc_output
 
 from .activations import sigmoid
-from .decoder_tiles import CONV_CHANNELS, _conv_decoder_tile, _linear_rows_to_scratch, conv_scratch_size, scratch_maps
+from .decoder_tiles import (CONV_CHANNELS, _conv_decoder_tile, _linear_rows_to_scratch, conv_scratch_size, map_dtype,
+                            scratch_maps)
 from .grouping import group_by_expert_fwd
 from .launch import autocast_input, device_guard, dot_mode, find_tile, log2_ceil, max_programs, mm, tile_bound, tile_offsets
 from .tuning import experts_hard_config
@@ -66,6 +68,7 @@ def _experts_hard_conv_fwd_kernel(
     fc_w, fc_b, conv1_w, conv1_b, conv2_w, conv2_b, conv3_w, conv3_b,
     E, L, stride_zb, stride_zl, max_tiles, scratch_per_program,
     LOG_E: tl.constexpr,
+    MAPS: tl.constexpr,
     C0: tl.constexpr,
     C1: tl.constexpr,
     C2: tl.constexpr,
@@ -78,7 +81,7 @@ def _experts_hard_conv_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     i_p = tl.program_id(0)
-    p_h0, p_h1, p_h2 = scratch_maps(scratch, scratch_per_program, C0, C1, BM, TS)
+    p_h0, p_h1, p_h2 = scratch_maps(scratch, scratch_per_program, C0, C1, HAS_CONV3, BM, TS, MAPS)
     for tile in range(i_p, max_tiles, tl.num_programs(0)):
         e, row_start, n_rows = find_tile(tile_offsets, expert_offsets, tile, E, LOG_E, BM)
         if n_rows > 0:
@@ -188,7 +191,8 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
             return
         c0, c1, c2 = CONV_CHANNELS[kind]
         ts = config["TS"]
-        per_program = conv_scratch_size(kind, bm, ts)
+        maps = map_dtype(precision)
+        per_program = conv_scratch_size(kind, bm, ts, maps)
         # zero-filled once per call: the maps' borders (the conv padding) are never written
         scratch = torch.zeros(programs * per_program, dtype=torch.float32, device=device)
         # lite has no conv3: the kernel never reads it (HAS_CONV3=False); pass conv2 in its place
@@ -215,6 +219,7 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
             max_tiles=max_tiles,
             scratch_per_program=per_program,
             LOG_E=log2_ceil(E),
+            MAPS=maps,
             C0=c0,
             C1=c1,
             C2=c2,

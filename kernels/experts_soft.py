@@ -41,7 +41,7 @@ from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 
 from .decoder_blocks import (_mlp_experts_bwd_body, _mlp_experts_fwd_body, kernel_weights, latent_pad, launch_dims,
                              partial_layout, partials_to_grads, soft_backward_split, soft_forward_split)
-from .decoder_tiles import CONV_CHANNELS, _conv_decoder_tile, conv_scratch_size, scratch_maps
+from .decoder_tiles import CONV_CHANNELS, _conv_decoder_tile, conv_scratch_size, map_dtype, scratch_maps
 from .decoder_tiles_bwd import _lite_experts_bwd_body, conv_bwd_scratch_size
 from .experts_medium import experts_medium_soft
 from .launch import autocast_input, device_arch, device_guard, dot_mode, max_programs, register_cap
@@ -58,6 +58,7 @@ def _experts_soft_lite_fwd_kernel(
     fc_w, fc_b, conv1_w, conv1_b, conv2_w, conv2_b,
     B, E, L, stride_zb, stride_zl, stride_gb, stride_ge, n_blocks, n_items, experts_per_group,
     scratch_per_program,
+    MAPS: tl.constexpr,
     C0: tl.constexpr,
     C1: tl.constexpr,
     BM: tl.constexpr,
@@ -70,7 +71,7 @@ def _experts_soft_lite_fwd_kernel(
     """Persistent over items (token block, expert group): out[group, tokens] = sum over the group's
     experts of gate * D_e(z), the first expert storing and the others adding in place."""
     i_p = tl.program_id(0)
-    p_h0, p_h1, p_h2 = scratch_maps(scratch, scratch_per_program, C0, C1, BM, TS)
+    p_h0, p_h1, p_h2 = scratch_maps(scratch, scratch_per_program, C0, C1, False, BM, TS, MAPS)
     for item in range(i_p, n_items, tl.num_programs(0)):
         r0 = (item % n_blocks) * BM
         n_rows = tl.minimum(B - r0, BM)
@@ -154,7 +155,7 @@ def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor
     programs = min(n_items, cap)
     acc = alloc_output((groups, batch, PIXELS), like=z, dtype=torch.float32)
     if kind == "lite":
-        per_program = conv_scratch_size("lite", config["BM"], config["TS"])
+        per_program = conv_scratch_size("lite", config["BM"], config["TS"], map_dtype(dot))
         c0, c1, _ = CONV_CHANNELS["lite"]
         _experts_soft_lite_fwd_kernel[(programs,)](
             z=z,
@@ -180,6 +181,7 @@ def experts_soft_fwd(z: torch.Tensor, gates: torch.Tensor, ws: list[torch.Tensor
             n_items=n_items,
             experts_per_group=per_group,
             scratch_per_program=per_program,
+            MAPS=map_dtype(dot),
             C0=c0,
             C1=c1,
             BM=config["BM"],

@@ -34,7 +34,7 @@ from smoe_fast.contract import IMAGE_PIXELS as PIXELS, IMAGE_SHAPE, alloc_output
 
 from .decoder_blocks import (BLOCK_M, _mlp_experts_bwd_body, _mlp_experts_fwd_body, _segment_sum_kernel, kernel_weights,
                              latent_pad, launch_dims, partial_layout, partials_to_grads)
-from .decoder_tiles import CONV_CHANNELS, _conv_decoder_tile, conv_scratch_size, scratch_maps
+from .decoder_tiles import CONV_CHANNELS, _conv_decoder_tile, conv_scratch_size, map_dtype, scratch_maps
 from .decoder_tiles_bwd import _lite_experts_bwd_body, conv_bwd_scratch_size
 from .experts_medium import experts_medium
 from .grouping import group_by_expert
@@ -57,6 +57,7 @@ def _experts_topk_lite_fwd_kernel(
     fc_w, fc_b, conv1_w, conv1_b, conv2_w, conv2_b,
     E, K, L, stride_zb, stride_zl, max_tiles, scratch_per_program,
     LOG_E: tl.constexpr,
+    MAPS: tl.constexpr,
     C0: tl.constexpr,
     C1: tl.constexpr,
     BM: tl.constexpr,
@@ -68,7 +69,7 @@ def _experts_topk_lite_fwd_kernel(
 ):
     """Persistent over expert tiles: out[f] = gates[f] * D_e(z[f // K]) for the tile's slots f."""
     i_p = tl.program_id(0)
-    p_h0, p_h1, p_h2 = scratch_maps(scratch, scratch_per_program, C0, C1, BM, TS)
+    p_h0, p_h1, p_h2 = scratch_maps(scratch, scratch_per_program, C0, C1, False, BM, TS, MAPS)
     for tile in range(i_p, max_tiles, tl.num_programs(0)):
         e, row_start, n_rows = find_tile(tile_offsets, expert_offsets, tile, E, LOG_E, BM)
         if n_rows > 0:
@@ -152,7 +153,7 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
         config = training_lite_fwd_config(arch, dot, "topk")
         if config["BM"] != BLOCK_M:
             raise RuntimeError(f"the top-k lite forward tile has {config['BM']} rows, the routing's tiles {BLOCK_M}")
-        per_program = conv_scratch_size("lite", BLOCK_M, config["TS"])
+        per_program = conv_scratch_size("lite", BLOCK_M, config["TS"], map_dtype(dot))
         c0, c1, _ = CONV_CHANNELS["lite"]
         _experts_topk_lite_fwd_kernel[(programs,)](
             z=z,
@@ -177,6 +178,7 @@ def experts_topk_fwd(z: torch.Tensor, topk_gates: torch.Tensor, sorted_token_idx
             max_tiles=n_items,
             scratch_per_program=per_program,
             LOG_E=log2_ceil(num_experts),
+            MAPS=map_dtype(dot),
             C0=c0,
             C1=c1,
             BM=BLOCK_M,

@@ -62,7 +62,8 @@ def grouping_config(bucket: int, num_experts: int, arch: int) -> dict[str, int]:
 # step. medium BR=16 with 4 warps uses 119-255 registers, BR=32 spills; mlp BM=64/BN=64/BH=32 with 8
 # warps uses 101-128, BH=64 spills.
 # lite (audit, sm_90, triton 3.9, 2026-12-02, token-innermost scratch): BM=16, TS=2, BR=64, 16 warps
-# uses 105 registers in IEEE fp32 (no spill) and 128 with 32 B (TF32) / 48 B (bf16) spilled; it is
+# uses 105 registers in IEEE fp32 (no spill) and 128 with 32 B (TF32) / 48 B (bf16; fp32 maps then,
+# see _HARD_LITE_HALF_SM90 for the half maps) spilled; it is
 # one CTA per SM, but 16 resident warps, the level the audit's model takes as hiding latency.
 # Two CTAs of 8 warps would need <= 128 registers at 8 warps, and 8 warps take more: TS=2, BR=64
 # 197-241 registers (one CTA, predicted 1,036-1,060 us against 518-530 us), TS=4, BR=32 165-172
@@ -85,6 +86,12 @@ _HARD_INTERPRETER = {
     "medium": {"BM": 16, "TS": 4, "BR": 1024, "num_warps": 4},
     "mlp": {"BM": 16, "BN": 256, "BH": 64, "num_warps": 4},
 }
+# lite in a half GEMM mode on sm_90 (bf16 / fp16 maps, decoder_tiles.map_dtype), audit with triton 3.9,
+# bf16: BR = 64 spills 80 B on sm_90 (128 registers, the cap of 16 warps), BR = 128 40 B, predicted
+# the same 347.7 us (L2-bound either way). On sm_80 / sm_86 / sm_89 BR = 64 spills 64 B and BR = 128
+# 72 / 8 / 8 B; those three keep BR = 64, since sm_86's compile stands for the other two
+# (tests/test_audit.py) and one config must hold all three within the budget.
+_HARD_LITE_HALF_SM90 = {"BR": 128}
 # the mlp tile with few tokens per expert: smaller tiles waste fewer masked rows
 _HARD_MLP_SMALL = {"BM": 32, "num_warps": 4}
 # the mlp tile in IEEE fp32 (audit, triton 3.9): BN = 64, BH = 32 stops ptxas at 128 registers and spills
@@ -103,6 +110,8 @@ def experts_hard_default(kind: str, arch: int, bucket: int, dot: str = "ieee") -
     if arch == 0:
         return dict(_HARD_INTERPRETER[kind])
     config = dict(_HARD_DEFAULTS[kind])
+    if kind == "lite" and dot in ("bf16", "fp16") and arch >= 90:
+        config.update(_HARD_LITE_HALF_SM90)
     if kind == "mlp" and bucket <= 256:
         config.update(_HARD_MLP_SMALL)
         if dot == "tf32":

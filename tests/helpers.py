@@ -31,6 +31,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol_rms: float |
     assert rel_rms <= rtol_rms, f"{name}: relative RMS error {rel_rms:.3e} > {rtol_rms:.1e} (max abs error {max_abs:.3e})"
 
 
+def assert_within_half_tolerance(actual: torch.Tensor, exact: torch.Tensor, reference_in_dtype: torch.Tensor,
+                                 name: str = "output") -> None:
+    """DESIGN.md's bf16/fp16 policy: ``actual`` within 2x the relative RMS error of the reference run in
+    the same dtype (``reference_in_dtype``) against ``exact`` (fp64), with a floor of 1e-3."""
+    e = exact.detach().double().cpu()
+    ref_err = ((reference_in_dtype.detach().double().cpu() - e).norm() / e.norm().clamp_min(1e-30)).item()
+    assert_close(actual, e, rtol_rms=max(2 * ref_err, 1e-3), name=name)
+
+
 def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor, leaves: list[torch.Tensor], names: list[str],
                        output_name: str = "x_hat", seed: int = 7) -> None:
     """Compare a forward output with its reference, then the gradient with respect to every leaf.

@@ -16,7 +16,7 @@ import importlib
 import pytest
 import torch
 
-from helpers import RecordingKernel, assert_close, random_weights
+from helpers import RecordingKernel, assert_close, assert_within_half_tolerance, random_weights
 from smoe_fast import reference
 
 triton = pytest.importorskip("triton")
@@ -165,5 +165,4 @@ def test_training_under_autocast_on_gpu(kind, gating, dtype):
         assert g.dtype == torch.float32, f"d {name} is {g.dtype}: weight gradients must be fp32"
     for name, g_got, g_ref, g_exact in zip(["x_hat", *names], (got, *got_grads), (ref, *ref_grads),
                                            (exact, *exact_grads)):
-        ref_err = ((g_ref.double() - g_exact).norm() / g_exact.norm().clamp_min(1e-30)).item()
-        assert_close(g_got.double(), g_exact, rtol_rms=max(2 * ref_err, 1e-3), name=f"{kind} {gating} {dtype} {name}")
+        assert_within_half_tolerance(g_got, g_exact, g_ref, name=f"{kind} {gating} {dtype} {name}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_close, assert_grads_close, random_weights, routing_case
+from helpers import assert_close, assert_grads_close, assert_within_half_tolerance, random_weights, routing_case
 from smoe_fast import reference
 
 triton = pytest.importorskip("triton")
@@ -70,6 +70,23 @@ def test_forward_and_gradients_match_reference(kind, batch, num_experts, top_k, 
     expected = reference.experts_topk(z, idx, gates, weights, kind)
     actual = experts_topk(z, idx, gates, weights, kind)
     assert_grads_close(actual, expected, leaves, ["z", "topk_gates", *weights])
+
+
+def test_lite_forward_with_half_maps_is_within_the_half_tolerance(monkeypatch):
+    # The GPU's half GEMM modes keep the forward's maps in bf16 (decoder_tiles.map_dtype); the
+    # interpreter runs IEEE dots, so this checks the half maps' addressing in the gated mode (one
+    # (token, slot) row per image) against the reference run in bf16.
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("smoe_fast.kernels.experts_topk"), "map_dtype", lambda dot: "bf16")
+    z, idx, gates, weights, _ = _inputs("lite", 5, 3, 2, "uniform", False)
+    with torch.no_grad():
+        exact = reference.experts_topk(z.double(), idx, gates.double(), {k: w.double() for k, w in weights.items()},
+                                       "lite")
+        in_bf16 = reference.experts_topk(z.bfloat16(), idx, gates.bfloat16(),
+                                         {k: w.bfloat16() for k, w in weights.items()}, "lite")
+        assert_within_half_tolerance(experts_topk(z, idx, gates, weights, "lite"), exact, in_bf16,
+                                     name="lite bf16 maps")
 
 
 @pytest.mark.parametrize("tile", [

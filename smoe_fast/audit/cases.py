@@ -141,14 +141,21 @@ def _conv_tile_stages(kind: str, rows: int) -> list[W.Stage]:
     return stages
 
 
-def _conv_tile_scratch_per_row(kind: str) -> int:
-    """Scratch bytes one row moves in decoder_tiles._conv_decoder_tile."""
+def _conv_tile_scratch_per_row(kind: str, maps: str = "fp32") -> int:
+    """Scratch bytes one row moves in decoder_tiles._conv_decoder_tile with its maps in ``maps``
+    (decoder_tiles.map_dtype; lite's conv2 parts are fp32 in every mode)."""
+    m = kernel_module("decoder_tiles").MAP_BYTES[maps]
     if kind == "medium":
         # h0 + a1 + a2 written once, gathered 4 (phase taps) or 9 times per output row
-        return 4 * (1568 + 12544 + 25088) + 4 * (49 * 4 * 128 + 196 * 4 * 256 + 784 * 32 * 9)
+        return m * (1568 + 12544 + 25088) + m * (49 * 4 * 128 + 196 * 4 * 256 + 784 * 32 * 9)
     # h0, a1 and conv2's (phase, tap) parts written once; conv1 gathers 32 taps per (pixel, phase),
     # conv2 reads a1 once and 4 parts per output pixel
-    return 4 * (392 + 3136 + 3136) + 4 * (49 * 4 * 32 + 3136 + 784 * 4)
+    return m * (392 + 3136) + 4 * 3136 + m * (49 * 4 * 32 + 3136) + 4 * 784 * 4
+
+
+def _maps(dtype_or_precision: str) -> str:
+    """The maps' dtype a launcher picks for a pointer dtype or GEMM mode (decoder_tiles.map_dtype)."""
+    return kernel_module("decoder_tiles").map_dtype(dtype_or_precision)
 
 
 def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W.Work:
@@ -171,9 +178,10 @@ def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W
     else:
         params = W.LITE_PARAMS if kind == "lite" else W.MEDIUM_PARAMS
         stages = tuple(_conv_tile_stages(kind, b))
-        scratch_per_token = _conv_tile_scratch_per_row(kind)
+        scratch_per_token = _conv_tile_scratch_per_row(kind, _maps(dtype))
         # zero-bordered maps, zero-filled once per call
-        scratch_footprint = programs * kernel_module("decoder_tiles").conv_scratch_size(kind, bm, config["TS"]) * 4
+        scratch_footprint = programs * kernel_module("decoder_tiles").conv_scratch_size(kind, bm, config["TS"],
+                                                                                         _maps(dtype)) * 4
         useful = b * sum((W.lite_flops() if kind == "lite" else W.medium_flops()).values())
     weight_bytes = W.nonempty_experts(e, b) * params * elem   # each routed expert's weights, once from HBM
     streams = (W.Stream("z rows + indices", b * (W.LATENT * elem + 12), "hbm"),
@@ -234,10 +242,11 @@ def hard_cases(arch: int, full: bool) -> list[Case]:
             c0, c1, c2 = decoder_tiles.CONV_CHANNELS[kind]
             ptrs = {n: "*" + dtype for n in ("z", "out", "fc_w", "fc_b", "conv1_w", "conv1_b", "conv2_w",
                                               "conv2_b", "conv3_w", "conv3_b")}
-            per_program = decoder_tiles.conv_scratch_size(kind, bm, config["TS"])
+            per_program = decoder_tiles.conv_scratch_size(kind, bm, config["TS"], _maps(precision))
             scalars = dict(E=e, L=latent, stride_zb=latent, stride_zl=1, max_tiles=max_tiles,
                            scratch_per_program=per_program)
-            consts = dict(LOG_E=launch.log2_ceil(e), C0=c0, C1=c1, C2=c2, HAS_CONV3=kind == "medium", BM=bm,
+            consts = dict(LOG_E=launch.log2_ceil(e), MAPS=_maps(precision), C0=c0, C1=c1, C2=c2,
+                          HAS_CONV3=kind == "medium", BM=bm,
                           TS=config["TS"], BR=config["BR"], BLOCK_L=32, BN_FC=64, INPUT_PRECISION=precision)
             cases.append(Case("experts_hard:_experts_hard_conv_fwd_kernel", f"hard {kind}", label,
                               dict(ptrs, **index_ptrs), scalars, consts, config["num_warps"], work, rate))
@@ -273,7 +282,7 @@ def _training_items(op: str, direction: str, bm: int, weights_per_expert: int) -
     return groups * runs, groups, runs
 
 
-def _training_work(op: str, kind: str, direction: str, config: dict, hidden: int) -> W.Work:
+def _training_work(op: str, kind: str, direction: str, config: dict, hidden: int, precision: str) -> W.Work:
     from smoe_fast.kernels import decoder_blocks
 
     bm = config["BM"]
@@ -303,9 +312,10 @@ def _training_work(op: str, kind: str, direction: str, config: dict, hidden: int
         f = W.lite_flops()
         stages = _conv_tile_stages("lite", rows)
         params = W.LITE_PARAMS
-        scratch = W.Stream("activation scratch", rows * _conv_tile_scratch_per_row("lite"), "scratch", gather=True,
-                           sites=("_gather_phase_rows",))
-        scratch_footprint = programs * kernel_module("decoder_tiles").conv_scratch_size("lite", bm, config["TS"]) * 4
+        scratch = W.Stream("activation scratch", rows * _conv_tile_scratch_per_row("lite", _maps(precision)), "scratch",
+                           gather=True, sites=("_gather_phase_rows",))
+        scratch_footprint = programs * kernel_module("decoder_tiles").conv_scratch_size("lite", bm, config["TS"],
+                                                                                         _maps(precision)) * 4
     else:
         # kernels/decoder_tiles_bwd.py: the forward recomputed with the forward's device functions, then
         # per (pixel, token) row GEMMs whose weight gradients reuse the data gradients' gathered tiles
@@ -388,7 +398,7 @@ def training_cases(arch: int, full: bool) -> list[Case]:
                     name = f"_experts_{op}_{kind}_{direction}_kernel"
                     kernel = getattr(module, name)
                     args = arg_names(kernel)
-                    work = _training_work(op, kind, direction, config, hidden)
+                    work = _training_work(op, kind, direction, config, hidden, precision)
                     label = f"{_fmt(config)},{_precision_label(precision)}"
                     if not is_mlp:
                         ptrs = {a: "*fp32" for a in args if a.startswith("p_") or a in (
@@ -396,7 +406,8 @@ def training_cases(arch: int, full: bool) -> list[Case]:
                         ptrs.update({a: "*i32" for a in ("token_ids", "sorted_token_idx", "expert_offsets",
                                                           "tile_offsets") if a in args})
                         c0, c1, _ = decoder_tiles.CONV_CHANNELS["lite"]
-                        per_program = (decoder_tiles.conv_scratch_size("lite", config["BM"], config["TS"])
+                        per_program = (decoder_tiles.conv_scratch_size("lite", config["BM"], config["TS"],
+                                                                       _maps(precision))
                                        if direction == "fwd" else
                                        kernel_module("decoder_tiles_bwd").conv_bwd_scratch_size(config["BM"], config["TS"]))
                         scalars = dict(B=batch, E=e, K=W.TOPK_K, L=latent, stride_zb=latent, stride_zl=1,
@@ -404,7 +415,8 @@ def training_cases(arch: int, full: bool) -> list[Case]:
                                        n_blocks=W.cdiv(batch, config["BM"]), n_items=70, runs=3, blocks_per_run=3,
                                        experts_per_group=3, max_tiles=70, scratch_per_program=per_program)
                         z_name = "z"
-                        consts = dict(LOG_E=launch.log2_ceil(e), C0=c0, C1=c1, BM=config["BM"], TS=config["TS"],
+                        consts = dict(LOG_E=launch.log2_ceil(e), MAPS=_maps(precision), C0=c0, C1=c1, BM=config["BM"],
+                                      TS=config["TS"],
                                       BR=config["BR"], BLOCK_L=32, LP=32, BN_FC=64, INPUT_PRECISION=precision)
                     else:
                         ptrs = {a: "*fp32" for a in args if a.startswith("p_")}
