@@ -1462,11 +1462,11 @@ struct SharedBlock {
   int count[kSharedSlots];  // <= the slot's lanes; 0 for an unused slot (its expert repeats the last used slot's)
 };
 
-// Whether blocks may hold several experts: at least 2 lanes a slot (AVX2 or AVX-512 float) and an up == 2
-// kernel for every conv.
+// Whether blocks may hold several experts: float with at least 2 lanes a slot (AVX2 or AVX-512; float64
+// keeps one-expert blocks, its broadcasts have no fast form) and an up == 2 kernel for every conv.
 template <typename scalar_t>
 bool can_share_blocks(const DecoderPlan& plan) {
-  if (kLanes<scalar_t> < 2 * kSharedSlots) return false;
+  if (!std::is_same<scalar_t, float>::value || kLanes<scalar_t> < 2 * kSharedSlots) return false;
   for (int i = 0; i < plan.num_layers; ++i)
     if (plan.layers[i].is_conv && !has_up2_kernel(plan.layers[i])) return false;
   return true;
