@@ -18,9 +18,10 @@ docstring there has the arithmetic) in its plain output mode, x_hat[token] = D_e
 mlp: relu(z W1^T + b1) -> scratch h [BM, hidden] -> sigmoid(h W2^T + b2) -> x_hat[token].
 
 Scratch, per program (sized by the grid, not by B): ``decoder_tiles.conv_scratch_size``, lite
-BM=16, TS=2: 26.8K floats (107 KB; 79 KB with half maps), medium BM=16, TS=1: 86.7K floats (347 KB;
+BM=16, TS=2: 26.8K floats (107 KB; 70 KB with half maps), medium BM=16, TS=1: 86.7K floats (347 KB;
 173 KB with half maps); mlp BM*hidden floats.
-With 2 programs per SM on an H100 that is 28 MB (lite, inside the 50 MB L2) and 87 MB (medium).
+With 2 programs per SM on an H100 that is 28 MB (lite, inside the 50 MB L2) and 87 MB (medium; 46 MB,
+inside the L2, with half maps).
 
 Launches: two for grouping (kernels/grouping.py), one for the tile scan and one decoder kernel,
 whatever E and the routing. Indices are range-checked by ``smoe_fast.ops`` before the launch
