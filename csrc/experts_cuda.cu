@@ -8,11 +8,15 @@
 // maps, per-run weight-gradient accumulation. Each layer's weights go through a shared-memory stage
 // (chunks of rows / output channels; convolutions folded while staging), read from global memory
 // with consecutive threads on consecutive addresses. Activations live in shared memory behind the
-// stage when they fit (args.shared_bytes), else in the block's slice of a global workspace.
+// stage when they fit (args.shared_bytes), else in the block's slice of a global workspace. With
+// args.tensor_cores the convolutions of >= 16 output channels are implicit GEMMs on wmma tiles
+// (conv_fwd_mma; experts_cuda.h "Precision").
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "experts_cuda.h"
 
@@ -23,6 +27,10 @@ constexpr int kThreads = 256;
 constexpr int T = kTileTokens;
 // Weight stage in scalars; also the conv weight-gradient scratch (kThreads * (16 folded taps + bias)).
 constexpr int kStageScalars = kThreads * 18;
+// Tensor-core convolutions (conv_fwd_mma): 16 x 16 tiles, each warp's scratch one such fp32 tile.
+constexpr int kMmaTile = 16;
+constexpr int kMmaWarpScalars = kMmaTile * kMmaTile;
+constexpr int kMmaScratchScalars = kThreads / 32 * kMmaWarpScalars;
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -158,6 +166,17 @@ struct Folding {
 };
 
 // Stages F for output channels [co0, co0 + nco): stage[((col * PH + ph) * Cin + ci) * RR + r * R + s].
+// Folded tap (r, s) of output phase ph for one (co, ci) pair's 3x3 kernel w.
+template <int UP, typename scalar_t, typename w_t>
+__device__ __forceinline__ scalar_t folded_weight(const w_t* w, int ph, int r, int s) {
+  if (UP == 1) return widen(w[r * 3 + s]);
+  scalar_t v = 0;
+  for (int kh = 0; kh < 3; ++kh)
+    for (int kw = 0; kw < 3; ++kw)
+      if (folded_tap(ph / 2, kh) == r && folded_tap(ph % 2, kw) == s) v += widen(w[kh * 3 + kw]);
+  return v;
+}
+
 template <int UP, typename scalar_t, typename w_t>
 __device__ void stage_folded(const Layer& layer, const w_t* weight, int co0, int nco, scalar_t* stage) {
   using F = Folding<UP>;
@@ -165,16 +184,7 @@ __device__ void stage_folded(const Layer& layer, const w_t* weight, int co0, int
   for (int j = threadIdx.x; j < nco * F::PH * Cin * F::RR; j += blockDim.x) {
     const int s = j % F::R, r = (j / F::R) % F::R, ci = (j / F::RR) % Cin, ph = (j / (F::RR * Cin)) % F::PH;
     const int col = j / (F::RR * Cin * F::PH);
-    const w_t* w = weight + (static_cast<int64_t>(co0 + col) * Cin + ci) * 9;
-    scalar_t v = 0;
-    if (UP == 1) {
-      v = widen(w[r * 3 + s]);
-    } else {
-      for (int kh = 0; kh < 3; ++kh)
-        for (int kw = 0; kw < 3; ++kw)
-          if (folded_tap(ph / 2, kh) == r && folded_tap(ph % 2, kw) == s) v += widen(w[kh * 3 + kw]);
-    }
-    stage[j] = v;
+    stage[j] = folded_weight<UP, scalar_t>(weight + (static_cast<int64_t>(co0 + col) * Cin + ci) * 9, ph, r, s);
   }
 }
 
@@ -221,6 +231,124 @@ __device__ void conv_fwd(const Layer& layer, const scalar_t* in, const w_t* weig
       for (int t = 0; t < T; ++t) out[t * out_size + (co0 + col) * HWo + pix] = activate(acc[t], layer.act);
     }
     __syncthreads();
+  }
+}
+
+// Tensor-core operands (args.tensor_cores, experts_cuda.h "Precision"): TF32 for fp32 tiles, the
+// input's own half type under autocast or in a half model; fp32 accumulation. sm_80 and later.
+template <typename in_t>
+struct MmaOperand {
+  static constexpr bool kAvailable = false;
+};
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // mma.h's own tf32 / bf16 condition (it undefines its macro)
+template <>
+struct MmaOperand<float> {
+  static constexpr bool kAvailable = true;
+  using storage = float;
+  using fragment = nvcuda::wmma::precision::tf32;
+  static constexpr int kK = 8;
+  __device__ static float round(float x) { return nvcuda::wmma::__float_to_tf32(x); }
+  __device__ static void store(float* p, float v) { *p = v; }
+};
+template <>
+struct MmaOperand<__half> {
+  static constexpr bool kAvailable = true;
+  using storage = __half;
+  using fragment = __half;
+  static constexpr int kK = 16;
+  __device__ static __half round(__half x) { return x; }
+  __device__ static void store(__half* p, float v) { *p = __float2half_rn(v); }
+};
+template <>
+struct MmaOperand<__nv_bfloat16> {
+  static constexpr bool kAvailable = true;
+  using storage = __nv_bfloat16;
+  using fragment = __nv_bfloat16;
+  static constexpr int kK = 16;
+  __device__ static __nv_bfloat16 round(__nv_bfloat16 x) { return x; }
+  __device__ static void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+};
+#endif
+
+// Whether conv_fwd_mma takes this layer: 16-column output and K steps (a one-channel conv stays on
+// FMA), and one phase of 16 channels' folded weights within the stage.
+template <int UP>
+__host__ __device__ inline bool mma_fits(const Layer& layer) {
+  const int K = layer.in_c * Folding<UP>::RR;
+  return layer.out_c % kMmaTile == 0 && K % kMmaTile == 0 && kMmaTile * K <= kStageScalars;
+}
+
+// conv_fwd as an implicit GEMM on the tensor cores, per output phase (a, c) and 16 output channels:
+// rows m = (token t, low-res position p, q) of the tile, K = (ci, r, s) folded taps, so
+// out[t][co][p*UP + a][q*UP + c] = act(bias[co] + sum_k A[m][k] B[k][co]). B: the phase's folded
+// weights, staged column-major (K contiguous). Each warp takes 16-row tiles m0, m0 + 16 * warps, ...
+// and builds A 16 columns at a time in its scratch (column-major: lanes on consecutive rows read
+// consecutive pixels), which then holds the tile's fp32 accumulators for the activation.
+// Returns false (and does nothing) where tensor cores are unavailable: the caller runs conv_fwd.
+template <int UP, typename in_t, typename scalar_t, typename w_t>
+__device__ bool conv_fwd_mma(const Layer& layer, const scalar_t* in, const w_t* weight, const w_t* bias,
+                             scalar_t* out, scalar_t* stage, scalar_t* warp_scratch) {
+  if constexpr (!MmaOperand<in_t>::kAvailable || !std::is_same<scalar_t, float>::value) {
+    return false;
+  } else {
+    namespace wmma = nvcuda::wmma;
+    using Op = MmaOperand<in_t>;
+    using S = typename Op::storage;
+    using F = Folding<UP>;
+    constexpr int N16 = kMmaTile;
+    const int Cin = layer.in_c, H = layer.in_h, W = layer.in_w, HW = H * W, Wo = layer.out_w;
+    const int HWo = layer.out_h * Wo, in_size = layer.in_size(), out_size = layer.out_size();
+    const int K = Cin * F::RR, M = T * HW, m_tiles = (M + N16 - 1) / N16;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    S* b = reinterpret_cast<S*>(stage);                                 // [16 columns][K]
+    S* a = reinterpret_cast<S*>(warp_scratch + warp * kMmaWarpScalars);  // [16 k][16 m]
+    float* c = warp_scratch + warp * kMmaWarpScalars;                    // [16 co][16 m], after the GEMM
+    for (int co0 = 0; co0 < layer.out_c; co0 += N16)
+      for (int ph = 0; ph < F::PH; ++ph) {
+        const int pa = ph / UP, pc = ph % UP;
+        for (int j = threadIdx.x; j < N16 * K; j += blockDim.x) {
+          const int col = j / K, k = j % K, ci = k / F::RR, r = (k % F::RR) / F::R, s = k % F::R;
+          const float v = folded_weight<UP, float>(weight + (static_cast<int64_t>(co0 + col) * Cin + ci) * 9, ph, r, s);
+          Op::store(b + j, v);
+        }
+        __syncthreads();
+        for (int m0 = warp * N16; m0 < m_tiles * N16; m0 += warps * N16) {
+          wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float> acc;
+          wmma::fill_fragment(acc, 0.0f);
+          for (int k0 = 0; k0 < K; k0 += N16) {
+            for (int e = lane; e < N16 * N16; e += 32) {  // A[m0 + e % 16][k0 + e / 16]
+              const int m = m0 + e % N16, k = k0 + e / N16;
+              const int t = m / HW, p = (m % HW) / W, q = m % W;
+              const int ci = k / F::RR, iy = p + pa - 1 + (k % F::RR) / F::R, ix = q + pc - 1 + k % F::R;
+              const bool inside = m < M && iy >= 0 && iy < H && ix >= 0 && ix < W;
+              Op::store(a + e, inside ? in[t * in_size + ci * HW + iy * W + ix] : 0.0f);
+            }
+            __syncwarp();
+#pragma unroll
+            for (int kk = 0; kk < N16; kk += Op::kK) {
+              wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::fragment, wmma::col_major> fa;
+              wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::fragment, wmma::col_major> fb;
+              wmma::load_matrix_sync(fa, a + kk * N16, N16);
+              wmma::load_matrix_sync(fb, b + k0 + kk, K);
+              for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = Op::round(fa.x[i]);
+              for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = Op::round(fb.x[i]);
+              wmma::mma_sync(acc, fa, fb, acc);
+            }
+            __syncwarp();
+          }
+          wmma::store_matrix_sync(c, acc, N16, wmma::mem_col_major);
+          __syncwarp();
+          for (int e = lane; e < N16 * N16; e += 32) {
+            const int m = m0 + e % N16, co = co0 + e / N16;
+            if (m >= M) continue;
+            const int t = m / HW, p = (m % HW) / W, q = m % W;
+            out[t * out_size + co * HWo + (p * UP + pa) * Wo + q * UP + pc] = activate(c[e] + widen(bias[co]), layer.act);
+          }
+          __syncwarp();
+        }
+        __syncthreads();
+      }
+    return true;
   }
 }
 
@@ -424,12 +552,18 @@ __device__ void decode_tile(const Args& args, int64_t expert, const TileRows& ro
     const Layer& layer = plan.layers[i];
     const auto* weight = args.weight[i] + expert * layer.weight_size();
     const auto* bias = args.bias[i] + expert * layer.bias_size();
+    using in_t = typename Args::input_type;
+    scalar_t* warp_scratch = stage + kStageScalars;
     if (!layer.is_conv) {
       linear_fwd(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
     } else if (layer.up == 2) {
-      conv_fwd<2>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
+      if (!(args.tensor_cores && mma_fits<2>(layer) &&
+            conv_fwd_mma<2, in_t>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage, warp_scratch)))
+        conv_fwd<2>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
     } else {
-      conv_fwd<1>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
+      if (!(args.tensor_cores && mma_fits<1>(layer) &&
+            conv_fwd_mma<1, in_t>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage, warp_scratch)))
+        conv_fwd<1>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
     }
   }
 }
@@ -452,9 +586,17 @@ __device__ void for_each_tile(const Args& args, Body& body) {
   }
 }
 
+// Shared memory: the weight stage, the warps' tensor-core scratch (fp32 only), then the tile's
+// activations when they fit (else the block's slice of the workspace).
+template <typename scalar_t>
+__host__ __device__ constexpr int stage_and_scratch_scalars() {
+  return kStageScalars + (std::is_same<scalar_t, float>::value ? kMmaScratchScalars : 0);
+}
+
 template <typename Args, typename scalar_t = typename Args::acc_type>
 __device__ __forceinline__ scalar_t* block_region(const Args& args, scalar_t* stage) {
-  return args.workspace != nullptr ? args.workspace + blockIdx.x * args.acts_per_block : stage + kStageScalars;
+  return args.workspace != nullptr ? args.workspace + blockIdx.x * args.acts_per_block
+                                   : stage + stage_and_scratch_scalars<scalar_t>();
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -485,7 +627,7 @@ struct ForwardTile {
 template <typename Args>
 __global__ void __launch_bounds__(kThreads, 1) experts_fwd_kernel(const __grid_constant__ Args args) {
   using scalar_t = typename Args::acc_type;
-  extern __shared__ __align__(16) unsigned char shared_raw[];
+  extern __shared__ __align__(128) unsigned char shared_raw[];  // wmma tiles: 32-byte aligned
   __shared__ TileRows rows;
   scalar_t* stage = reinterpret_cast<scalar_t*>(shared_raw);
   ForwardTile<Args> body{args, TileBuffers<scalar_t>{block_region(args, stage), &args.plan, false}, stage, rows};
@@ -559,7 +701,7 @@ struct BackwardTile {
 template <typename Args>
 __global__ void __launch_bounds__(kThreads, 1) experts_bwd_kernel(const __grid_constant__ Args args) {
   using scalar_t = typename Args::acc_type;
-  extern __shared__ __align__(16) unsigned char shared_raw[];
+  extern __shared__ __align__(128) unsigned char shared_raw[];  // wmma tiles: 32-byte aligned
   __shared__ TileRows rows;
   scalar_t* stage = reinterpret_cast<scalar_t*>(shared_raw);
   BackwardTile<Args> body{args, TileBuffers<scalar_t>{block_region(args, stage), &args.plan, true}, stage, rows};
@@ -606,7 +748,7 @@ int64_t plan_experts_launch(Args& args, bool backward, int max_shared_bytes, int
   const int64_t per_token = backward ? all_boundaries_size(plan) + parity_size(plan, 0) + parity_size(plan, 1)
                                      : parity_size(plan, 0) + parity_size(plan, 1);
   args.acts_per_block = T * per_token;
-  const int64_t stage_bytes = kStageScalars * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t stage_bytes = stage_and_scratch_scalars<scalar_t>() * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t acts_bytes = args.acts_per_block * static_cast<int64_t>(sizeof(scalar_t));
   const bool in_shared = stage_bytes + acts_bytes + 1024 <= max_shared_bytes;  // 1 KB: static shared
   args.shared_bytes = static_cast<int>(in_shared ? stage_bytes + acts_bytes : stage_bytes);

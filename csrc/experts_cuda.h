@@ -13,13 +13,18 @@
 // chunk c writes partial slot c. After each phase, experts_wgrad_reduce_cuda adds every expert's
 // partial slots in chunk order.
 //
-// Precision (the modes of the Triton kernels, on the FMA units): z and grad_out are read in their own
-// dtype in_t (fp32, fp64, or fp16 / bf16 under autocast or in a half model), the weights in theirs,
-// w_t (fp32 masters, or the half model's own dtype); everything is computed and accumulated in
-// scalar_t (fp32, fp64 for fp64): activations, the weight stage, outputs over slots, grad_z over
-// slots, weight gradients and their partial slots. The glue casts the fp32 outputs to the caller's
-// dtypes once at the end (x_hat and grad_z in z's, weight gradients in the weights'). TF32 allowed by
-// torch: computed in IEEE fp32, which is within TF32's tolerance (these kernels use no tensor cores).
+// Precision (the modes of the Triton kernels): z and grad_out are read in their own dtype in_t (fp32,
+// fp64, or fp16 / bf16 under autocast or in a half model), the weights in theirs, w_t (fp32 masters,
+// or the half model's own dtype); everything is computed and accumulated in scalar_t (fp32, fp64 for
+// fp64): activations, the weight stage, outputs over slots, grad_z over slots, weight gradients and
+// their partial slots. The glue casts the fp32 outputs to the caller's dtypes once at the end (x_hat
+// and grad_z in z's, weight gradients in the weights'). tensor_cores (set by the glue on sm_80 and
+// later for fp16 / bf16 z, and for fp32 z when torch allows TF32 matmuls): the decoder's convolutions
+// with at least 16 output channels (lite conv1, medium conv1 / conv2; forward and the backward's
+// recomputation) multiply on the tensor cores, in TF32 for fp32 z and in z's half dtype otherwise,
+// accumulating in fp32. Everything else stays IEEE on the FMA units: fp64, the linear layers (fc, the
+// mlp's; a tile of 4 tokens is a quarter of an MMA's rows), one-channel convolutions, and the
+// backward's gradient GEMMs.
 //
 // Out-of-range expert indices (ops.py's check_indices=False): never read or written out of bounds.
 // Grouping sorts such rows after every key (rows offsets[num_keys] .. n, stable), so sorted_token_idx
@@ -81,6 +86,7 @@ struct ExpertsCudaArgs {
   scalar_t* workspace;         // activations, [grid][acts_per_block], when they do not fit shared memory
   int64_t acts_per_block;
   int shared_bytes;            // dynamic shared memory per block: the weight stage (+ activations if they fit)
+  bool tensor_cores;           // convolutions of >= 16 output channels on the tensor cores ("Precision")
 };
 
 // The (scalar_t, in_t, w_t) combinations the glue dispatches to and every .cu file instantiates:

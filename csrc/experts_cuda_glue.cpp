@@ -2,13 +2,17 @@
 // raw-pointer launchers of experts_cuda.h (grouping_cuda.cu, experts_cuda.cu, wgrad_reduce_cuda.cu).
 // Compiled only when torch has CUDA (smoe_fast/extension.py). Same schemas and checks as the CPU ops,
 // with two differences (experts_cuda.h): fp16 / bf16 z (with fp32 or same-dtype weights) is taken
-// as is, x_hat and every gradient come back in their input's dtype, computed in fp32; out-of-range
+// as is, x_hat and every gradient come back in their input's dtype, accumulated in fp32 (tensor-core
+// convolutions in z's dtype, or TF32 when torch allows it: experts_cuda.h "Precision"); out-of-range
 // expert indices give NaN rows here (the CPU raises).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "common.h"
 #include "experts_cuda.h"
@@ -106,6 +110,18 @@ T* data_as(const at::Tensor& t) {
   return static_cast<T*>(t.data_ptr());
 }
 
+// experts_cuda.h "Precision": tensor cores on sm_80 and later, for half z always, for fp32 z when
+// torch allows TF32 matmuls (the switch torch's own cuBLAS matmuls follow), never for fp64.
+template <typename Args>
+bool uses_tensor_cores(int device) {
+  using in_t = typename Args::input_type;
+  if (std::is_same<typename Args::acc_type, double>::value) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 8) return false;
+  return !std::is_same<in_t, float>::value || at::globalContext().allowTF32CuBLAS();
+}
+
 // Everything a phase launch needs, with its scratch tensors: the (slot, expert) grouping (not for soft),
 // the activation workspace (when the activations do not fit shared memory) and the partial slots.
 template <typename Args>
@@ -143,6 +159,7 @@ struct Launch {
     int max_shared = 0, num_sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+    args.tensor_cores = uses_tensor_cores<Args>(device);
     const auto acc_options = p.z.options().dtype(p.acc_type);
     const int64_t workspace_size = plan_experts_launch(args, backward, max_shared, num_sms);
     if (workspace_size > 0) {

@@ -86,6 +86,27 @@ def test_spills_within_the_written_budget(rows):
     assert not over, "\n".join(over)
 
 
+def _cuda_expert_rows(rows):
+    cuda = [r for r in rows if r.op == "cuda experts_cuda.cu" and "mark_invalid" not in r.kernel]
+    if not cuda:
+        pytest.skip("nvcc is not installed: no CUDA rows")
+    return cuda
+
+
+def test_cuda_expert_kernels_neither_spill_nor_fail(rows):
+    bad = [f"{r.kernel} {r.arch}: {r.spill_bytes} B spilled {r.error}" for r in _cuda_expert_rows(rows)
+           if r.spill_bytes or r.error]
+    assert not bad, "\n".join(bad)
+
+
+def test_cuda_expert_kernels_carry_tensor_core_convolutions_except_in_fp64(rows):
+    # csrc/experts_cuda.h "Precision": the fp32 (TF32 when torch allows it) and fp16 / bf16 expert
+    # kernels multiply their >= 16-channel convolutions with wmma on sm_80+; fp64 stays on FMA.
+    wrong = [f"{r.kernel} {r.arch}: {r.mma_instructions} mma" for r in _cuda_expert_rows(rows)
+             if (r.mma_instructions > 0) == ("double" in r.kernel)]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_rows_cover_every_kernel_the_launchers_use(rows):
     ops = {r.op.split()[0] for r in rows}
     assert {"grouping", "tile", "hard", "soft", "topk", "medium", "segment"} <= ops, ops

@@ -129,6 +129,7 @@ def _nvcc_rows(archs, cache_dir: str) -> list[AuditRow]:
                              spill_kind=_spill_kind(stores, loads), shared_bytes=r.get("shared_bytes", 0),
                              shared_limit_bytes=ARCHS[arch].shared_per_block,
                              fits=r.get("shared_bytes", 0) <= ARCHS[arch].shared_per_block,
+                             mma_instructions=r.get("mma_instructions", 0),
                              bound="(not modelled)", error=r.get("error", "")))
     return rows
 

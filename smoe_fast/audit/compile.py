@@ -9,7 +9,8 @@ triton version does not print it, ptxas is run on the PTX here). Each result is 
 function it calls), the case's constexprs, warps and specialisation, the arch and the triton
 version: a repeat run reads the cache and takes seconds.
 
-The CUDA sources (csrc/*.cu) are compiled with ``nvcc -Xptxas -v`` for each arch the same way.
+The CUDA sources (csrc/*.cu) are compiled with ``nvcc -Xptxas -v`` for each arch the same way; the
+PTX nvcc keeps on the way gives each kernel's tensor-core (``mma``) instruction count.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import time
 
 from .inspect import TTGIR, ptx_stats, ptxas_usage
 
-FORMAT = 5   # bump when a record's fields change
+FORMAT = 6   # bump when a record's fields change
 
 
 def default_cache_dir() -> str:
@@ -203,9 +204,19 @@ def _demangle(names: list[str]) -> list[str]:
     return out
 
 
+_PTX_ENTRY = re.compile(r"^(?:\.visible\s+)?\.entry\s+(\w+)", re.M)
+
+
+def ptx_mma_counts(ptx: str) -> dict[str, int]:
+    """{mangled kernel name: tensor-core instructions (wmma.mma / mma / wgmma) in its PTX body}."""
+    starts = [(m.start(), m.group(1)) for m in _PTX_ENTRY.finditer(ptx)] + [(len(ptx), "")]
+    return {name: len(re.findall(r"^\s*(?:wmma\.mma|mma|wgmma\.mma_async)\.", ptx[begin:end], re.M))
+            for (begin, name), (end, _) in zip(starts, starts[1:])}
+
+
 def nvcc_resources(archs, csrc_dir: str, cache_dir: str) -> list[dict]:
-    """Per (CUDA kernel, arch): registers, spills, static shared memory from ``nvcc -Xptxas -v``.
-    Empty when nvcc is not installed."""
+    """Per (CUDA kernel, arch): registers, spills, static shared memory from ``nvcc -Xptxas -v`` and
+    tensor-core instructions from its PTX. Empty when nvcc is not installed."""
     nvcc = shutil.which(os.environ.get("NVCC", "nvcc"))
     if nvcc is None:
         return []
@@ -221,15 +232,19 @@ def nvcc_resources(archs, csrc_dir: str, cache_dir: str) -> list[dict]:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 run = subprocess.run([nvcc, "-c", "-std=c++17", "-O3", f"-arch=sm_{arch}", "-Xptxas", "-v",
-                                      f"-I{csrc_dir}", source, "-o", os.path.join(tmp, "k.o")],
-                                     capture_output=True, text=True)
+                                      "--keep", f"--keep-dir={tmp}", f"-I{csrc_dir}", source,
+                                      "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True)
+                mma = {}
+                for ptx in glob.glob(os.path.join(tmp, "*.ptx")):
+                    mma.update(ptx_mma_counts(open(ptx).read()))
             found = []
             entries = _NVCC_FUNCTION.findall(run.stderr)
             for (name, target, body), pretty in zip(entries, _demangle([e[0] for e in entries])):
                 usage = ptxas_usage(body)
                 smem = re.search(r"(\d+) bytes smem", body)
                 found.append({"kernel": pretty, "source": os.path.basename(source), "arch": arch,
-                              "ok": run.returncode == 0, **usage, "shared_bytes": int(smem.group(1)) if smem else 0})
+                              "ok": run.returncode == 0, **usage, "shared_bytes": int(smem.group(1)) if smem else 0,
+                              "mma_instructions": mma.get(name, 0)})
             if run.returncode != 0:
                 found.append({"kernel": os.path.basename(source), "source": os.path.basename(source), "arch": arch,
                               "ok": False, "error": run.stderr[-1500:]})
