@@ -9,8 +9,8 @@
 // (chunks of rows / output channels; convolutions folded while staging), read from global memory
 // with consecutive threads on consecutive addresses. Activations live in shared memory behind the
 // stage when they fit (args.shared_bytes), else in the block's slice of a global workspace. With
-// args.tensor_cores the convolutions of >= 16 output channels are implicit GEMMs on wmma tiles
-// (conv_fwd_mma; experts_cuda.h "Precision").
+// args.tensor_cores the wide convolutions and their input gradients are implicit GEMMs on wmma tiles
+// (conv_fwd_mma, conv_bwd_data_mma; experts_cuda.h "Precision").
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -31,6 +31,9 @@ constexpr int kStageScalars = kThreads * 18;
 constexpr int kMmaTile = 16;
 constexpr int kMmaWarpScalars = kMmaTile * kMmaTile;
 constexpr int kMmaScratchScalars = kThreads / 32 * kMmaWarpScalars;
+// B tiles staged column-major with a leading dimension of K + kMmaPad (staggers the columns' banks).
+constexpr int kMmaPad = 8;
+constexpr int kMmaKChunk = (kStageScalars / kMmaTile - kMmaPad) / kMmaTile * kMmaTile;  // K rows staged at once (272)
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -165,7 +168,6 @@ struct Folding {
   static constexpr int R = UP == 2 ? 2 : 3, RR = R * R, PH = UP * UP;
 };
 
-// Stages F for output channels [co0, co0 + nco): stage[((col * PH + ph) * Cin + ci) * RR + r * R + s].
 // Folded tap (r, s) of output phase ph for one (co, ci) pair's 3x3 kernel w.
 template <int UP, typename scalar_t, typename w_t>
 __device__ __forceinline__ scalar_t folded_weight(const w_t* w, int ph, int r, int s) {
@@ -177,6 +179,7 @@ __device__ __forceinline__ scalar_t folded_weight(const w_t* w, int ph, int r, i
   return v;
 }
 
+// Stages F for output channels [co0, co0 + nco): stage[((col * PH + ph) * Cin + ci) * RR + r * R + s].
 template <int UP, typename scalar_t, typename w_t>
 __device__ void stage_folded(const Layer& layer, const w_t* weight, int co0, int nco, scalar_t* stage) {
   using F = Folding<UP>;
@@ -250,40 +253,65 @@ struct MmaOperand<float> {
   __device__ static float round(float x) { return nvcuda::wmma::__float_to_tf32(x); }
   __device__ static void store(float* p, float v) { *p = v; }
 };
-template <>
-struct MmaOperand<__half> {
+template <typename half_t>
+struct HalfMmaOperand {
   static constexpr bool kAvailable = true;
-  using storage = __half;
-  using fragment = __half;
+  using storage = half_t;
+  using fragment = half_t;
   static constexpr int kK = 16;
-  __device__ static __half round(__half x) { return x; }
-  __device__ static void store(__half* p, float v) { *p = __float2half_rn(v); }
+  __device__ static half_t round(half_t x) { return x; }
+  __device__ static void store(half_t* p, float v) { *p = static_cast<half_t>(v); }  // round to nearest even
 };
 template <>
-struct MmaOperand<__nv_bfloat16> {
-  static constexpr bool kAvailable = true;
-  using storage = __nv_bfloat16;
-  using fragment = __nv_bfloat16;
-  static constexpr int kK = 16;
-  __device__ static __nv_bfloat16 round(__nv_bfloat16 x) { return x; }
-  __device__ static void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-};
+struct MmaOperand<__half> : HalfMmaOperand<__half> {};
+template <>
+struct MmaOperand<__nv_bfloat16> : HalfMmaOperand<__nv_bfloat16> {};
 #endif
+
+// One warp's 16 x 16 tile on the tensor cores: c = sum over k in [0, k_size) of A[m0 + i][k] B[k][j],
+// k_size a multiple of 16. a_at(m, k) gives A's elements (0 outside); B is column-major in `b` with
+// leading dimension ldb. `a` (the A tile, in the operand type) and `c` (the result, column-major,
+// fp32) are the warp's scratch, the same kMmaWarpScalars floats.
+template <typename Op, typename AFn>
+__device__ void warp_tile_mma(const AFn& a_at, int m0, int k_size, const typename Op::storage* b, int ldb,
+                              typename Op::storage* a, float* c) {
+  namespace wmma = nvcuda::wmma;
+  constexpr int N16 = kMmaTile;
+  const int lane = threadIdx.x % 32;
+  wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int k0 = 0; k0 < k_size; k0 += N16) {
+    for (int e = lane; e < N16 * N16; e += 32) Op::store(a + e, a_at(m0 + e % N16, k0 + e / N16));  // column-major
+    __syncwarp();
+#pragma unroll
+    for (int kk = 0; kk < N16; kk += Op::kK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::fragment, wmma::col_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::fragment, wmma::col_major> fb;
+      wmma::load_matrix_sync(fa, a + kk * N16, N16);
+      wmma::load_matrix_sync(fb, b + k0 + kk, ldb);
+      for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = Op::round(fa.x[i]);
+      for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = Op::round(fb.x[i]);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    __syncwarp();
+  }
+  wmma::store_matrix_sync(c, acc, N16, wmma::mem_col_major);
+  __syncwarp();
+}
 
 // Whether conv_fwd_mma takes this layer: 16-column output and K steps (a one-channel conv stays on
 // FMA), and one phase of 16 channels' folded weights within the stage.
 template <int UP>
 __host__ __device__ inline bool mma_fits(const Layer& layer) {
   const int K = layer.in_c * Folding<UP>::RR;
-  return layer.out_c % kMmaTile == 0 && K % kMmaTile == 0 && kMmaTile * K <= kStageScalars;
+  return layer.out_c % kMmaTile == 0 && K % kMmaTile == 0 && kMmaTile * (K + kMmaPad) <= kStageScalars;
 }
 
 // conv_fwd as an implicit GEMM on the tensor cores, per output phase (a, c) and 16 output channels:
 // rows m = (token t, low-res position p, q) of the tile, K = (ci, r, s) folded taps, so
 // out[t][co][p*UP + a][q*UP + c] = act(bias[co] + sum_k A[m][k] B[k][co]). B: the phase's folded
 // weights, staged column-major (K contiguous). Each warp takes 16-row tiles m0, m0 + 16 * warps, ...
-// and builds A 16 columns at a time in its scratch (column-major: lanes on consecutive rows read
-// consecutive pixels), which then holds the tile's fp32 accumulators for the activation.
+// (warp_tile_mma: A built column-major, so lanes on consecutive rows read consecutive pixels).
 // Returns false (and does nothing) where tensor cores are unavailable: the caller runs conv_fwd.
 template <int UP, typename in_t, typename scalar_t, typename w_t>
 __device__ bool conv_fwd_mma(const Layer& layer, const scalar_t* in, const w_t* weight, const w_t* bias,
@@ -291,7 +319,6 @@ __device__ bool conv_fwd_mma(const Layer& layer, const scalar_t* in, const w_t* 
   if constexpr (!MmaOperand<in_t>::kAvailable || !std::is_same<scalar_t, float>::value) {
     return false;
   } else {
-    namespace wmma = nvcuda::wmma;
     using Op = MmaOperand<in_t>;
     using S = typename Op::storage;
     using F = Folding<UP>;
@@ -300,7 +327,8 @@ __device__ bool conv_fwd_mma(const Layer& layer, const scalar_t* in, const w_t* 
     const int HWo = layer.out_h * Wo, in_size = layer.in_size(), out_size = layer.out_size();
     const int K = Cin * F::RR, M = T * HW, m_tiles = (M + N16 - 1) / N16;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    S* b = reinterpret_cast<S*>(stage);                                 // [16 columns][K]
+    const int ldb = K + kMmaPad;
+    S* b = reinterpret_cast<S*>(stage);                                 // [16 columns][ldb]
     S* a = reinterpret_cast<S*>(warp_scratch + warp * kMmaWarpScalars);  // [16 k][16 m]
     float* c = warp_scratch + warp * kMmaWarpScalars;                    // [16 co][16 m], after the GEMM
     for (int co0 = 0; co0 < layer.out_c; co0 += N16)
@@ -308,41 +336,82 @@ __device__ bool conv_fwd_mma(const Layer& layer, const scalar_t* in, const w_t* 
         const int pa = ph / UP, pc = ph % UP;
         for (int j = threadIdx.x; j < N16 * K; j += blockDim.x) {
           const int col = j / K, k = j % K, ci = k / F::RR, r = (k % F::RR) / F::R, s = k % F::R;
-          const float v = folded_weight<UP, float>(weight + (static_cast<int64_t>(co0 + col) * Cin + ci) * 9, ph, r, s);
-          Op::store(b + j, v);
+          Op::store(b + col * ldb + k,
+                    folded_weight<UP, float>(weight + (static_cast<int64_t>(co0 + col) * Cin + ci) * 9, ph, r, s));
         }
         __syncthreads();
+        const auto a_at = [&](int m, int k) {
+          const int t = m / HW, p = (m % HW) / W, q = m % W;
+          const int ci = k / F::RR, iy = p + pa - 1 + (k % F::RR) / F::R, ix = q + pc - 1 + k % F::R;
+          const bool inside = m < M && iy >= 0 && iy < H && ix >= 0 && ix < W;
+          return inside ? in[t * in_size + ci * HW + iy * W + ix] : 0.0f;
+        };
         for (int m0 = warp * N16; m0 < m_tiles * N16; m0 += warps * N16) {
-          wmma::fragment<wmma::accumulator, 16, 16, Op::kK, float> acc;
-          wmma::fill_fragment(acc, 0.0f);
-          for (int k0 = 0; k0 < K; k0 += N16) {
-            for (int e = lane; e < N16 * N16; e += 32) {  // A[m0 + e % 16][k0 + e / 16]
-              const int m = m0 + e % N16, k = k0 + e / N16;
-              const int t = m / HW, p = (m % HW) / W, q = m % W;
-              const int ci = k / F::RR, iy = p + pa - 1 + (k % F::RR) / F::R, ix = q + pc - 1 + k % F::R;
-              const bool inside = m < M && iy >= 0 && iy < H && ix >= 0 && ix < W;
-              Op::store(a + e, inside ? in[t * in_size + ci * HW + iy * W + ix] : 0.0f);
-            }
-            __syncwarp();
-#pragma unroll
-            for (int kk = 0; kk < N16; kk += Op::kK) {
-              wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::fragment, wmma::col_major> fa;
-              wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::fragment, wmma::col_major> fb;
-              wmma::load_matrix_sync(fa, a + kk * N16, N16);
-              wmma::load_matrix_sync(fb, b + k0 + kk, K);
-              for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = Op::round(fa.x[i]);
-              for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = Op::round(fb.x[i]);
-              wmma::mma_sync(acc, fa, fb, acc);
-            }
-            __syncwarp();
-          }
-          wmma::store_matrix_sync(c, acc, N16, wmma::mem_col_major);
-          __syncwarp();
+          warp_tile_mma<Op>(a_at, m0, K, b, ldb, a, c);
           for (int e = lane; e < N16 * N16; e += 32) {
             const int m = m0 + e % N16, co = co0 + e / N16;
             if (m >= M) continue;
             const int t = m / HW, p = (m % HW) / W, q = m % W;
             out[t * out_size + co * HWo + (p * UP + pa) * Wo + q * UP + pc] = activate(c[e] + widen(bias[co]), layer.act);
+          }
+          __syncwarp();
+        }
+        __syncthreads();
+      }
+    return true;
+  }
+}
+
+// Whether conv_bwd_data_mma takes this layer: 16-column input gradients (any number of K steps: the
+// last is padded with zeros).
+__host__ __device__ inline bool mma_data_fits(const Layer& layer) { return layer.in_c % kMmaTile == 0; }
+
+// The input gradient of conv_bwd on the tensor cores: grad_in[t][ci][iy][ix] = sum over k = (co,
+// phase (a, c), r, s) of A[m][k] B[k][ci], rows m = (t, iy, ix), A[m][k] = d[t][co][(p*UP + a),
+// (q*UP + c)] at p = iy - a + 1 - r, q = ix - c + 1 - s (0 outside), B = the folded weights. K is
+// staged in chunks of kMmaKChunk rows of 16 input channels' B (column-major), each chunk's tile
+// added to grad_in (zeroed first) by the warp that owns the rows, so chunks add in order.
+template <int UP, typename in_t, typename scalar_t, typename w_t>
+__device__ bool conv_bwd_data_mma(const Layer& layer, const w_t* weight, const scalar_t* d, scalar_t* grad_in,
+                                  scalar_t* stage, scalar_t* warp_scratch) {
+  if constexpr (!MmaOperand<in_t>::kAvailable || !std::is_same<scalar_t, float>::value) {
+    return false;
+  } else {
+    using Op = MmaOperand<in_t>;
+    using S = typename Op::storage;
+    using F = Folding<UP>;
+    constexpr int N16 = kMmaTile, TAPS = F::PH * F::RR;
+    const int Cin = layer.in_c, H = layer.in_h, W = layer.in_w, HW = H * W, Wo = layer.out_w;
+    const int HWo = layer.out_h * Wo, in_size = layer.in_size(), out_size = layer.out_size();
+    const int K = layer.out_c * TAPS, K16 = (K + N16 - 1) / N16 * N16, M = T * HW, m_tiles = (M + N16 - 1) / N16;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    S* b = reinterpret_cast<S*>(stage);                                 // [16 columns][chunk + pad]
+    S* a = reinterpret_cast<S*>(warp_scratch + warp * kMmaWarpScalars);  // [16 k][16 m]
+    float* c = warp_scratch + warp * kMmaWarpScalars;                    // [16 ci][16 m], after the GEMM
+    for (int j = threadIdx.x; j < T * in_size; j += blockDim.x) grad_in[j] = scalar_t(0);  // each j keeps its thread
+    for (int n0 = 0; n0 < Cin; n0 += N16)
+      for (int k0 = 0; k0 < K16; k0 += kMmaKChunk) {
+        const int kc = min(kMmaKChunk, K16 - k0);
+        for (int j = threadIdx.x; j < N16 * kc; j += blockDim.x) {
+          const int col = j / kc, k = k0 + j % kc, co = k / TAPS, ph = (k % TAPS) / F::RR;
+          const int r = (k % F::RR) / F::R, s = k % F::R;
+          const float v = k < K ? folded_weight<UP, float>(weight + (static_cast<int64_t>(co) * Cin + n0 + col) * 9, ph, r, s)
+                                : 0.0f;
+          Op::store(b + col * (kc + kMmaPad) + j % kc, v);
+        }
+        __syncthreads();
+        const auto a_at = [&](int m, int kl) {
+          const int k = k0 + kl, t = m / HW, iy = (m % HW) / W, ix = m % W;
+          const int co = k / TAPS, ph = (k % TAPS) / F::RR, pa = ph / UP, pc = ph % UP;
+          const int p = iy - pa + 1 - (k % F::RR) / F::R, q = ix - pc + 1 - k % F::R;
+          const bool inside = m < M && k < K && p >= 0 && p < H && q >= 0 && q < W;
+          return inside ? d[t * out_size + co * HWo + (p * UP + pa) * Wo + q * UP + pc] : 0.0f;
+        };
+        for (int m0 = warp * N16; m0 < m_tiles * N16; m0 += warps * N16) {
+          warp_tile_mma<Op>(a_at, m0, kc, b, kc + kMmaPad, a, c);
+          for (int e = lane; e < N16 * N16; e += 32) {
+            const int m = m0 + e % N16, ci = n0 + e / N16;
+            if (m < M) grad_in[(m / HW) * in_size + ci * HW + m % HW] += c[e];
           }
           __syncwarp();
         }
@@ -374,12 +443,10 @@ __device__ __forceinline__ void unfold_add(const scalar_t* acc, scalar_t* grad_w
   if (grad_bias != nullptr) add_to(grad_bias, acc[NF], overwrite);
 }
 
-// grad_in = conv^T(d) (threads on input pixels); weight gradients folded per (co, ci) pair in
-// registers, then unfolded to the 3x3 taps (experts_cpu.cpp's unfold_conv_grad).
+// grad_in = conv^T(d) on the FMA units: threads on input pixels, the tile's T tokens in registers.
 template <int UP, typename scalar_t, typename w_t>
-__device__ void conv_bwd(const Layer& layer, const scalar_t* in, const w_t* weight, const scalar_t* d, int n,
-                         scalar_t* grad_in, scalar_t* grad_weight, scalar_t* grad_bias, bool overwrite,
-                         scalar_t* stage) {
+__device__ void conv_bwd_data(const Layer& layer, const w_t* weight, const scalar_t* d, scalar_t* grad_in,
+                              scalar_t* stage) {
   using F = Folding<UP>;
   const int Cin = layer.in_c, Cout = layer.out_c, H = layer.in_h, W = layer.in_w, HW = H * W;
   const int Wo = layer.out_w, HWo = layer.out_h * Wo;
@@ -418,6 +485,22 @@ __device__ void conv_bwd(const Layer& layer, const scalar_t* in, const w_t* weig
     }
     __syncthreads();
   }
+}
+
+// grad_in = conv^T(d) (conv_bwd_data_mma on the tensor cores when enabled and it fits, else
+// conv_bwd_data); weight gradients folded per (co, ci) pair in registers, then unfolded to the 3x3
+// taps (experts_cpu.cpp's unfold_conv_grad).
+template <int UP, typename in_t, typename scalar_t, typename w_t>
+__device__ void conv_bwd(const Layer& layer, const scalar_t* in, const w_t* weight, const scalar_t* d, int n,
+                         scalar_t* grad_in, scalar_t* grad_weight, scalar_t* grad_bias, bool overwrite,
+                         scalar_t* stage, scalar_t* warp_scratch, bool tensor_cores) {
+  using F = Folding<UP>;
+  const int Cin = layer.in_c, Cout = layer.out_c, H = layer.in_h, W = layer.in_w, HW = H * W;
+  const int Wo = layer.out_w, HWo = layer.out_h * Wo;
+  const int in_size = layer.in_size(), out_size = layer.out_size();
+  if (!(tensor_cores && mma_data_fits(layer) &&
+        conv_bwd_data_mma<UP, in_t>(layer, weight, d, grad_in, stage, warp_scratch)))
+    conv_bwd_data<UP>(layer, weight, d, grad_in, stage);
   // Weight and bias gradients: work item (pair, g) sums low-res positions g, g + G, ...; with G > 1
   // the G partial sums of a pair are added in g order through the stage.
   constexpr int NF = F::PH * F::RR;
@@ -586,17 +669,17 @@ __device__ void for_each_tile(const Args& args, Body& body) {
   }
 }
 
-// Shared memory: the weight stage, the warps' tensor-core scratch (fp32 only), then the tile's
-// activations when they fit (else the block's slice of the workspace).
-template <typename scalar_t>
-__host__ __device__ constexpr int stage_and_scratch_scalars() {
-  return kStageScalars + (std::is_same<scalar_t, float>::value ? kMmaScratchScalars : 0);
+// Shared memory: the weight stage, the warps' tensor-core scratch (only with args.tensor_cores), then
+// the tile's activations when they fit (else the block's slice of the workspace).
+template <typename Args>
+__host__ __device__ inline int stage_and_scratch_scalars(const Args& args) {
+  return kStageScalars + (args.tensor_cores ? kMmaScratchScalars : 0);
 }
 
 template <typename Args, typename scalar_t = typename Args::acc_type>
 __device__ __forceinline__ scalar_t* block_region(const Args& args, scalar_t* stage) {
   return args.workspace != nullptr ? args.workspace + blockIdx.x * args.acts_per_block
-                                   : stage + stage_and_scratch_scalars<scalar_t>();
+                                   : stage + stage_and_scratch_scalars(args);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -642,6 +725,7 @@ struct BackwardTile {
   scalar_t* stage;
   TileRows& rows;
   __device__ void operator()(int64_t expert, int64_t r0, int n, int64_t chunk, bool continues, bool first_tile) {
+    using in_t = typename Args::input_type;
     const DecoderPlan& plan = args.plan;
     const int nl = plan.num_layers;
     load_tile_rows(args, r0, n, rows);
@@ -682,9 +766,11 @@ struct BackwardTile {
       if (!layer.is_conv) {
         linear_bwd(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage);
       } else if (layer.up == 2) {
-        conv_bwd<2>(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage);
+        conv_bwd<2, in_t>(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage,
+                          stage + kStageScalars, args.tensor_cores);
       } else {
-        conv_bwd<1>(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage);
+        conv_bwd<1, in_t>(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage,
+                          stage + kStageScalars, args.tensor_cores);
       }
     }
     const int L = static_cast<int>(args.latent);
@@ -748,7 +834,7 @@ int64_t plan_experts_launch(Args& args, bool backward, int max_shared_bytes, int
   const int64_t per_token = backward ? all_boundaries_size(plan) + parity_size(plan, 0) + parity_size(plan, 1)
                                      : parity_size(plan, 0) + parity_size(plan, 1);
   args.acts_per_block = T * per_token;
-  const int64_t stage_bytes = stage_and_scratch_scalars<scalar_t>() * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t stage_bytes = stage_and_scratch_scalars(args) * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t acts_bytes = args.acts_per_block * static_cast<int64_t>(sizeof(scalar_t));
   const bool in_shared = stage_bytes + acts_bytes + 1024 <= max_shared_bytes;  // 1 KB: static shared
   args.shared_bytes = static_cast<int>(in_shared ? stage_bytes + acts_bytes : stage_bytes);

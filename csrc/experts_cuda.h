@@ -21,10 +21,14 @@
 // and grad_z in z's, weight gradients in the weights'). tensor_cores (set by the glue on sm_80 and
 // later for fp16 / bf16 z, and for fp32 z when torch allows TF32 matmuls): the decoder's convolutions
 // with at least 16 output channels (lite conv1, medium conv1 / conv2; forward and the backward's
-// recomputation) multiply on the tensor cores, in TF32 for fp32 z and in z's half dtype otherwise,
-// accumulating in fp32. Everything else stays IEEE on the FMA units: fp64, the linear layers (fc, the
-// mlp's; a tile of 4 tokens is a quarter of an MMA's rows), one-channel convolutions, and the
-// backward's gradient GEMMs.
+// recomputation) and the input gradients of those with at least 16 input channels (lite conv2,
+// medium conv1 / conv2 / conv3) multiply on the tensor cores, in TF32 for fp32 z and in z's half
+// dtype otherwise, accumulating in fp32. Everything else stays IEEE on the FMA units: fp64, the
+// linear layers (fc, the mlp's; a tile of 4 tokens is a quarter of an MMA's rows), the one-channel
+// convolutions' forward, lite conv1's input gradient (8 channels) and every weight gradient. The TF32
+// switch is torch's matmul one, as for the Triton kernels (torch's convolutions follow
+// cudnn.allow_tf32, on by default, which would put every default fp32 run on TF32). fp16 operands
+// overflow to inf above 65,504, as torch's fp16 convolutions do; bf16 has fp32's range.
 //
 // Out-of-range expert indices (ops.py's check_indices=False): never read or written out of bounds.
 // Grouping sorts such rows after every key (rows offsets[num_keys] .. n, stable), so sorted_token_idx
@@ -85,8 +89,9 @@ struct ExpertsCudaArgs {
   int grid;                    // blocks (each loops over chunks)
   scalar_t* workspace;         // activations, [grid][acts_per_block], when they do not fit shared memory
   int64_t acts_per_block;
-  int shared_bytes;            // dynamic shared memory per block: the weight stage (+ activations if they fit)
-  bool tensor_cores;           // convolutions of >= 16 output channels on the tensor cores ("Precision")
+  int shared_bytes;            // dynamic shared memory per block: the weight stage, the tensor-core
+                               // scratch (with tensor_cores), the activations if they fit
+  bool tensor_cores;           // wide convolutions (forward, input gradient) on the tensor cores ("Precision")
 };
 
 // The (scalar_t, in_t, w_t) combinations the glue dispatches to and every .cu file instantiates:
@@ -96,7 +101,7 @@ struct ExpertsCudaArgs {
   X(float, __nv_bfloat16, float) X(float, __half, __half) X(float, __nv_bfloat16, __nv_bfloat16)
 
 // The launch plan: rows per chunk, chunks, grid, activation size, shared memory and whether the
-// activations live in shared memory; fills those fields of args. max_shared_bytes: the device's
+// activations live in shared memory; fills those fields of args (set args.tensor_cores first). max_shared_bytes: the device's
 // opt-in shared memory per block; num_sms: its multiprocessors. Returns the workspace size (scalars).
 template <typename Args>
 int64_t plan_experts_launch(Args& args, bool backward, int max_shared_bytes, int num_sms);

@@ -237,22 +237,25 @@ def test_topk_all_tokens_on_one_expert():
 
 @pytest.mark.parametrize("kind", ["lite", "medium"])
 def test_tf32_setting_is_followed_within_its_tolerance(kind):
-    # With torch's TF32 switch on, the convolutions of >= 16 output channels run on the tensor cores in
-    # TF32 (sm_80+; experts_cuda.h "Precision"): within the TF32 tolerance of the IEEE reference.
+    # With torch's TF32 switch on, the wide convolutions and their input gradients run on the tensor
+    # cores in TF32 (sm_80+; experts_cuda.h "Precision"): x_hat and every gradient within the TF32
+    # tolerance of the IEEE reference.
     batch, num_experts = (33, 5) if kind == "lite" else (9, 3)
     weights = _cuda_weights(kind, num_experts, torch.float32, seed=14)
     gates = _soft_gates(batch, num_experts, torch.float32)
     z = _z(batch, torch.float32)
-    with torch.no_grad():
-        expected = reference.experts_soft(z, gates, weights, kind)
+    expected, expected_grads, names = _grads(lambda z_, g_, w: reference.experts_soft(z_, g_, w, kind), [z, gates],
+                                             weights, kind)
     matmul = torch.backends.cuda.matmul  # restored by conftest's _ieee_fp32 fixture
     if hasattr(matmul, "fp32_precision"):
         matmul.fp32_precision = "tf32"  # the API conftest uses: torch refuses a mix with allow_tf32
     else:
         matmul.allow_tf32 = True
-    with torch.no_grad():
-        out = ops.experts_soft(z, gates, weights, kind=kind, backend="cpp")
+    out, grads, _ = _grads(lambda z_, g_, w: ops.experts_soft(z_, g_, w, kind=kind, backend="cpp"), [z, gates],
+                           weights, kind)
     assert_close(out, expected, rtol_rms=1e-3, name="x_hat (TF32 allowed)")
+    for g, g_ref, name in zip(grads, expected_grads, ["z", "gates", *names]):
+        assert_close(g, g_ref, rtol_rms=1e-3, name=f"grad of {name} (TF32 allowed)")
 
 
 HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
@@ -262,9 +265,9 @@ HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat
 @pytest.mark.parametrize("kind,gating", [("lite", "soft"), ("lite", "topk"), ("mlp", "soft"), ("mlp", "topk"),
                                          ("medium", "topk")])
 def test_training_under_autocast(kind, gating, dtype):
-    # Autocast: z in the autocast dtype, fp32 weights (masters) and gates. The convolutions of >= 16
-    # output channels multiply in that dtype on the tensor cores (sm_80+), all else in fp32, everything
-    # accumulated in fp32: x_hat and dz in the autocast dtype, weight gradients in fp32, every one
+    # Autocast: z in the autocast dtype, fp32 weights (masters) and gates. The wide convolutions and
+    # their input gradients multiply in that dtype on the tensor cores (sm_80+; experts_cuda.h
+    # "Precision"), all else in fp32, everything accumulated in fp32: x_hat and dz in the autocast dtype, weight gradients in fp32, every one
     # within 2x the error of the reference run under the same autocast, against fp64 (DESIGN.md).
     batch, num_experts = (64, 5) if kind != "medium" else (16, 3)
     weights = _cuda_weights(kind, num_experts, torch.float32, seed=15)
@@ -301,8 +304,8 @@ def test_training_under_autocast(kind, gating, dtype):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_half_model(kind, dtype):
-    # A model cast to fp16 / bf16: z and weights in that dtype. The convolutions of >= 16 output
-    # channels multiply in that dtype on the tensor cores (sm_80+), all else in fp32, accumulated in
+    # A model cast to fp16 / bf16: z and weights in that dtype. The wide convolutions and their input
+    # gradients multiply in that dtype on the tensor cores (sm_80+), all else in fp32, accumulated in
     # fp32; x_hat (hard, top-k) and every gradient within DESIGN.md's half tolerance: 2x the error of the
     # reference run in the same dtype, against fp64 on the same (rounded) values.
     batch, num_experts = (29, 5) if kind != "medium" else (9, 3)
