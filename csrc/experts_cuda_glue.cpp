@@ -11,6 +11,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
 
 #include <type_traits>
 
@@ -110,8 +115,20 @@ T* data_as(const at::Tensor& t) {
   return static_cast<T*>(t.data_ptr());
 }
 
+// Whether torch allows TF32 matmuls, read as torch's own cuBLAS calls read it: the fp32_precision
+// API (allowTF32CuBLAS() raises once a user has set that API, a "mix of legacy and new APIs").
+bool torch_allows_tf32_matmul() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return !at::NoTF32Guard::should_disable_tf32() &&
+         at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+             at::Float32Precision::TF32;
+#else
+  return !at::NoTF32Guard::should_disable_tf32() && at::globalContext().allowTF32CuBLAS();
+#endif
+}
+
 // experts_cuda.h "Precision": tensor cores on sm_80 and later, for half z always, for fp32 z when
-// torch allows TF32 matmuls (the switch torch's own cuBLAS matmuls follow), never for fp64.
+// torch allows TF32 matmuls, never for fp64.
 template <typename Args>
 bool uses_tensor_cores(int device) {
   using in_t = typename Args::input_type;
@@ -119,7 +136,7 @@ bool uses_tensor_cores(int device) {
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 8) return false;
-  return !std::is_same<in_t, float>::value || at::globalContext().allowTF32CuBLAS();
+  return !std::is_same<in_t, float>::value || torch_allows_tf32_matmul();
 }
 
 // Everything a phase launch needs, with its scratch tensors: the (slot, expert) grouping (not for soft),
