@@ -299,12 +299,10 @@ __device__ void warp_tile_mma(const AFn& a_at, int m0, int k_size, const typenam
   __syncwarp();
 }
 
-// Whether conv_fwd_mma takes this layer: 16-column output and K steps (a one-channel conv stays on
-// FMA), and one phase of 16 channels' folded weights within the stage.
-template <int UP>
-__host__ __device__ inline bool mma_fits(const Layer& layer) {
-  const int K = layer.in_c * Folding<UP>::RR;
-  return layer.out_c % kMmaTile == 0 && K % kMmaTile == 0 && kMmaTile * (K + kMmaPad) <= kStageScalars;
+// The warps' tensor-core scratch: kMmaWarpScalars floats each, right behind the weight stage.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t* warp_scratch_of(scalar_t* stage) {
+  return stage + kStageScalars + threadIdx.x / 32 * kMmaWarpScalars;
 }
 
 // conv_fwd as an implicit GEMM on the tensor cores, per output phase (a, c) and 16 output channels:
@@ -312,10 +310,12 @@ __host__ __device__ inline bool mma_fits(const Layer& layer) {
 // out[t][co][p*UP + a][q*UP + c] = act(bias[co] + sum_k A[m][k] B[k][co]). B: the phase's folded
 // weights, staged column-major (K contiguous). Each warp takes 16-row tiles m0, m0 + 16 * warps, ...
 // (warp_tile_mma: A built column-major, so lanes on consecutive rows read consecutive pixels).
-// Returns false (and does nothing) where tensor cores are unavailable: the caller runs conv_fwd.
+// Returns false (and does nothing) where tensor cores are unavailable or the layer does not fit
+// (16-column output and K steps, so a one-channel conv stays on FMA; one phase of 16 channels'
+// folded weights within the stage): the caller runs conv_fwd.
 template <int UP, typename in_t, typename scalar_t, typename w_t>
 __device__ bool conv_fwd_mma(const Layer& layer, const scalar_t* in, const w_t* weight, const w_t* bias,
-                             scalar_t* out, scalar_t* stage, scalar_t* warp_scratch) {
+                             scalar_t* out, scalar_t* stage) {
   if constexpr (!MmaOperand<in_t>::kAvailable || !std::is_same<scalar_t, float>::value) {
     return false;
   } else {
@@ -325,12 +325,12 @@ __device__ bool conv_fwd_mma(const Layer& layer, const scalar_t* in, const w_t* 
     constexpr int N16 = kMmaTile;
     const int Cin = layer.in_c, H = layer.in_h, W = layer.in_w, HW = H * W, Wo = layer.out_w;
     const int HWo = layer.out_h * Wo, in_size = layer.in_size(), out_size = layer.out_size();
-    const int K = Cin * F::RR, M = T * HW, m_tiles = (M + N16 - 1) / N16;
+    const int K = Cin * F::RR, M = T * HW, m_tiles = (M + N16 - 1) / N16, ldb = K + kMmaPad;
+    if (layer.out_c % N16 != 0 || K % N16 != 0 || N16 * ldb > kStageScalars) return false;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    const int ldb = K + kMmaPad;
-    S* b = reinterpret_cast<S*>(stage);                                 // [16 columns][ldb]
-    S* a = reinterpret_cast<S*>(warp_scratch + warp * kMmaWarpScalars);  // [16 k][16 m]
-    float* c = warp_scratch + warp * kMmaWarpScalars;                    // [16 co][16 m], after the GEMM
+    S* b = reinterpret_cast<S*>(stage);                     // [16 columns][ldb]
+    float* c = warp_scratch_of(stage);                      // [16 co][16 m], after the GEMM
+    S* a = reinterpret_cast<S*>(c);                         // [16 k][16 m]
     for (int co0 = 0; co0 < layer.out_c; co0 += N16)
       for (int ph = 0; ph < F::PH; ++ph) {
         const int pa = ph / UP, pc = ph % UP;
@@ -362,18 +362,25 @@ __device__ bool conv_fwd_mma(const Layer& layer, const scalar_t* in, const w_t* 
   }
 }
 
-// Whether conv_bwd_data_mma takes this layer: 16-column input gradients (any number of K steps: the
-// last is padded with zeros).
-__host__ __device__ inline bool mma_data_fits(const Layer& layer) { return layer.in_c % kMmaTile == 0; }
+// A conv layer's forward: conv_fwd_mma on the tensor cores when enabled and it takes the layer, else
+// conv_fwd.
+template <int UP, typename in_t, typename scalar_t, typename w_t>
+__device__ void conv_layer_fwd(const Layer& layer, const scalar_t* in, const w_t* weight, const w_t* bias,
+                               scalar_t* out, scalar_t* stage, bool tensor_cores) {
+  if (!(tensor_cores && conv_fwd_mma<UP, in_t>(layer, in, weight, bias, out, stage)))
+    conv_fwd<UP>(layer, in, weight, bias, out, stage);
+}
 
 // The input gradient of conv_bwd on the tensor cores: grad_in[t][ci][iy][ix] = sum over k = (co,
 // phase (a, c), r, s) of A[m][k] B[k][ci], rows m = (t, iy, ix), A[m][k] = d[t][co][(p*UP + a),
 // (q*UP + c)] at p = iy - a + 1 - r, q = ix - c + 1 - s (0 outside), B = the folded weights. K is
 // staged in chunks of kMmaKChunk rows of 16 input channels' B (column-major), each chunk's tile
-// added to grad_in (zeroed first) by the warp that owns the rows, so chunks add in order.
+// added to grad_in (zeroed first) by the warp that owns the rows, so chunks add in order. Returns false
+// (and does nothing) where tensor cores are unavailable or the input channels are not a multiple of
+// 16 (K needs no such rule: its last step is padded with zeros): the caller runs conv_bwd_data.
 template <int UP, typename in_t, typename scalar_t, typename w_t>
 __device__ bool conv_bwd_data_mma(const Layer& layer, const w_t* weight, const scalar_t* d, scalar_t* grad_in,
-                                  scalar_t* stage, scalar_t* warp_scratch) {
+                                  scalar_t* stage) {
   if constexpr (!MmaOperand<in_t>::kAvailable || !std::is_same<scalar_t, float>::value) {
     return false;
   } else {
@@ -384,10 +391,11 @@ __device__ bool conv_bwd_data_mma(const Layer& layer, const w_t* weight, const s
     const int Cin = layer.in_c, H = layer.in_h, W = layer.in_w, HW = H * W, Wo = layer.out_w;
     const int HWo = layer.out_h * Wo, in_size = layer.in_size(), out_size = layer.out_size();
     const int K = layer.out_c * TAPS, K16 = (K + N16 - 1) / N16 * N16, M = T * HW, m_tiles = (M + N16 - 1) / N16;
+    if (Cin % N16 != 0) return false;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    S* b = reinterpret_cast<S*>(stage);                                 // [16 columns][chunk + pad]
-    S* a = reinterpret_cast<S*>(warp_scratch + warp * kMmaWarpScalars);  // [16 k][16 m]
-    float* c = warp_scratch + warp * kMmaWarpScalars;                    // [16 ci][16 m], after the GEMM
+    S* b = reinterpret_cast<S*>(stage);                     // [16 columns][chunk + pad]
+    float* c = warp_scratch_of(stage);                      // [16 ci][16 m], after the GEMM
+    S* a = reinterpret_cast<S*>(c);                         // [16 k][16 m]
     for (int j = threadIdx.x; j < T * in_size; j += blockDim.x) grad_in[j] = scalar_t(0);  // each j keeps its thread
     for (int n0 = 0; n0 < Cin; n0 += N16)
       for (int k0 = 0; k0 < K16; k0 += kMmaKChunk) {
@@ -487,19 +495,18 @@ __device__ void conv_bwd_data(const Layer& layer, const w_t* weight, const scala
   }
 }
 
-// grad_in = conv^T(d) (conv_bwd_data_mma on the tensor cores when enabled and it fits, else
+// grad_in = conv^T(d) (conv_bwd_data_mma on the tensor cores when enabled and it takes the layer, else
 // conv_bwd_data); weight gradients folded per (co, ci) pair in registers, then unfolded to the 3x3
 // taps (experts_cpu.cpp's unfold_conv_grad).
 template <int UP, typename in_t, typename scalar_t, typename w_t>
 __device__ void conv_bwd(const Layer& layer, const scalar_t* in, const w_t* weight, const scalar_t* d, int n,
                          scalar_t* grad_in, scalar_t* grad_weight, scalar_t* grad_bias, bool overwrite,
-                         scalar_t* stage, scalar_t* warp_scratch, bool tensor_cores) {
+                         scalar_t* stage, bool tensor_cores) {
   using F = Folding<UP>;
   const int Cin = layer.in_c, Cout = layer.out_c, H = layer.in_h, W = layer.in_w, HW = H * W;
   const int Wo = layer.out_w, HWo = layer.out_h * Wo;
   const int in_size = layer.in_size(), out_size = layer.out_size();
-  if (!(tensor_cores && mma_data_fits(layer) &&
-        conv_bwd_data_mma<UP, in_t>(layer, weight, d, grad_in, stage, warp_scratch)))
+  if (!(tensor_cores && conv_bwd_data_mma<UP, in_t>(layer, weight, d, grad_in, stage)))
     conv_bwd_data<UP>(layer, weight, d, grad_in, stage);
   // Weight and bias gradients: work item (pair, g) sums low-res positions g, g + G, ...; with G > 1
   // the G partial sums of a pair are added in g order through the stage.
@@ -636,17 +643,12 @@ __device__ void decode_tile(const Args& args, int64_t expert, const TileRows& ro
     const auto* weight = args.weight[i] + expert * layer.weight_size();
     const auto* bias = args.bias[i] + expert * layer.bias_size();
     using in_t = typename Args::input_type;
-    scalar_t* warp_scratch = stage + kStageScalars;
     if (!layer.is_conv) {
       linear_fwd(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
     } else if (layer.up == 2) {
-      if (!(args.tensor_cores && mma_fits<2>(layer) &&
-            conv_fwd_mma<2, in_t>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage, warp_scratch)))
-        conv_fwd<2>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
+      conv_layer_fwd<2, in_t>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage, args.tensor_cores);
     } else {
-      if (!(args.tensor_cores && mma_fits<1>(layer) &&
-            conv_fwd_mma<1, in_t>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage, warp_scratch)))
-        conv_fwd<1>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage);
+      conv_layer_fwd<1, in_t>(layer, buffers.act(i), weight, bias, buffers.act(i + 1), stage, args.tensor_cores);
     }
   }
 }
@@ -767,10 +769,10 @@ struct BackwardTile {
         linear_bwd(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage);
       } else if (layer.up == 2) {
         conv_bwd<2, in_t>(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage,
-                          stage + kStageScalars, args.tensor_cores);
+                          args.tensor_cores);
       } else {
         conv_bwd<1, in_t>(layer, buffers.act(i), weight, d, n, buffers.grad(i), gw, gb, overwrite, stage,
-                          stage + kStageScalars, args.tensor_cores);
+                          args.tensor_cores);
       }
     }
     const int L = static_cast<int>(args.latent);
