@@ -193,6 +193,12 @@ inline Vec<scalar_t> bcast(const scalar_t* p) {
   }
 }
 
+// An empty asm that claims to change v: the load that produced it cannot be folded into its users.
+template <typename V>
+inline void keep_in_register(V& v) {
+  asm("" : "+v"(v));
+}
+
 template <typename scalar_t>
 inline scalar_t lane_sum(const Vec<scalar_t>& v) {
   scalar_t sum = 0;
@@ -683,7 +689,8 @@ inline void conv_up2_phase_tile(int Cin, const scalar_t* in, const scalar_t* pac
       for (int ob = 0; ob < OB; ++ob) w[ob] = bcast<NE>(w_c + (tap * OB + ob) * NE);
       SMOE_FAST_UNROLL
       for (int j = 0; j < NP; ++j) {
-        const Vec<scalar_t> x = load(src[j] + ci * in_channel + ((tap / 2) * in_w + tap % 2) * T);
+        Vec<scalar_t> x = load(src[j] + ci * in_channel + ((tap / 2) * in_w + tap % 2) * T);
+        if constexpr (kVecRegs >= 32) keep_in_register(x);
         SMOE_FAST_UNROLL
         for (int ob = 0; ob < OB; ++ob) acc[ob][j] += w[ob] * x;
       }
@@ -724,7 +731,8 @@ inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* pack
           for (int s = 0; s < 2; ++s) w[c][s] = bcast<NE>(w_c + ((a * 2 + c) * 4 + r * 2 + s) * NE);
         SMOE_FAST_UNROLL
         for (int u = 0; u < NP + 2; ++u) {
-          const Vec<scalar_t> x = load(src_c + ((a + r) * in_w + u) * T);
+          Vec<scalar_t> x = load(src_c + ((a + r) * in_w + u) * T);
+          if constexpr (kVecRegs >= 32) keep_in_register(x);
           SMOE_FAST_UNROLL
           for (int c = 0; c < 2; ++c)
             SMOE_FAST_UNROLL
@@ -744,11 +752,11 @@ inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* pack
 
 constexpr int kPhaseTileChannels = 4;  // OB of conv_up2_phase_tile
 // NP: 24 accumulators + 4 weights + 1 input of 32 vector registers; of 16, 12 + 4 (the input vector an
-// FMA's memory operand).
+// FMA's memory operand). With 32 the tiles hold the input in a register (keep_in_register): GCC 12
+// folded its load into each of the OB multiply-adds instead, spilled accumulators, and the hard lite
+// forward ran 1.15-1.2x slower (E = 8 and E = 8,192, B = 65,536, AVX-512 on a Zen 4; shared blocks
+// then also take 6 pixels, not 5).
 constexpr int kPhaseTilePixels = kVecRegs >= 32 ? 6 : 3;
-// Shared blocks (NE > 1) broadcast their OB weights into registers (no embedded broadcast of NE values),
-// as every tile does without AVX-512.
-constexpr int kSharedPhaseTilePixels = kVecRegs >= 32 ? 5 : kPhaseTilePixels;
 
 // Packed weights of an up == 2 conv, folded straight from weight[co][ci][3][3] (no folded[] pass):
 // out_c % 4 == 0: [phase][co / 4][ci][r][s][co % 4] (phase tiles); else [co][ci][phase][r][s] (row tiles).
@@ -861,7 +869,7 @@ __attribute__((noinline)) void conv_up2_fwd(const Layer& layer, const scalar_t* 
     }
     return;
   }
-  constexpr int OB = kPhaseTileChannels, NP = NE == 1 ? kPhaseTilePixels : kSharedPhaseTilePixels;
+  constexpr int OB = kPhaseTileChannels, NP = kPhaseTilePixels;
   constexpr int pixels = W * W, full = pixels / NP * NP, rest = pixels - full;
   int32_t in_off[pixels], out_off[pixels];
   for (int m = 0; m < pixels; ++m) {
@@ -957,7 +965,8 @@ inline void conv_up2_grad_in_tile(int Cout, const scalar_t* gph, const scalar_t*
       for (int ob = 0; ob < OB; ++ob) w[ob] = broadcast(w_co[k * OB + ob]);
       SMOE_FAST_UNROLL
       for (int j = 0; j < NP; ++j) {
-        const Vec<scalar_t> x = load(g + static_cast<int64_t>(in_off[j]) * T);
+        Vec<scalar_t> x = load(g + static_cast<int64_t>(in_off[j]) * T);
+        if constexpr (kVecRegs >= 32) keep_in_register(x);
         SMOE_FAST_UNROLL
         for (int ob = 0; ob < OB; ++ob) acc[ob][j] += w[ob] * x;
       }
@@ -991,7 +1000,8 @@ inline void conv_up2_grad_weight_tile(const scalar_t* gph_ph_co, const scalar_t*
       for (int ob = 0; ob < OB; ++ob) g[ob] = load(gph_ph_co + ob * map + at + (in_w + 1) * T);
       SMOE_FAST_UNROLL
       for (int t = 0; t < 4; ++t) {
-        const Vec<scalar_t> x = load(in_ph_ci + at + ((t / 2) * in_w + t % 2) * T);
+        Vec<scalar_t> x = load(in_ph_ci + at + ((t / 2) * in_w + t % 2) * T);
+        if constexpr (kVecRegs >= 32) keep_in_register(x);
         SMOE_FAST_UNROLL
         for (int ob = 0; ob < OB; ++ob) acc[ob][t] += g[ob] * x;
       }
@@ -1024,7 +1034,8 @@ inline void conv_up2_grad_weight_1co(const scalar_t* gph_co, int64_t gph_phase_s
       for (int dy = 0; dy < 3; ++dy)
         SMOE_FAST_UNROLL
         for (int dx = 0; dx < 3; ++dx) {
-          const Vec<scalar_t> x = load(in_ci + at + (dy * in_w + dx) * T);
+          Vec<scalar_t> x = load(in_ci + at + (dy * in_w + dx) * T);
+          if constexpr (kVecRegs >= 32) keep_in_register(x);
           SMOE_FAST_UNROLL
           for (int a = 0; a < 2; ++a)
             SMOE_FAST_UNROLL
