@@ -5,9 +5,10 @@
 // or accumulated without races and in a fixed order. A phase's rows of one expert are split into
 // chunks (work items); an item decodes its rows in blocks of `kLanes` tokens held
 // token-innermost ([C][H][W][lanes]), so every multiply-add is a vector over the lanes. In the
-// forward (float, AVX2 or AVX-512), the last rows of an expert (1-12 of 16 lanes, 1-6 of 8) share a
-// block with other experts' tails (SharedBlock: four slots of 4 or 2 lanes, lane t in slot t % 4,
-// weights interleaved), so that many experts with few tokens each do not leave most lanes empty.
+// forward (float, AVX2 or AVX-512), the last rows of an expert (past its full blocks) share a block
+// with up to three other experts' tails (SharedBlock: consecutive lanes per expert; the linear layers
+// pick each lane's weights from the experts' interleaved ones, the convs' are expanded per lane), so
+// that many experts with few tokens each do not leave most lanes empty.
 // Items are scheduled dynamically (parallel_items), blocks write disjoint outputs, so results do not
 // depend on the thread count.
 // The up == 2 convolutions run phase-split (the nearest upsampling folded into four 2x2 kernels) as
@@ -168,29 +169,38 @@ inline Vec<scalar_t> broadcast(scalar_t x) {
   return x - Vec<scalar_t>{};  // x - 0 == x for every x (x + 0 is not, for -0), so this compiles to one broadcast
 }
 
-// The weights of NE experts whose tokens share a block (lane t belongs to expert t % NE), interleaved
-// in memory as p[0 .. NE): vbroadcastss / vbroadcastf32x4 (AVX-512) or vbroadcastf128 (AVX2) for NE = 1 / 4.
+// One weight of a layer as a vector over the lanes. NE = 1: the block's one expert, p[0] in every lane.
+// NE = kLanes (a shared block's conv layers): the weight already expanded to the lanes' own experts, p[t].
 template <int NE, typename scalar_t>
 inline Vec<scalar_t> bcast(const scalar_t* p) {
+  static_assert(NE == 1 || NE == kLanes<scalar_t>, "weights are per block (NE = 1) or per lane (NE = kLanes)");
   if constexpr (NE == 1) {
     return broadcast(*p);
   } else {
-#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
-    if constexpr (std::is_same<scalar_t, float>::value && NE == 4) {
-      return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
-    }
-#elif defined(__AVX2__) && !defined(SMOE_FAST_VEC_BYTES)
-    if constexpr (std::is_same<scalar_t, float>::value && NE == 4) {
-      return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p));
-    }
-    if constexpr (std::is_same<scalar_t, float>::value && NE == 2) {
-      return _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(p)));
-    }
-#endif
-    Vec<scalar_t> v;
-    for (int t = 0; t < kLanes<scalar_t>; ++t) v[t] = p[t % NE];
-    return v;
+    return load(p);
   }
+}
+
+// p[0 .. 4): one weight of a shared block's (up to) four experts; lane t takes p[slots[t]]. Measured
+// (AVX-512, Zen 4): a broadcast + permute before each multiply-add ran the linear tile at 0.6x the
+// multiply-add rate of a plain broadcast, so only the linear layers use it (their weights are read
+// once per block); the convs expand their weights once per block (expand_lanes).
+inline VecFloat gather_slots(const float* p, const VecInt& slots) {
+#if defined(__AVX512F__) && !defined(SMOE_FAST_VEC_BYTES)
+  return _mm512_permutexvar_ps(reinterpret_cast<const __m512i&>(slots), _mm512_broadcast_f32x4(_mm_loadu_ps(p)));
+#elif defined(__AVX2__) && !defined(SMOE_FAST_VEC_BYTES)
+  return _mm256_permutevar8x32_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)),
+                                  reinterpret_cast<const __m256i&>(slots));
+#else
+  VecFloat v;
+  for (int t = 0; t < kLanes<float>; ++t) v[t] = p[slots[t]];
+  return v;
+#endif
+}
+inline VecDouble gather_slots(const double* p, const VecInt& slots) {  // compiled, never run: float64 never shares blocks
+  VecDouble v;
+  for (int t = 0; t < kLanes<double>; ++t) v[t] = p[slots[t]];
+  return v;
 }
 
 // An empty asm that claims to change v: the load that produced it cannot be folded into its users.
@@ -424,19 +434,26 @@ struct PixelWalk {
 };
 
 // out[o] = act(bias[o] + sum_k W[o,k] in[k]) for outputs o0 .. o0 + OB; w_tile: rows o0 .. o0 + OB of W
-// (weights and biases of NE experts interleaved, see bcast).
+// (NE > 1: weights and biases of a shared block's NE experts interleaved, lane t reading slot slots[t]).
 template <typename scalar_t, int OB, int NE, int KC>
 inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar_t* w_tile, const scalar_t* bias,
-                            int o0, scalar_t* out, int out_pad) {
+                            const VecInt* slots, int o0, scalar_t* out, int out_pad) {
   constexpr int T = kLanes<scalar_t>;
   const int K = KC > 0 ? KC : layer.in_c;
+  auto weight = [&](const scalar_t* p) {
+    if constexpr (NE == 1) {
+      return broadcast(*p);
+    } else {
+      return gather_slots(p, *slots);
+    }
+  };
   Vec<scalar_t> acc[OB];
   SMOE_FAST_UNROLL
-  for (int ob = 0; ob < OB; ++ob) acc[ob] = bcast<NE>(bias + (o0 + ob) * NE);
+  for (int ob = 0; ob < OB; ++ob) acc[ob] = weight(bias + (o0 + ob) * NE);
   for (int k = 0; k < K; ++k) {
     const Vec<scalar_t> src = load(in + k * T);
     SMOE_FAST_UNROLL
-    for (int ob = 0; ob < OB; ++ob) acc[ob] += bcast<NE>(w_tile + (static_cast<int64_t>(ob) * K + k) * NE) * src;
+    for (int ob = 0; ob < OB; ++ob) acc[ob] += weight(w_tile + (static_cast<int64_t>(ob) * K + k) * NE) * src;
   }
   PixelWalk at(layer, o0, out_pad);
   for (int ob = 0; ob < OB; ++ob, at.next()) {
@@ -445,7 +462,7 @@ inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar
   }
 }
 
-// Not inlined (nor conv_up2_fwd): inlined into the shared-block item loop (AVX2, NE = 4), GCC kept the
+// Not inlined (nor conv_up2_fwd): inlined into the shared-block item loop (AVX2), GCC kept the
 // tile's accumulators on the stack.
 // KC: the input size as a constant (0: layer.in_c at run time). With K known, a tile's OB weight rows
 // sit at immediate offsets from one pointer; with K at run time they took OB pointers and the
@@ -454,7 +471,7 @@ inline void linear_fwd_tile(const Layer& layer, const scalar_t* in, const scalar
 // whole-layer interleave before the layer wrote and re-read 200 KB per block (lite fc, NE = 4).
 template <typename scalar_t, int NE, int KC>
 __attribute__((noinline)) void linear_fwd_k(const Layer& layer, const scalar_t* in, const scalar_t* const* experts, const scalar_t* bias,
-                  scalar_t* out, int out_pad, scalar_t* tile_buf) {
+                  const VecInt* slots, scalar_t* out, int out_pad, scalar_t* tile_buf) {
   const int N = layer.out_size(), K = KC > 0 ? KC : layer.in_c;
   auto tile = [&](auto tile_rows, int o) {
     constexpr int OB = decltype(tile_rows)::value;
@@ -466,7 +483,7 @@ __attribute__((noinline)) void linear_fwd_k(const Layer& layer, const scalar_t* 
         for (int e = 0; e < NE; ++e) tile_buf[j * NE + e] = experts[e][first + j];
       w_tile = tile_buf;
     }
-    linear_fwd_tile<scalar_t, OB, NE, KC>(layer, in, w_tile, bias, o, out, out_pad);
+    linear_fwd_tile<scalar_t, OB, NE, KC>(layer, in, w_tile, bias, slots, o, out, out_pad);
   };
   int o = 0;
   // kLinearTileRows accumulators: each weight is used once per block, so the tile only needs to hide
@@ -476,12 +493,13 @@ __attribute__((noinline)) void linear_fwd_k(const Layer& layer, const scalar_t* 
   for (; o < N; ++o) tile(std::integral_constant<int, 1>{}, o);
 }
 
-// experts: NE pointers to the experts' [N][K] weights; tile_buf: kLinearTileRows * K * NE scalars when NE > 1.
+// experts: NE pointers to the experts' [N][K] weights; when NE > 1, slots: each lane's expert (0 .. NE) and
+// tile_buf: kLinearTileRows * K * NE scalars.
 template <typename scalar_t, int NE = 1>
 void linear_fwd(const Layer& layer, const scalar_t* in, const scalar_t* const* experts, const scalar_t* bias, scalar_t* out,
-                int out_pad, scalar_t* tile_buf = nullptr) {
-  if (layer.in_c == 32) return linear_fwd_k<scalar_t, NE, 32>(layer, in, experts, bias, out, out_pad, tile_buf);  // L = 32
-  linear_fwd_k<scalar_t, NE, 0>(layer, in, experts, bias, out, out_pad, tile_buf);
+                int out_pad, const VecInt* slots = nullptr, scalar_t* tile_buf = nullptr) {
+  if (layer.in_c == 32) return linear_fwd_k<scalar_t, NE, 32>(layer, in, experts, bias, slots, out, out_pad, tile_buf);  // L = 32
+  linear_fwd_k<scalar_t, NE, 0>(layer, in, experts, bias, slots, out, out_pad, tile_buf);
 }
 
 // grad_in = W^T grad_out; per-lane weight and bias gradients accumulate (summed over lanes later).
@@ -686,7 +704,10 @@ inline void conv_up2_phase_tile(int Cin, const scalar_t* in, const scalar_t* pac
     for (int tap = 0; tap < 4; ++tap) {
       Vec<scalar_t> w[OB];
       SMOE_FAST_UNROLL
-      for (int ob = 0; ob < OB; ++ob) w[ob] = bcast<NE>(w_c + (tap * OB + ob) * NE);
+      for (int ob = 0; ob < OB; ++ob) {
+        w[ob] = bcast<NE>(w_c + (tap * OB + ob) * NE);
+        if constexpr (NE > 1) keep_in_register(w[ob]);  // else folded into each of its NP multiply-adds
+      }
       SMOE_FAST_UNROLL
       for (int j = 0; j < NP; ++j) {
         Vec<scalar_t> x = load(src[j] + ci * in_channel + ((tap / 2) * in_w + tap % 2) * T);
@@ -728,7 +749,10 @@ inline void conv_up2_row_tile(int Cin, const scalar_t* src, const scalar_t* pack
         SMOE_FAST_UNROLL
         for (int c = 0; c < 2; ++c)
           SMOE_FAST_UNROLL
-          for (int s = 0; s < 2; ++s) w[c][s] = bcast<NE>(w_c + ((a * 2 + c) * 4 + r * 2 + s) * NE);
+          for (int s = 0; s < 2; ++s) {
+            w[c][s] = bcast<NE>(w_c + ((a * 2 + c) * 4 + r * 2 + s) * NE);
+            if constexpr (NE > 1) keep_in_register(w[c][s]);
+          }
         SMOE_FAST_UNROLL
         for (int u = 0; u < NP + 2; ++u) {
           Vec<scalar_t> x = load(src_c + ((a + r) * in_w + u) * T);
@@ -799,7 +823,9 @@ void pack_conv_up2(const Layer& layer, const scalar_t* weight, scalar_t* packed,
 // Software prefetch (into L2) of memory the next work item will read, a few cache lines per register
 // tile of the current item's convolutions, so that those reads overlap compute. Used for the weights
 // of the next shared block's experts: at E = 8,192 they come from DRAM (fc alone is 50 KB per expert,
-// 411 MB per call) and the weight copy of each shared block waited on them.
+// 411 MB per call) and the weight copy of each shared block waited on them. Locality hint 1
+// (prefetcht2): with hint 2 the convs ran 10-20% slower (perf samples, E = 8,192, Zen 4), without any
+// prefetch the fc's weight copy took 2.5x as long.
 struct Prefetcher {
   static constexpr int kMaxRanges = 8;
   static constexpr int kLinesPerTile = 24;  // ~3,500 lines over the ~190 conv tiles of a lite block
@@ -820,7 +846,7 @@ struct Prefetcher {
         ++current;
         continue;
       }
-      __builtin_prefetch(next[current], 0, 2);
+      __builtin_prefetch(next[current], 0, 1);
       next[current] += 64;
       ++lines;
     }
@@ -1194,9 +1220,10 @@ template <typename scalar_t>
 struct Scratch {
   // phase_grad: conv_up2_bwd's per-phase output gradients, one per layer (their borders must stay zero).
   std::vector<std::vector<scalar_t>> act, grad, folded, packed, packed_t, phase_grad, grad_weight, grad_bias;
-  // Weights of the experts of a shared block, interleaved (bcast), per layer: the packed conv weights or
-  // one linear tile's rows (linear_fwd), and the biases.
-  std::vector<std::vector<scalar_t>> shared_weight, shared_bias;
+  // A shared block's weights and biases per layer: conv layers' packed weights and biases expanded per
+  // lane (shared_pack: their interleaved form, expanded from); linear layers' biases interleaved and one
+  // tile's weight rows (linear_fwd's tile_buf).
+  std::vector<std::vector<scalar_t>> shared_weight, shared_bias, shared_pack;
 
   std::vector<std::vector<Vec<scalar_t>>> folded_vec, grad_weight_lanes, grad_bias_lanes;
   std::vector<scalar_t> in_t;             // linear_bwd's transposed input
@@ -1463,126 +1490,138 @@ void read_block_grad(const scalar_t* y, const scalar_t* const* g_rows, const sca
   }
 }
 
-// A block whose lanes are kSharedSlots slots of kLanes / kSharedSlots tokens (lane t: slot t % NE, its
-// (t / NE)-th token), each slot one expert's, so that many experts with few tokens each do not leave most
-// lanes empty (E = 8,192 at B = 65,536: about 8 tokens per expert). An expert's tail may take several
-// slots; tails longer than all slots but one fill a one-expert block as well.
+// A block shared by up to kSharedSlots experts' tails, so that many experts with few tokens each do not
+// leave most lanes empty (E = 8,192 at B = 65,536: about 8 tokens per expert). Slot e holds rows
+// row_begin[e] .. + count[e] of expert[e] in lanes first[e] .. first[e] + count[e] (consecutive);
+// lanes past the last slot are empty. An expert's tail may continue in the next block.
 constexpr int kSharedSlots = 4;
 struct SharedBlock {
   int64_t expert[kSharedSlots], row_begin[kSharedSlots];
-  int count[kSharedSlots];  // <= the slot's lanes; 0 for an unused slot (its expert repeats the last used slot's)
+  int first[kSharedSlots], count[kSharedSlots];  // count 0: an unused slot
+  int used;                                        // slots in use (>= 1)
 };
 
-// Whether blocks may hold several experts: float with at least 2 lanes a slot (AVX2 or AVX-512; float64
-// keeps one-expert blocks, its broadcasts have no fast form) and an up == 2 kernel for every conv.
+// Whether blocks may hold several experts: float on AVX2 or AVX-512 (8 or 16 lanes; float64 keeps
+// one-expert blocks) and an up == 2 kernel for every conv.
 template <typename scalar_t>
 bool can_share_blocks(const DecoderPlan& plan) {
-  if (!std::is_same<scalar_t, float>::value || kLanes<scalar_t> < 2 * kSharedSlots) return false;
+  if (!std::is_same<scalar_t, float>::value || kLanes<scalar_t> < 8) return false;
   for (int i = 0; i < plan.num_layers; ++i)
     if (plan.layers[i].is_conv && !has_up2_kernel(plan.layers[i])) return false;
   return true;
 }
 
-// Moves the tails (1 .. lanes - slot lanes rows past the last full block) of the items[begin, end) of
-// one phase into shared blocks, ceil(tail / slot lanes) slots each, in expert order. Lanes in use at
-// E = 8,192, B = 65,536 (uniform routing; counted over the blocks this makes): 16 lanes, 84% (73%
-// with the previous slots of 4 or 8 lanes for tails of at most 8 rows); 8 lanes (AVX2), 94% with
-// slots of 2, 84% with two slots of 4, 71% with one-expert blocks only. Measured on a Zen 3 (2
-// threads, CPU time, medians of 9): E = 8,192 / E = 8 = 1.45x without sharing, 1.28-1.32x with two
-// slots of 4 lanes, 1.19-1.22x with four of 2 (1.10-1.20x with the layer kernels kept out of line).
+// Moves the tails (the rows past the last full block) of the items[begin, end) of one phase into shared
+// blocks, in expert order, each block filled lane by lane (a tail split across two blocks if need be)
+// until its lanes or its kSharedSlots slots run out. Lanes in use at E = 8,192, B = 65,536 (uniform
+// routing, 16 lanes): 99.9%, against 84% with the previous fixed slots of 4 lanes (lane t in slot t % 4)
+// and about 50% with one-expert blocks only.
 inline void share_tails(std::vector<WorkItem>& items, int64_t begin, int64_t end, int lanes,
                         std::vector<SharedBlock>& shared) {
-  const int slot_lanes = lanes / kSharedSlots, max_tail = lanes - slot_lanes;
   SharedBlock open{};
-  int used = 0;
+  int lanes_used = 0;
   auto flush = [&]() {
-    for (int e = used; e < kSharedSlots; ++e) {
-      open.expert[e] = open.expert[used - 1];
-      open.row_begin[e] = open.row_begin[used - 1];
+    for (int e = open.used; e < kSharedSlots; ++e) {
+      open.expert[e] = open.expert[open.used - 1];
+      open.row_begin[e] = open.row_begin[open.used - 1];
+      open.first[e] = lanes_used;
       open.count[e] = 0;
     }
     shared.push_back(open);
-    used = 0;
+    open.used = 0;
+    lanes_used = 0;
   };
   for (int64_t i = begin; i < end; ++i) {
     WorkItem& item = items[i];
     const bool last_of_expert = i + 1 == end || items[i + 1].expert != item.expert;
     const int tail = static_cast<int>((item.row_end - item.row_begin) % lanes);
-    if (!last_of_expert || tail == 0 || tail > max_tail) continue;
+    if (!last_of_expert || tail == 0) continue;
     item.row_end -= tail;
-    for (int64_t r = item.row_end; r < item.row_end + tail; r += slot_lanes) {
-      open.expert[used] = item.expert;
-      open.row_begin[used] = r;
-      open.count[used] = static_cast<int>(std::min<int64_t>(slot_lanes, item.row_end + tail - r));
-      if (++used == kSharedSlots) flush();
+    for (int64_t r = item.row_end; r < item.row_end + tail;) {
+      const int n = static_cast<int>(std::min<int64_t>(lanes - lanes_used, item.row_end + tail - r));
+      const int e = open.used++;
+      open.expert[e] = item.expert;
+      open.row_begin[e] = r;
+      open.first[e] = lanes_used;
+      open.count[e] = n;
+      lanes_used += n;
+      r += n;
+      if (lanes_used == lanes || open.used == kSharedSlots) flush();
     }
   }
-  if (used > 0) flush();
+  if (open.used > 0) flush();
 }
 
-// Decodes a shared block: interleaves its experts' weights (bcast) and runs the layers with NE; meanwhile
-// prefetches the weights of `next` (the shared block this thread runs next, or nullptr).
-template <typename scalar_t, int NE>
+// p[j * T + t] = packed[j * kSharedSlots + slots[t]] for j < n: a shared block's interleaved conv weights
+// or biases expanded to each lane's expert.
+template <typename scalar_t>
+void expand_lanes(const scalar_t* packed, int64_t n, const VecInt& slots, scalar_t* p) {
+  constexpr int T = kLanes<scalar_t>;
+  for (int64_t j = 0; j < n; ++j) store(p + j * T, gather_slots(packed + j * kSharedSlots, slots));
+}
+
+// Decodes a shared block: the linear layers read the experts' weights interleaved (gather_slots), the
+// convs per lane (expand_lanes); meanwhile prefetches the weights of `next` (the shared block this
+// thread runs next, or nullptr).
+template <typename scalar_t>
 void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& s, const SharedBlock& b,
                          const SharedBlock* next, int64_t* tokens, scalar_t* gate) {
-  constexpr int T = kLanes<scalar_t>;
+  constexpr int T = kLanes<scalar_t>, NE = kSharedSlots;
   const DecoderPlan& plan = pb.plan;
   const int64_t L = pb.latent;
   scalar_t* zt = s.act[0].data();
+  VecInt slots;
   for (int t = 0; t < T; ++t) {
-    const int e = t % NE, j = t / NE;
+    int e = 0;
+    while (e + 1 < b.used && t >= b.first[e + 1]) ++e;
+    const int j = t - b.first[e];
     const bool valid = j < b.count[e];
+    slots[t] = e;
     const int64_t row = valid ? pb.rows[b.row_begin[e] + j] : -1;
     tokens[t] = valid ? row / pb.slots : -1;
     gate[t] = valid && pb.gates ? pb.gates[row] : scalar_t(1);
     for (int64_t l = 0; l < L; ++l) zt[l * T + t] = valid ? pb.z[tokens[t] * L + l] : scalar_t(0);
   }
-  // Biases: expert-innermost copies (the linear weights are interleaved a tile at a time by linear_fwd).
+  // Biases and conv weights interleaved expert-innermost (unused slots repeat the last used expert), each
+  // distinct expert folded and packed straight into its interleaved place; the convs' then expanded
+  // per lane. (A separate interleave pass over per-expert packs took 5% of the forward at E = 8,192.)
   for (int i = 0; i < plan.num_layers; ++i) {
     const Layer& layer = plan.layers[i];
-    const scalar_t* bias[NE];
-    for (int e = 0; e < NE; ++e) bias[e] = pb.bias[i] + b.expert[e] * layer.bias_size();
-    scalar_t* sb = s.shared_bias[i].data();
-    for (int j = 0; j < layer.bias_size(); ++j)
-      SMOE_FAST_UNROLL
-      for (int e = 0; e < NE; ++e) sb[j * NE + e] = bias[e][j];
-  }
-  // Conv weights: each distinct expert folded and packed straight into its interleaved place (a
-  // separate interleave pass over per-expert packs took 5% of the forward at E = 8,192).
-  for (int i = 0; i < plan.num_layers; ++i) {
-    const Layer& layer = plan.layers[i];
-    if (!layer.is_conv) continue;
-    scalar_t* sw = s.shared_weight[i].data();
+    scalar_t* sb = s.shared_pack[i].data();
     for (int e = 0; e < NE; ++e) {
-      if (e == 0 || b.expert[e] != b.expert[e - 1]) {
-        pack_conv_up2(layer, pb.weight[i] + b.expert[e] * layer.weight_size(), sw + e, NE);
-      } else {  // the expert's tail took two slots: copy its lanes
-        for (int64_t j = 0; j < folded_size(layer); ++j) sw[j * NE + e] = sw[j * NE + e - 1];
-      }
+      const scalar_t* bias = pb.bias[i] + b.expert[e] * layer.bias_size();
+      for (int j = 0; j < layer.bias_size(); ++j) sb[j * NE + e] = bias[j];
     }
+    if (!layer.is_conv) {
+      std::copy(sb, sb + layer.bias_size() * NE, s.shared_bias[i].data());
+      continue;
+    }
+    expand_lanes(sb, layer.bias_size(), slots, s.shared_bias[i].data());
+    scalar_t* sw = s.shared_pack[i].data();
+    for (int e = 0; e < b.used; ++e)
+      pack_conv_up2(layer, pb.weight[i] + b.expert[e] * layer.weight_size(), sw + e, NE);
+    expand_lanes(sw, folded_size(layer), slots, s.shared_weight[i].data());
   }
   // The next block's latent rows (random tokens: each a cache miss when the copy loop above reached it).
-  for (int e = 0; next != nullptr && e < NE; ++e)
+  for (int e = 0; next != nullptr && e < next->used; ++e)
     for (int j = 0; j < next->count[e]; ++j) {
       const scalar_t* z_row = pb.z + pb.rows[next->row_begin[e] + j] / pb.slots * L;
       for (int64_t l = 0; l < L; l += 64 / sizeof(scalar_t)) __builtin_prefetch(z_row + l, 0, 3);
     }
   s.prefetch.clear();
-  for (int e = 0; next != nullptr && e < NE; ++e) {
-    if (next->count[e] == 0 || (e > 0 && next->expert[e] == next->expert[e - 1])) continue;
+  for (int e = 0; next != nullptr && e < next->used; ++e)
     s.prefetch.add(pb.weight[0] + next->expert[e] * plan.layers[0].weight_size(),
                    plan.layers[0].weight_size() * static_cast<int64_t>(sizeof(scalar_t)));
-  }
   for (int i = 0; i < plan.num_layers; ++i) {
     const Layer& layer = plan.layers[i];
     if (layer.is_conv) {
-      conv_fwd<scalar_t, NE>(layer, s.act[i].data(), s.shared_weight[i].data(), nullptr, s.shared_bias[i].data(),
-                             s.act[i + 1].data(), s.pad[i + 1], &s.prefetch);
+      conv_fwd<scalar_t, T>(layer, s.act[i].data(), s.shared_weight[i].data(), nullptr, s.shared_bias[i].data(),
+                            s.act[i + 1].data(), s.pad[i + 1], &s.prefetch);
     } else {
       const scalar_t* weight[NE];
       for (int e = 0; e < NE; ++e) weight[e] = pb.weight[i] + b.expert[e] * layer.weight_size();
       linear_fwd<scalar_t, NE>(layer, s.act[i].data(), weight, s.shared_bias[i].data(), s.act[i + 1].data(), s.pad[i + 1],
-                               s.shared_weight[i].data());
+                               &slots, s.shared_weight[i].data());
     }
   }
 }
@@ -1601,12 +1640,16 @@ void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
     auto make_scratch = [&]() {
       Scratch<scalar_t> s(pb.plan, false);
       if (share) {
-        s.shared_weight.resize(pb.plan.num_layers);
-        s.shared_bias.resize(pb.plan.num_layers);
-        for (int i = 0; i < pb.plan.num_layers; ++i) {
+        const int nl = pb.plan.num_layers;
+        s.shared_weight.resize(nl);
+        s.shared_bias.resize(nl);
+        s.shared_pack.resize(nl);
+        for (int i = 0; i < nl; ++i) {
           const Layer& layer = pb.plan.layers[i];
-          s.shared_weight[i].resize(kSharedSlots * (layer.is_conv ? folded_size(layer) : kLinearTileRows * static_cast<int64_t>(layer.in_c)));
-          s.shared_bias[i].resize(kSharedSlots * layer.bias_size());
+          const int64_t bias = layer.bias_size(), conv = layer.is_conv ? folded_size(layer) : 0;
+          s.shared_weight[i].resize(layer.is_conv ? conv * T : kSharedSlots * kLinearTileRows * static_cast<int64_t>(layer.in_c));
+          s.shared_bias[i].resize((layer.is_conv ? T : kSharedSlots) * bias);
+          s.shared_pack[i].resize(kSharedSlots * std::max(bias, conv));
         }
       }
       return s;
@@ -1617,7 +1660,7 @@ void experts_forward(const ExpertsProblem<scalar_t>& pb, scalar_t* out) {
       scalar_t gate[T];
       if (i >= num_items) {
         const SharedBlock* next = following < num_work ? &shared[following - num_items] : nullptr;
-        decode_shared_block<scalar_t, kSharedSlots>(pb, s, shared[i - num_items], next, tokens, gate);
+        decode_shared_block<scalar_t>(pb, s, shared[i - num_items], next, tokens, gate);
         write_block_output(s.act[pb.plan.num_layers].data(), tokens, gate, k > 0, out);
         return;
       }

@@ -348,6 +348,40 @@ def test_many_experts_small_batch():
             assert torch.count_nonzero(grad[unused]) == 0, f"grad of {name}: unused experts got gradients"
 
 
+# Tokens per expert, in expert order (AVX-512 blocks hold 16 tokens, AVX2 8): the rows past an expert's
+# full blocks go to shared blocks, filled lane by lane with up to 4 experts each.
+SHARED_BLOCK_CASES = {
+    "tails_split_across_blocks": [15, 15, 15, 7],     # each tail continues in the next block
+    "four_slots_leave_lanes_empty": [1] * 9,          # 4 experts per block, 12 (4) lanes unused
+    "full_blocks_and_tails": [33, 7, 16, 1, 9, 0, 5],  # whole blocks, an empty expert, tails
+    "few_tokens_most_experts_empty": [3, 0, 0, 0, 0, 0, 0, 2],  # two short tails in one block
+}
+
+
+@pytest.mark.parametrize("kind", ["lite", "mlp"])
+@pytest.mark.parametrize("case", SHARED_BLOCK_CASES, ids=list(SHARED_BLOCK_CASES))
+def test_shared_blocks_match_the_reference(case, kind):
+    counts = SHARED_BLOCK_CASES[case]
+    num_experts = len(counts)
+    g = torch.Generator().manual_seed(21)
+    expert_idx = torch.repeat_interleave(torch.arange(num_experts), torch.tensor(counts))
+    expert_idx = expert_idx[torch.randperm(expert_idx.numel(), generator=g)]  # tokens in random order
+    batch = expert_idx.numel()
+    weights = random_weights(kind, num_experts, seed=22)
+    z = _inputs(batch, num_experts, torch.float32)
+    z[batch // 2] = float("nan")  # a NaN latent poisons its own token only, whichever lanes share its block
+    with torch.no_grad():
+        out = ops.experts_hard(z, expert_idx, weights, kind=kind, backend="cpp")
+        expected = reference.experts_hard(z, expert_idx, weights, kind)
+        assert_close(out, expected, name="hard x_hat")
+        assert torch.isnan(out[batch // 2]).all() and not torch.isnan(out[torch.arange(batch) != batch // 2]).any()
+        # Top-2 forward: phase 2 (the second slot) regroups the same tokens with other experts and gates.
+        topk_idx = torch.stack([expert_idx, (expert_idx + 1) % num_experts], dim=1)
+        topk_gates = torch.rand(batch, 2, generator=g).softmax(-1)
+        assert_close(ops.experts_topk(z, topk_idx, topk_gates, weights, kind=kind, backend="cpp"),
+                     reference.experts_topk(z, topk_idx, topk_gates, weights, kind), name="top-2 x_hat")
+
+
 def test_weights_changed_in_place_are_seen():
     # Weights are folded and packed on every call: an in-place update must show in the next call.
     kind, batch, num_experts = "lite", 40, 3
