@@ -265,15 +265,17 @@ def test_weight_gradients_are_deterministic():
 # ------------------------------------------------------------------------------------------------
 # Block layout: full 16-lane blocks, tails of several experts sharing a block, many experts
 
-# Tokens per expert -> the block layout they hit (fp32 on AVX-512: 16 lanes; a tail of 1-12 tokens
-# takes ceil(tail / 4) slots of 4 lanes in blocks of four slots, so one expert may hold two or three
-# slots of a block (its weights packed once) or run on into the next block; tails of 13-15 keep their
-# own block).
+# Tokens per expert, in expert order -> the block layout they hit (fp32 blocks hold 16 tokens on
+# AVX-512, 8 on AVX2; float64 keeps one-expert blocks): the rows past an expert's full blocks go to
+# shared blocks, filled lane by lane with up to 4 experts' tails, a tail running on into the next block.
 COUNT_CASES = [
     ("full_and_tails", [40, 16, 3, 4, 5, 8, 9, 1, 0, 12, 2, 7]),  # 2 full + tail 8, exact full, every tail kind
-    ("odd_quads", [1, 2, 3, 4, 1]),                                 # a quad block and a partial one
-    ("odd_pairs", [5, 6, 7]),                                       # two slots per expert, the last block half used
+    ("odd_quads", [1, 2, 3, 4, 1]),                                 # a four-expert block and a partial one
+    ("odd_pairs", [5, 6, 7]),                                       # three tails in one block
     ("one_big", [0, 0, 97]),                                        # 6 full blocks + tail 1, other experts empty
+    ("tails_split_across_blocks", [15, 15, 15, 7]),                 # each tail continues in the next block
+    ("four_slots_leave_lanes_empty", [1] * 9),                      # 4 experts per block, 12 (4) lanes unused
+    ("few_tokens_most_experts_empty", [3, 0, 0, 0, 0, 0, 0, 2]),    # two short tails in one block
 ]
 
 
@@ -348,36 +350,21 @@ def test_many_experts_small_batch():
             assert torch.count_nonzero(grad[unused]) == 0, f"grad of {name}: unused experts got gradients"
 
 
-# Tokens per expert, in expert order (AVX-512 blocks hold 16 tokens, AVX2 8): the rows past an expert's
-# full blocks go to shared blocks, filled lane by lane with up to 4 experts each.
-SHARED_BLOCK_CASES = {
-    "tails_split_across_blocks": [15, 15, 15, 7],     # each tail continues in the next block
-    "four_slots_leave_lanes_empty": [1] * 9,          # 4 experts per block, 12 (4) lanes unused
-    "full_blocks_and_tails": [33, 7, 16, 1, 9, 0, 5],  # whole blocks, an empty expert, tails
-    "few_tokens_most_experts_empty": [3, 0, 0, 0, 0, 0, 0, 2],  # two short tails in one block
-}
-
-
 @pytest.mark.parametrize("kind", ["lite", "mlp"])
-@pytest.mark.parametrize("case", SHARED_BLOCK_CASES, ids=list(SHARED_BLOCK_CASES))
-def test_shared_blocks_match_the_reference(case, kind):
-    counts = SHARED_BLOCK_CASES[case]
-    num_experts = len(counts)
-    g = torch.Generator().manual_seed(21)
-    expert_idx = torch.repeat_interleave(torch.arange(num_experts), torch.tensor(counts))
-    expert_idx = expert_idx[torch.randperm(expert_idx.numel(), generator=g)]  # tokens in random order
-    batch = expert_idx.numel()
+@pytest.mark.parametrize("name,counts", COUNT_CASES, ids=[c[0] for c in COUNT_CASES])
+def test_block_layouts_keep_nan_per_token_and_top2_gates(name, counts, kind):
+    expert_idx = _routing_from_counts(counts, seed=21)
+    batch, num_experts = expert_idx.numel(), len(counts)
     weights = random_weights(kind, num_experts, seed=22)
     z = _inputs(batch, num_experts, torch.float32)
-    z[batch // 2] = float("nan")  # a NaN latent poisons its own token only, whichever lanes share its block
+    z[batch // 2] = float("nan")  # poisons its own token only, whichever tokens share its block
     with torch.no_grad():
         out = ops.experts_hard(z, expert_idx, weights, kind=kind, backend="cpp")
-        expected = reference.experts_hard(z, expert_idx, weights, kind)
-        assert_close(out, expected, name="hard x_hat")
+        assert_close(out, reference.experts_hard(z, expert_idx, weights, kind), name="hard x_hat")
         assert torch.isnan(out[batch // 2]).all() and not torch.isnan(out[torch.arange(batch) != batch // 2]).any()
-        # Top-2 forward: phase 2 (the second slot) regroups the same tokens with other experts and gates.
+        # Top-2 forward: slot 2 regroups the same tokens with other experts and gates.
         topk_idx = torch.stack([expert_idx, (expert_idx + 1) % num_experts], dim=1)
-        topk_gates = torch.rand(batch, 2, generator=g).softmax(-1)
+        topk_gates = torch.rand(batch, 2, generator=torch.Generator().manual_seed(23)).softmax(-1)
         assert_close(ops.experts_topk(z, topk_idx, topk_gates, weights, kind=kind, backend="cpp"),
                      reference.experts_topk(z, topk_idx, topk_gates, weights, kind), name="top-2 x_hat")
 
