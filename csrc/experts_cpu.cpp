@@ -205,9 +205,18 @@ inline VecDouble gather_slots(const double* p, const VecInt& slots) {  // compil
 }
 
 // An empty asm that claims to change v: the load that produced it cannot be folded into its users.
+// Generic vectors (SMOE_FAST_VEC_BYTES) may be wider than a hardware register: left alone.
 template <typename V>
 inline void keep_in_register(V& v) {
+#if defined(SMOE_FAST_VEC_BYTES)
+  (void)v;
+#elif defined(__x86_64__) || defined(__i386__)
   asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#else
+  (void)v;
+#endif
 }
 
 template <typename scalar_t>

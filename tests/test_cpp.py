@@ -8,8 +8,11 @@ exactly and by invariants.
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -516,6 +519,44 @@ def test_torch_compile_traces_through():
 
 # ------------------------------------------------------------------------------------------------
 # Build cache and build errors
+
+# The build uses -march=native, so a machine only ever compiles its own vector path. These compile
+# experts_cpu.cpp (at -O0: code generation, where asm constraints and intrinsics are checked, without
+# the optimiser's time) for the other paths: AVX2, SSE2 and generic vector widths (SMOE_FAST_VEC_BYTES,
+# also wider than the hardware).
+OTHER_CPU_PATHS = {
+    "avx2": ["-march=x86-64-v3"],
+    "sse2": ["-march=x86-64"],
+    "generic_64_bytes_on_avx2": ["-march=x86-64-v3", "-DSMOE_FAST_VEC_BYTES=64"],
+    "generic_16_bytes": ["-march=x86-64-v2", "-DSMOE_FAST_VEC_BYTES=16"],
+}
+
+
+@pytest.fixture(scope="module")
+def other_cpu_path_builds(tmp_path_factory):
+    """Starts the compiles of every OTHER_CPU_PATHS entry at once (2 cores: ~45 s instead of ~90 s)."""
+    from torch.utils.cpp_extension import include_paths
+    out = tmp_path_factory.mktemp("other_cpu_paths")
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    builds = {}
+    for path, flags in OTHER_CPU_PATHS.items():
+        command = ["g++", "-std=c++20", "-O0", "-fPIC", "-fopenmp", "-Wno-psabi", "-DTORCH_EXTENSION_NAME=smoe_fast_ext",
+                   "-DTORCH_API_INCLUDE_EXTENSION_H", *flags, *includes, "-c",
+                   str(extension._source_dir() / "experts_cpu.cpp"), "-o", str(out / f"{path}.o")]
+        builds[path] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    yield builds
+    for build in builds.values():
+        build.kill()
+        build.wait()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("g++") is None,
+                    reason="compile checks of the x86 vector paths need g++ on x86-64")
+@pytest.mark.parametrize("path", OTHER_CPU_PATHS, ids=list(OTHER_CPU_PATHS))
+def test_other_cpu_vector_paths_compile(path, other_cpu_path_builds):
+    _, stderr = other_cpu_path_builds[path].communicate(timeout=600)
+    assert other_cpu_path_builds[path].returncode == 0, f"experts_cpu.cpp does not compile for {path}:\n{stderr[-4000:]}"
+
 
 def test_second_process_reuses_the_build():
     code = ("from smoe_fast import extension; extension.load(); "
