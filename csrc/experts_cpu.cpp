@@ -1507,8 +1507,8 @@ void read_block_grad(const scalar_t* y, const scalar_t* const* g_rows, const sca
 constexpr int kSharedSlots = 4;
 struct SharedBlock {
   int64_t expert[kSharedSlots], row_begin[kSharedSlots];
-  int first[kSharedSlots], count[kSharedSlots];  // count 0: an unused slot
-  int used;                                        // slots in use (>= 1)
+  int first[kSharedSlots], count[kSharedSlots];
+  int used;  // slots in use (>= 1); expert[used ..] repeats the last used one (the linear layers read all four)
 };
 
 // Whether blocks may hold several experts: float on AVX2 or AVX-512 (8 or 16 lanes; float64 keeps
@@ -1531,12 +1531,7 @@ inline void share_tails(std::vector<WorkItem>& items, int64_t begin, int64_t end
   SharedBlock open{};
   int lanes_used = 0;
   auto flush = [&]() {
-    for (int e = open.used; e < kSharedSlots; ++e) {
-      open.expert[e] = open.expert[open.used - 1];
-      open.row_begin[e] = open.row_begin[open.used - 1];
-      open.first[e] = lanes_used;
-      open.count[e] = 0;
-    }
+    for (int e = open.used; e < kSharedSlots; ++e) open.expert[e] = open.expert[open.used - 1];
     shared.push_back(open);
     open.used = 0;
     lanes_used = 0;
@@ -1597,15 +1592,12 @@ void decode_shared_block(const ExpertsProblem<scalar_t>& pb, Scratch<scalar_t>& 
   // per lane. (A separate interleave pass over per-expert packs took 5% of the forward at E = 8,192.)
   for (int i = 0; i < plan.num_layers; ++i) {
     const Layer& layer = plan.layers[i];
-    scalar_t* sb = s.shared_pack[i].data();
+    scalar_t* sb = layer.is_conv ? s.shared_pack[i].data() : s.shared_bias[i].data();
     for (int e = 0; e < NE; ++e) {
       const scalar_t* bias = pb.bias[i] + b.expert[e] * layer.bias_size();
       for (int j = 0; j < layer.bias_size(); ++j) sb[j * NE + e] = bias[j];
     }
-    if (!layer.is_conv) {
-      std::copy(sb, sb + layer.bias_size() * NE, s.shared_bias[i].data());
-      continue;
-    }
+    if (!layer.is_conv) continue;
     expand_lanes(sb, layer.bias_size(), slots, s.shared_bias[i].data());
     scalar_t* sw = s.shared_pack[i].data();
     for (int e = 0; e < b.used; ++e)
