@@ -20,13 +20,15 @@ Decoder (conv kinds, ``_conv_decoder_tile``):
    the 3x3 taps that land on one low-resolution pixel summed. Each phase is a GEMM with
    K = C_in * 4 (32 for lite's conv1, exactly one tensor-core K step) instead of C_in * 9 on the
    up-sampled map: 2.25x fewer multiply-adds and no up-sampled tensor. Rows are (pixel, token),
-   gathered from scratch; conv1 (+ELU) -> scratch h1 [C1, 16, 16, TS]; medium's conv2 (+ELU) ->
-   scratch h2 [32, 30, 30, TS].
-3. the last convolution has one output channel. lite's (up-sampled, 16 channels): one GEMM over the
-   channels gives every input pixel's contribution to each (phase, tap) pair, [pixels, 16] x [16, 16]
-   on ``tl.dot`` -> scratch, then each output pixel sums its four taps (each input read once, not 16
-   times). medium's (28x28, 32 channels, no up-sampling): a row-wise weighted sum over its 9 x 32
-   taps. Then sigmoid and the output mode.
+   gathered from scratch; conv1 (+ELU) -> scratch h1 [C1, 16, 16, TS] (medium), whose conv2 (+ELU)
+   is the second such pass.
+3. the last convolution has one output channel, too narrow for ``tl.dot``. One GEMM over its input
+   channels gives every input pixel's contribution to each of its taps ("parts"): lite's
+   (up-sampled, 16 channels) [pixels, 16] x [16, 16 (phase, tap)], medium's (28x28, 32 channels)
+   [pixels, 32] x [32, 9 taps, padded to 16]; then each output pixel sums its 4 or 9 parts (each
+   input read once, not 16 or 9 times). That GEMM is per pixel, so it runs on each tile of the layer
+   before while it is still in registers (``_upconv3x3_to_scratch``): only the parts go to scratch,
+   never lite's a1 or medium's a2. Then sigmoid and the output mode.
 
 Scratch. Triton cannot gather from registers, so the stages exchange activations through a small
 per-program buffer in global memory, sized by the grid and not by B (it stays in L1/L2). The
@@ -64,12 +66,12 @@ def map_dtype(dot: str) -> str:
 
 
 def conv_scratch_size(kind: str, bm: int, ts: int, maps: str = "fp32") -> int:
-    """fp32 scratch elements per program of the conv kinds: the zero-bordered maps h0 [C0][9][9][BM],
-    h1 [C1][16][16][TS] and medium's h2 [C2][30][30][TS], in ``maps`` (``map_dtype``), then lite's
-    conv2 parts [16][16][16][TS] in fp32."""
-    c0, c1, c2 = CONV_CHANNELS[kind]
-    map_elements = c0 * 81 * bm + c1 * 256 * ts + (c2 * 900 * ts if kind == "medium" else 0)
-    parts = 16 * 256 * ts if kind == "lite" else 0
+    """fp32 scratch elements per program of the conv kinds: the zero-bordered maps h0 [C0][9][9][BM] and
+    medium's h1 [C1][16][16][TS], in ``maps`` (``map_dtype``), then the last conv's parts in fp32:
+    lite [16][16][16][TS], medium [9][30][30][TS] (the map before it stays in registers)."""
+    c0, c1, _ = CONV_CHANNELS[kind]
+    map_elements = c0 * 81 * bm + (c1 * 256 * ts if kind == "medium" else 0)
+    parts = 16 * 256 * ts if kind == "lite" else 9 * 900 * ts
     return -(-map_elements * MAP_BYTES[maps] // 4) + parts
 
 
@@ -165,17 +167,52 @@ def _gather_phase_rows(p_src, r0, py, px, ci, dy, dx, H: tl.constexpr, W: tl.con
 
 
 @triton.jit
-def _upconv3x3_to_scratch(p_src, p_dst, w, b, e,
+def _one_channel_weights(w, e, CIN: tl.constexpr, PARTS: tl.constexpr):
+    """[CIN, 16] weights of a one-channel 3x3 convolution as the GEMM operand of its parts
+    (``_one_channel_parts``). PARTS == 16, an up-sampled convolution (lite's conv2): column n = (py,
+    px, dy, dx) holds the merged W'[py, px, ci, dy, dx] (``_merged_phase_weights``). PARTS == 9, a
+    plain one (medium's conv3): column n = ky * 3 + kx holds W[ci, ky, kx], columns 9..15 zero."""
+    o_c = tl.arange(0, CIN)
+    o_n = tl.arange(0, 16)
+    if PARTS == 16:
+        b_w = _merged_phase_weights(w + e * CIN * 9 + o_c[:, None] * 9, o_n[None, :] // 8, (o_n[None, :] // 4) % 2,
+                                    (o_n[None, :] // 2) % 2, o_n[None, :] % 2)
+    else:
+        b_w = tl.load(w + e * CIN * 9 + o_c[:, None] * 9 + o_n[None, :], mask=o_n[None, :] < 9, other=0.0)
+    return b_w.to(tl.float32)
+
+
+@triton.jit
+def _one_channel_parts(b_x, b_w, INPUT_PRECISION: tl.constexpr):
+    """[rows, CIN] pixels x [CIN, 16] (``_one_channel_weights``) -> each pixel's contribution to each
+    (phase, tap) or tap of a one-channel convolution, summed per output pixel by ``_sum_taps_to_image``."""
+    return mm(b_x, b_w, INPUT_PRECISION)
+
+
+@triton.jit
+def _upconv3x3_to_scratch(p_src, p_dst, p_part, w, b, w_next, e,
                           CIN: tl.constexpr, COUT: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                          TS: tl.constexpr, SRC_T: tl.constexpr, BR: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """dst = ELU(conv3x3(up2(src)) + b) for TS tokens, four phase GEMMs: src [CIN][H+2][W+2][SRC_T]
-    -> dst [COUT][2H+2][2W+2][TS] (both zero-bordered, token innermost; the borders are never written)."""
+                          TS: tl.constexpr, SRC_T: tl.constexpr, BR: tl.constexpr, STORE_MAP: tl.constexpr,
+                          PARTS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """act = ELU(conv3x3(up2(src)) + b) for TS tokens, four phase GEMMs: src [CIN][H+2][W+2][SRC_T] ->
+    act [COUT][2H+2][2W+2][TS] (both zero-bordered, token innermost; the borders are never written).
+
+    STORE_MAP: act goes to p_dst. PARTS (0, 9 or 16): act feeds a one-channel convolution (COUT
+    input channels), and each [BR, COUT] tile of act goes, still in registers, through that
+    convolution's channel GEMM (``_one_channel_parts``): the conv's parts [PARTS][2H+2][2W+2][TS]
+    fp32 -> p_part, zero-bordered like act, for ``_sum_taps_to_image``. The GEMM is per pixel, so the
+    forward never stores act: lite's conv1 -> conv2 and medium's conv2 -> conv3 save writing and
+    re-reading it (lite's scratch traffic per token 77 -> 52 KB in fp32); the lite backward, which
+    needs a1, stores both."""
     o_k = tl.arange(0, CIN * 4)
     ci = o_k // 4
     dy = (o_k // 2) % 2
     dx = o_k % 2
     o_n = tl.arange(0, COUT)
+    o_p = tl.arange(0, 16)
     b_bias = tl.load(b + e * COUT + o_n).to(tl.float32)
+    if PARTS > 0:
+        b_w_next = _one_channel_weights(w_next, e, COUT, PARTS)
     for phase in tl.static_range(4):
         py = phase // 2
         px = phase % 2
@@ -186,90 +223,69 @@ def _upconv3x3_to_scratch(p_src, p_dst, w, b, e,
             b_a, m_r, o_t, o_i, o_j = _gather_phase_rows(p_src, r0, py, px, ci, dy, dx, H, W, TS, SRC_T, BR)
             b_h = elu(mm(b_a, b_w, INPUT_PRECISION) + b_bias[None, :])
             o_out = ((2 * o_i + py + 1) * (2 * W + 2) + 2 * o_j + px + 1) * TS + o_t
-            tl.store(p_dst + o_out[:, None] + o_n[None, :] * ((2 * H + 2) * (2 * W + 2) * TS), b_h, mask=m_r[:, None])
+            if STORE_MAP:
+                tl.store(p_dst + o_out[:, None] + o_n[None, :] * ((2 * H + 2) * (2 * W + 2) * TS), b_h,
+                         mask=m_r[:, None])
+            if PARTS > 0:
+                tl.store(p_part + o_out[:, None] + o_p[None, :] * ((2 * H + 2) * (2 * W + 2) * TS),
+                         _one_channel_parts(b_h, b_w_next, INPUT_PRECISION), mask=m_r[:, None] & (o_p[None, :] < PARTS))
 
 
 @triton.jit
-def _conv3x3_to_image(p_src, out, p_rows, p_gate, stride_g_row, gate_col, accumulate, w, b, e, n_tokens,
-                      CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr, BR: tl.constexpr,
-                      GATED: tl.constexpr):
-    """out[row] = sigmoid(conv3x3(src) + b) with one output channel (medium's conv3), for the first
-    n_tokens of TS tokens (output modes: ``_store_image_rows``).
+def _sum_taps_to_image(p_part, out, p_rows, p_gate, stride_g_row, gate_col, accumulate, b, e, n_tokens,
+                       H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr, BR: tl.constexpr, UP: tl.constexpr,
+                       GATED: tl.constexpr):
+    """out[row] = sigmoid(conv3x3(x) + b) with one output channel, for the first n_tokens of TS tokens
+    (output modes: ``_store_image_rows``), from the conv's parts over x's H x W pixels
+    (``_upconv3x3_to_scratch``, zero-bordered [parts][H+2][W+2][TS], so a tap off the map adds 0, as
+    the padding does).
 
-    src [CIN][H+2][W+2][TS] (zero-bordered, token innermost); the image is H x W. One output channel
-    is too narrow for tl.dot: each row (pixel, token) is a weighted sum of its 9 taps of CIN channels,
-    read at consecutive addresses across a warp's rows."""
+    UP (lite's conv2, x = up2(src), a 2H x 2W image): part[(py, px, dy, dx)][a][b] = sum_ci W'[py, px,
+    ci, dy, dx] src[ci][a][b] and output (2i+py, 2j+px) adds part[(py, px, dy, dx)][i+py+dy-1][j+px+dx-1]
+    over its four taps: CIN*H*W + 4*4*H*W values per token instead of gathering CIN*4 phase taps per
+    output, CIN*4*4*H*W (lite: 6,272 against 50,176). Else (medium's conv3, an H x W image):
+    part[ky * 3 + kx][a][b] = sum_ci W[ci, ky, kx] x[ci][a][b] and output (i, j) adds
+    part[ky * 3 + kx][i+ky-1][j+kx-1] over its nine taps: 18 values per pixel instead of CIN*9 (medium:
+    288)."""
     b_bias = tl.load(b + e).to(tl.float32)
-    p_w = w + e * CIN * 9
-    o_c = tl.arange(0, CIN)
-    for r0 in range(0, H * W * TS, BR):
-        m_r, o_t, o_i, o_j = _pixel_token_rows(r0, H, W, TS, BR)
-        # [BR, CIN] at tap (0, 0), padded (i, j); tap (ky, kx) is a fixed offset from it
-        p_a = p_src + (((o_i * (W + 2) + o_j) * TS + o_t)[:, None] + o_c[None, :] * ((H + 2) * (W + 2) * TS))
-        b_y = tl.zeros([BR], dtype=tl.float32)
-        for ky in tl.static_range(3):
-            for kx in tl.static_range(3):
-                b_a = tl.load(p_a + (ky * (W + 2) + kx) * TS, mask=m_r[:, None], other=0.0)
-                b_w = tl.load(p_w + o_c * 9 + ky * 3 + kx).to(tl.float32)
-                b_y += tl.sum(b_a * b_w[None, :], axis=1)
-        b_y += b_bias
-        m_o = m_r & (o_t < n_tokens)
-        _store_image_rows(out + o_i * W + o_j, p_rows, o_t, m_o, b_y, p_gate, stride_g_row, gate_col, accumulate,
-                          H * W, GATED)
-
-
-@triton.jit
-def _upconv3x3_one_channel_to_image(p_src, p_part, out, p_rows, p_gate, stride_g_row, gate_col, accumulate,
-                                    w, b, e, n_tokens,
-                                    CIN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, TS: tl.constexpr,
-                                    BR: tl.constexpr, GATED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """out[row] = sigmoid(conv3x3(up2(src)) + b) with one output channel, for the first n_tokens of
-    TS tokens (output modes: ``_store_image_rows``); src [CIN][H+2][W+2][TS] zero-bordered, the image
-    is 2H x 2W.
-
-    Gathering the CIN*4 phase taps of every output pixel would read each input 16 times. Instead one
-    GEMM over the channels gives, for every input pixel (a, b), its contribution to each of the 16
-    (phase, tap) pairs: part[(py, px, dy, dx)][a][b] = sum_ci W'[py, px, ci, dy, dx] src[ci][a][b]
-    (rows (pixel, token), K = CIN, N = 16); then output (2i+py, 2j+px) adds its four taps,
-    part[(py, px, dy, dx)][i+py+dy-1][j+px+dx-1]. part [16][H+2][W+2][TS] is zero-bordered like src,
-    so a tap off the map adds 0, as the padding does. Per token that reads CIN*H*W + 4*4*H*W
-    scratch values instead of CIN*4*4*H*W (lite: 6,272 against 50,176)."""
-    o_c = tl.arange(0, CIN)
-    o_n = tl.arange(0, 16)
-    # [CIN, 16]: column n = (py, px, dy, dx)
-    b_w = _merged_phase_weights(w + e * CIN * 9 + o_c[:, None] * 9, o_n[None, :] // 8, (o_n[None, :] // 4) % 2,
-                                (o_n[None, :] // 2) % 2, o_n[None, :] % 2)
-    for r0 in range(0, H * W * TS, BR):
-        m_r, o_t, o_a, o_b = _pixel_token_rows(r0, H, W, TS, BR)
-        o_pix = ((o_a + 1) * (W + 2) + o_b + 1) * TS + o_t
-        b_x = tl.load(p_src + o_pix[:, None] + o_c[None, :] * ((H + 2) * (W + 2) * TS), mask=m_r[:, None], other=0.0)
-        b_part = mm(b_x, b_w, INPUT_PRECISION)
-        tl.store(p_part + o_pix[:, None] + o_n[None, :] * ((H + 2) * (W + 2) * TS), b_part, mask=m_r[:, None])
-    tl.debug_barrier()
-    b_bias = tl.load(b + e).to(tl.float32)
-    o_k = tl.arange(0, 4)
-    dy = o_k // 2
-    dx = o_k % 2
-    for phase in tl.static_range(4):
-        py = phase // 2
-        px = phase % 2
-        # the four taps of this phase are the columns n = phase * 4 + (dy, dx) of part; 4 * BR rows per
-        # step so that a [rows, 4] tile still gives each thread a vector of rows
-        for r0 in range(0, H * W * TS, 4 * BR):
-            b_taps, m_r, o_t, o_i, o_j = _gather_phase_rows(p_part, r0, py, px, phase * 4 + o_k, dy, dx, H, W, TS, TS,
-                                                            4 * BR)
+    if UP:
+        o_k = tl.arange(0, 4)
+        dy = o_k // 2
+        dx = o_k % 2
+        for phase in tl.static_range(4):
+            py = phase // 2
+            px = phase % 2
+            # the four taps of this phase are the columns n = phase * 4 + (dy, dx) of part; 4 * BR rows per
+            # step so that a [rows, 4] tile still gives each thread a vector of rows
+            for r0 in range(0, H * W * TS, 4 * BR):
+                b_taps, m_r, o_t, o_i, o_j = _gather_phase_rows(p_part, r0, py, px, phase * 4 + o_k, dy, dx, H, W,
+                                                                TS, TS, 4 * BR)
+                b_y = tl.sum(b_taps, axis=1) + b_bias
+                m_o = m_r & (o_t < n_tokens)
+                _store_image_rows(out + (2 * o_i + py) * (2 * W) + 2 * o_j + px, p_rows, o_t, m_o, b_y, p_gate,
+                                  stride_g_row, gate_col, accumulate, 4 * H * W, GATED)
+    else:
+        # [16] taps, 9 of them real: part n at padded pixel (i + ky, j + kx)
+        o_n = tl.arange(0, 16)
+        o_tap = ((o_n * (H + 2) + o_n // 3) * (W + 2) + o_n % 3) * TS
+        for r0 in range(0, H * W * TS, BR):
+            m_r, o_t, o_i, o_j = _pixel_token_rows(r0, H, W, TS, BR)
+            o_pix = (o_i * (W + 2) + o_j) * TS + o_t
+            b_taps = tl.load(p_part + o_pix[:, None] + o_tap[None, :], mask=m_r[:, None] & (o_n[None, :] < 9),
+                             other=0.0)
             b_y = tl.sum(b_taps, axis=1) + b_bias
             m_o = m_r & (o_t < n_tokens)
-            _store_image_rows(out + (2 * o_i + py) * (2 * W) + 2 * o_j + px, p_rows, o_t, m_o, b_y, p_gate,
-                              stride_g_row, gate_col, accumulate, 4 * H * W, GATED)
+            _store_image_rows(out + o_i * W + o_j, p_rows, o_t, m_o, b_y, p_gate, stride_g_row, gate_col, accumulate,
+                              H * W, GATED)
 
 
 @triton.jit
 def scratch_maps(scratch, scratch_per_program, C0: tl.constexpr, C1: tl.constexpr, HAS_CONV3: tl.constexpr,
                  BM: tl.constexpr, TS: tl.constexpr, MAPS: tl.constexpr):
-    """This program's part of the fp32 ``scratch`` (conv_scratch_size floats): the maps h0 [C0, 9, 9, BM],
-    h1 [C1, 16, 16, TS] and medium's h2 [C2, 30, 30, TS] as pointers to ``MAPS`` (``map_dtype``); for
-    lite, h2 is the conv2 parts [16, 16, 16, TS], fp32, after h1."""
+    """This program's part of the fp32 ``scratch`` (conv_scratch_size floats) as (h0, h1, parts): the
+    maps h0 [C0, 9, 9, BM] and medium's h1 [C1, 16, 16, TS] as pointers to ``MAPS`` (``map_dtype``),
+    then the last conv's parts in fp32 (lite [16, 16, 16, TS], medium [9, 30, 30, TS]). The map
+    before the last conv never goes to scratch (``_upconv3x3_to_scratch``); lite's h1 is the parts."""
     p_base = scratch + tl.program_id(0).to(tl.int64) * scratch_per_program
     if MAPS == "bf16":
         p_h0 = p_base.to(tl.pointer_type(tl.bfloat16))
@@ -277,15 +293,14 @@ def scratch_maps(scratch, scratch_per_program, C0: tl.constexpr, C1: tl.constexp
         p_h0 = p_base.to(tl.pointer_type(tl.float16))
     else:
         p_h0 = p_base
-    p_h1 = p_h0 + C0 * 81 * BM
-    if HAS_CONV3:
-        p_h2 = p_h1 + C1 * 256 * TS
-    elif MAPS == "fp32":
-        p_h2 = p_base + C0 * 81 * BM + C1 * 256 * TS
+    maps = C0 * 81 * BM + (C1 * 256 * TS if HAS_CONV3 else 0)
+    if MAPS == "fp32":
+        p_parts = p_base + maps
     else:
-        # half maps: C0 * 81 * BM + C1 * 256 * TS elements is even, so the parts start on a float
-        p_h2 = p_base + (C0 * 81 * BM + C1 * 256 * TS) // 2
-    return p_h0, p_h1, p_h2
+        # half maps: C0 * 81 * BM + C1 * 256 * TS elements is even (C0 = 8 or 32), so the parts start on a float
+        p_parts = p_base + maps // 2
+    p_h1 = p_h0 + C0 * 81 * BM if HAS_CONV3 else p_parts
+    return p_h0, p_h1, p_parts
 
 
 @triton.jit
@@ -307,13 +322,18 @@ def _conv_decoder_tile(z, stride_zb, stride_zl, row_div, p_rows, n_rows, e,
         # are never stored
         n_group = tl.minimum(n_rows - g0, TS)
         tl.debug_barrier()
-        _upconv3x3_to_scratch(p_h0 + g0, p_h1, conv1_w, conv1_b, e, C0, C1, 7, 7, TS, BM, BR, INPUT_PRECISION)
-        tl.debug_barrier()
         if HAS_CONV3:
-            _upconv3x3_to_scratch(p_h1, p_h2, conv2_w, conv2_b, e, C1, C2, 14, 14, TS, TS, BR, INPUT_PRECISION)
+            _upconv3x3_to_scratch(p_h0 + g0, p_h1, p_h1, conv1_w, conv1_b, conv1_w, e, C0, C1, 7, 7, TS, BM, BR, True,
+                                  0, INPUT_PRECISION)
             tl.debug_barrier()
-            _conv3x3_to_image(p_h2, out, p_rows + g0, p_gate, stride_g_row, gate_col, accumulate, conv3_w, conv3_b,
-                              e, n_group, C2, 28, 28, TS, BR, GATED)
+            _upconv3x3_to_scratch(p_h1, p_h2, p_h2, conv2_w, conv2_b, conv3_w, e, C1, C2, 14, 14, TS, TS, BR, False,
+                                  9, INPUT_PRECISION)
+            tl.debug_barrier()
+            _sum_taps_to_image(p_h2, out, p_rows + g0, p_gate, stride_g_row, gate_col, accumulate, conv3_b, e,
+                               n_group, 28, 28, TS, BR, False, GATED)
         else:
-            _upconv3x3_one_channel_to_image(p_h1, p_h2, out, p_rows + g0, p_gate, stride_g_row, gate_col, accumulate,
-                                            conv2_w, conv2_b, e, n_group, C1, 14, 14, TS, BR, GATED, INPUT_PRECISION)
+            _upconv3x3_to_scratch(p_h0 + g0, p_h1, p_h1, conv1_w, conv1_b, conv2_w, e, C0, C1, 7, 7, TS, BM, BR, False,
+                                  16, INPUT_PRECISION)
+            tl.debug_barrier()
+            _sum_taps_to_image(p_h1, out, p_rows + g0, p_gate, stride_g_row, gate_col, accumulate, conv2_b, e,
+                               n_group, 14, 14, TS, BR, True, GATED)

@@ -8,8 +8,8 @@ backward in the same layout, TS tokens at a time:
 | step | what                                            | as                                                       |
 |------|-------------------------------------------------|----------------------------------------------------------|
 | 1    | h0 = fc(z) -> H0 [8][9][9][BM]                   | the forward's ``_linear_rows_to_scratch``                |
-| 2    | a1 = ELU(conv1(up(h0))) -> A1 [16][16][16][TS]   | the forward's ``_upconv3x3_to_scratch``                  |
-| 3    | conv2's (phase, tap) parts -> PARTS              | the forward's channel GEMM                               |
+| 2    | a1 = ELU(conv1(up(h0))) -> A1 [16][16][16][TS]   | the forward's ``_upconv3x3_to_scratch``, which also      |
+| 3    | conv2's (phase, tap) parts -> PARTS              | runs conv2's channel GEMM on each a1 tile                |
 | 4    | y; g2 = sigmoid'(gate * dL/dx_hat) -> G2P        | 4-tap sums; d gate = <dL/dx_hat, y>, d conv2.bias        |
 |      | [4 phases][16][16][TS]                          |                                                          |
 | 5    | da1 = conv2^T g2; dc1 = ELU'(da1) -> DC1P        | rows (pixel, token) x K = 16 (phase, tap) gathered from  |
@@ -61,21 +61,6 @@ def _gather_tap_columns(p_src, o_row, o_col, m_r):
 
 
 @triton.jit
-def _lite_parts_to_scratch(p_a1, p_part, w, e, TS: tl.constexpr, BR: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """conv2's (phase, tap) parts of every a1 pixel (the first half of the forward's
-    ``_upconv3x3_one_channel_to_image``): part[n][a][b] = sum_ci W'[n, ci] a1[ci][a][b]."""
-    o_c = tl.arange(0, 16)
-    o_n = tl.arange(0, 16)
-    b_w = _merged_phase_weights(w + e * 16 * 9 + o_c[:, None] * 9, o_n[None, :] // 8, (o_n[None, :] // 4) % 2,
-                                (o_n[None, :] // 2) % 2, o_n[None, :] % 2)
-    for r0 in range(0, 14 * 14 * TS, BR):
-        m_r, o_t, o_a, o_b = _pixel_token_rows(r0, 14, 14, TS, BR)
-        o_pix = ((o_a + 1) * 16 + o_b + 1) * TS + o_t
-        b_x = tl.load(p_a1 + o_pix[:, None] + o_c[None, :] * (256 * TS), mask=m_r[:, None], other=0.0)
-        tl.store(p_part + o_pix[:, None] + o_n[None, :] * (256 * TS), mm(b_x, b_w, INPUT_PRECISION), mask=m_r[:, None])
-
-
-@triton.jit
 def _lite_tile_bwd(z, stride_zb, stride_zl, row_div, p_rows, n_rows, e,
                    p_do, stride_dob, stride_dop, p_gate, stride_g_row, gate_col,
                    p_dg, stride_dg_row, dg_col, p_dz, dz_accumulate, p_part, part_accumulate,
@@ -112,9 +97,8 @@ def _lite_tile_bwd(z, stride_zb, stride_zl, row_div, p_rows, n_rows, e,
     for g0 in range(0, n_rows, TS):
         n_group = tl.minimum(n_rows - g0, TS)
         tl.debug_barrier()
-        _upconv3x3_to_scratch(p_h0 + g0, p_a1, conv1_w, conv1_b, e, 8, 16, 7, 7, TS, BM, BR, INPUT_PRECISION)
-        tl.debug_barrier()
-        _lite_parts_to_scratch(p_a1, p_parts, conv2_w, e, TS, BR, INPUT_PRECISION)
+        _upconv3x3_to_scratch(p_h0 + g0, p_a1, p_parts, conv1_w, conv1_b, conv2_w, e, 8, 16, 7, 7, TS, BM, BR, True, 16,
+                              INPUT_PRECISION)
         tl.debug_barrier()
         # 4. y from the four taps of each phase; g2 = d(conv2 pre-activation) -> G2P, d gate per token
         m_group = o_ts < n_group

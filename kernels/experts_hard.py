@@ -18,9 +18,9 @@ docstring there has the arithmetic) in its plain output mode, x_hat[token] = D_e
 mlp: relu(z W1^T + b1) -> scratch h [BM, hidden] -> sigmoid(h W2^T + b2) -> x_hat[token].
 
 Scratch, per program (sized by the grid, not by B): ``decoder_tiles.conv_scratch_size``, lite
-BM=16, TS=2: 26.8K floats (107 KB; 70 KB with half maps), medium BM=16, TS=1: 86.7K floats (347 KB;
-173 KB with half maps); mlp BM*hidden floats.
-With 2 programs per SM on an H100 that is 28 MB (lite, inside the 50 MB L2) and 87 MB (medium; 46 MB,
+BM=16, TS=2: 18.6K floats (73 KB; 52 KB with half maps: h0 and conv2's parts, a1 stays in registers),
+medium BM=16, TS=1: 86.7K floats (339 KB; 169 KB with half maps); mlp BM*hidden floats.
+With 2 programs per SM on an H100 that is 19 MB (lite, inside the 50 MB L2) and 87 MB (medium; 44 MB,
 inside the L2, with half maps).
 
 Launches: two for grouping (kernels/grouping.py), one for the tile scan and one decoder kernel,
@@ -52,7 +52,8 @@ from .activations import sigmoid
 from .decoder_tiles import (CONV_CHANNELS, _conv_decoder_tile, _linear_rows_to_scratch, conv_scratch_size, map_dtype,
                             scratch_maps)
 from .grouping import group_by_expert_fwd
-from .launch import autocast_input, device_guard, dot_mode, find_tile, log2_ceil, max_programs, mm, tile_bound, tile_offsets
+from .launch import (autocast_input, device_guard, dot_mode, find_tile, log2_ceil, max_programs, mm, register_cap,
+                     tile_bound, tile_offsets)
 from .tuning import experts_hard_config
 
 __all__ = ["experts_hard", "experts_hard_fwd"]
@@ -232,6 +233,7 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
             BN_FC=64,
             INPUT_PRECISION=precision,
             num_warps=config["num_warps"],
+            maxnreg=register_cap(config["num_warps"]) if kind == "lite" else None,
         )
 
     with device_guard(z):

@@ -84,8 +84,8 @@ def register_cap(num_warps: int) -> int:
     kernel 64 registers (room for two CTAs) and spills; stating the limit changes its choice, for
     better or worse per kernel (``smoe-fast audit``, sm_90): the top-k lite forward went from 64
     registers and 84 B spilled to 123 and none, the lite backwards from up to 13.8 KB to at most 7.6
-    KB, hard medium from 0 to 768 B spilled. So a launcher passes it only where the audit shows it
-    helps."""
+    KB, hard medium from 0 to 768 B spilled, hard lite (sm_86, IEEE) from 64 registers and 32 B
+    spilled to 128 and none. So a launcher passes it only where the audit shows it helps."""
     return min(255, REGISTERS_PER_SM // (32 * num_warps))
 
 

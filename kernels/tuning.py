@@ -65,6 +65,10 @@ def grouping_config(bucket: int, num_experts: int, arch: int) -> dict[str, int]:
 # uses 105 registers in IEEE fp32 (no spill) and 128 with 32 B (TF32) / 48 B (bf16; fp32 maps then,
 # see _HARD_LITE_HALF_SM90 for the half maps) spilled; it is
 # one CTA per SM, but 16 resident warps, the level the audit's model takes as hiding latency.
+# Since a1 stays in registers (2026-12-04) and the launcher states the register cap
+# (launch.register_cap): 122-128 registers and nothing spilled on sm_90 in every mode, 0 / 8 / 0 B
+# (IEEE / TF32 / bf16) on sm_86 (ptxas alone took 64 registers there and spilled 32 B in IEEE) and
+# 0 / 64 / 64 B on sm_80.
 # Two CTAs of 8 warps would need <= 128 registers at 8 warps, and 8 warps take more: TS=2, BR=64
 # 197-241 registers (one CTA, predicted 1,036-1,060 us against 518-530 us), TS=4, BR=32 165-172
 # (one CTA, 1,040-1,064 us); TS=2, BR=32 at 16 warps spills 196-276 B, TS=4, BR=64 16-64 B.
@@ -216,7 +220,11 @@ def training_lite_fwd_config(arch: int, dot: str = "ieee", gating: str = "soft")
     bytes per thread at 16 warps (at most 128 registers with one CTA per SM) -> at 8:
 
     - TF32 / bf16 (tensor-core dots): soft 116 / 172 B, top-k 48 / 56 B (sm_90) -> 0 on sm_80, sm_86
-      and sm_90 (208-255 registers): 8 warps.
+      and sm_90 (208-255 registers): 8 warps. Since conv1 feeds conv2's parts GEMM in registers
+      (2026-12-04, ``decoder_tiles._upconv3x3_to_scratch``) sm_90 compiles them at 16 warps with
+      114-128 registers and nothing spilled, predicted soft 3,232 -> 1,616 us (TF32) and 2,532 ->
+      1,266 us (bf16), top-k 40 -> 20 us: sm_90 keeps 16. On sm_80 top-k at 16 spilled 64 B (sm_86
+      none), so the archs under sm_90 keep 8.
     - IEEE: soft 0 on sm_90 but 16 / 56 B on sm_80 / sm_86 (ptxas took 128 / 64 registers) -> 0;
       top-k (with the launcher's register cap) 0 everywhere. 8 warps doubled the predicted time on
       sm_90 (soft 4,549 against 2,275 us: half the warps to hide the scratch gathers' latency), so
@@ -224,7 +232,7 @@ def training_lite_fwd_config(arch: int, dot: str = "ieee", gating: str = "soft")
     config = experts_hard_default("lite", arch, MAX_BUCKET)
     if arch == 0:
         return config
-    if dot != "ieee" or (gating == "soft" and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]):
+    if (dot != "ieee" and arch < 90) or (gating == "soft" and SHARED_LIMIT_BYTES.get(arch, 0) < SHARED_LIMIT_BYTES[90]):
         config["num_warps"] = 8
     return config
 
@@ -298,7 +306,9 @@ def grouped_layer_config(kernel: str, c_in: int, c_out: int, pixels_in: int, pix
 # (at most 8 B: dgrad conv1, bf16, sm_86) from 11.6-30 KB; mlp forwards 0 B except 8-32 B in IEEE
 # on sm_80; mlp backwards at most 8.6 / 8.1 KB (sm_80 TF32). After the mlp tiles were set per GEMM mode
 # (training_mlp_config, experts_hard_default): every mlp forward, hard and training, 0 B on sm_80,
-# sm_86 and sm_90 in every mode (hard mlp 32 B IEEE and 16 B TF32 before on sm_90).
+# sm_86 and sm_90 in every mode (hard mlp 32 B IEEE and 16 B TF32 before on sm_90). After lite's a1
+# stayed in registers (2026-12-04): hard lite 0 B on sm_90 in every mode (32 / 40 B in TF32 / bf16
+# before), at most 8 B on sm_86; sm_80 keeps 64 B in TF32 and bf16, hence the budget.
 SPILL_BUDGET_BYTES = {
     "grouping": 0,
     "tile offsets": 0,

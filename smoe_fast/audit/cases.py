@@ -131,26 +131,30 @@ _HARD_DTYPES = {"fp32/ieee": ("fp32", "ieee"), "fp32/tf32": ("fp32", "tf32"), "b
 def _conv_tile_stages(kind: str, rows: int) -> list[W.Stage]:
     """The GEMM stages of decoder_tiles._conv_decoder_tile for ``rows`` (token, expert) rows."""
     flops = W.lite_flops() if kind == "lite" else W.medium_flops()
-    stages = [W.Stage("fc", rows * flops["fc"], dot="_linear_rows_to_scratch"),
-              W.Stage("conv1", rows * flops["conv1"], dot="_upconv3x3_to_scratch", occurrence=0)]
+    stages = [W.Stage("fc", rows * flops["fc"], dot="_linear_rows_to_scratch")]
     if kind == "medium":
+        stages.append(W.Stage("conv1", rows * flops["conv1"], dot="_upconv3x3_to_scratch", occurrence=0))
         stages.append(W.Stage("conv2", rows * flops["conv2"], dot="_upconv3x3_to_scratch", occurrence=1))
-        stages.append(W.Stage("conv3 (1 channel)", rows * flops["conv3"]))
+        # the parts GEMM computes 16 columns for the 9 taps
+        stages.append(W.Stage("conv3 (1 channel)", rows * flops["conv3"] * 16 / 9, dot="_one_channel_parts"))
     else:
-        stages.append(W.Stage("conv2 (1 channel)", rows * flops["conv2"], dot="_upconv3x3_one_channel_to_image"))
+        stages.append(W.Stage("conv1", rows * flops["conv1"], dot="_upconv3x3_to_scratch"))
+        stages.append(W.Stage("conv2 (1 channel)", rows * flops["conv2"], dot="_one_channel_parts"))
     return stages
 
 
-def _conv_tile_scratch_per_row(kind: str, maps: str = "fp32") -> int:
+def _conv_tile_scratch_per_row(kind: str, maps: str = "fp32", store_a1: bool = False) -> int:
     """Scratch bytes one row moves in decoder_tiles._conv_decoder_tile with its maps in ``maps``
-    (decoder_tiles.map_dtype; lite's conv2 parts are fp32 in every mode)."""
+    (decoder_tiles.map_dtype; lite's conv2 parts are fp32 in every mode); ``store_a1``: lite's a1 also
+    written (fp32), as the backward's recomputed forward does."""
     m = kernel_module("decoder_tiles").MAP_BYTES[maps]
     if kind == "medium":
-        # h0 + a1 + a2 written once, gathered 4 (phase taps) or 9 times per output row
-        return m * (1568 + 12544 + 25088) + m * (49 * 4 * 128 + 196 * 4 * 256 + 784 * 32 * 9)
-    # h0, a1 and conv2's (phase, tap) parts written once; conv1 gathers 32 taps per (pixel, phase),
-    # conv2 reads a1 once and 4 parts per output pixel
-    return m * (392 + 3136) + 4 * 3136 + m * (49 * 4 * 32 + 3136) + 4 * 784 * 4
+        # h0 + a1 written once and gathered 4 times (phase taps) per output row; conv3's 9 parts per
+        # pixel written once (a2 stays in registers) and read once each
+        return m * (1568 + 12544) + m * (49 * 4 * 128 + 196 * 4 * 256) + 4 * 784 * 9 * 2
+    # h0 and conv2's (phase, tap) parts written once (a1 stays in registers between conv1 and the
+    # parts GEMM); conv1 gathers 32 taps per (pixel, phase), the image 4 parts per output pixel
+    return m * 392 + m * 49 * 4 * 32 + 4 * 3136 + 4 * 784 * 4 + (4 * 3136 if store_a1 else 0)
 
 
 def _maps(dtype_or_precision: str) -> str:
@@ -249,7 +253,8 @@ def hard_cases(arch: int, full: bool) -> list[Case]:
                           HAS_CONV3=kind == "medium", BM=bm,
                           TS=config["TS"], BR=config["BR"], BLOCK_L=32, BN_FC=64, INPUT_PRECISION=precision)
             cases.append(Case("experts_hard:_experts_hard_conv_fwd_kernel", f"hard {kind}", label,
-                              dict(ptrs, **index_ptrs), scalars, consts, config["num_warps"], work, rate))
+                              dict(ptrs, **index_ptrs), scalars, consts, config["num_warps"], work, rate,
+                              maxnreg=launch.register_cap(config["num_warps"]) if kind == "lite" else None))
     return cases
 
 
@@ -322,13 +327,14 @@ def _training_work(op: str, kind: str, direction: str, config: dict, hidden: int
         f = W.lite_flops()
         stages = [W.Stage("fc", rows * f["fc"], dot="_linear_rows_to_scratch"),
                   W.Stage("conv1", rows * f["conv1"], dot="_upconv3x3_to_scratch"),
-                  W.Stage("conv2 parts", rows * 2 * 196 * 16 * 16, dot="_lite_parts_to_scratch")]
+                  W.Stage("conv2 parts", rows * 2 * 196 * 16 * 16, dot="_one_channel_parts")]
         params = W.LITE_PARAMS
         # conv2 dgrad + wgrad (K = 16), conv1 dgrad + wgrad (K = 256, N = 8 padded to 16), fc dW and dz
         grads = 2 * (2 * 196 * 16 * 16) + 2 * (2 * 49 * 256 * 16) + 2 * (2 * 392 * W.LATENT)
-        # the forward's traffic, then g2 written, its 16-tap gather and a1 read, dc1 written, its
-        # 256-column gather and h0 read, dh0 written and read
-        per_row = _conv_tile_scratch_per_row("lite") + 4 * (784 + 196 * 16 + 3136 + 3136 + 49 * 256 + 392 * 3)
+        # the forward's traffic with a1 written, then g2 written, its 16-tap gather and a1 read, dc1
+        # written, its 256-column gather and h0 read, dh0 written and read
+        per_row = (_conv_tile_scratch_per_row("lite", store_a1=True)
+                   + 4 * (784 + 196 * 16 + 3136 + 3136 + 49 * 256 + 392 * 3))
         # its gathers: the recomputed forward's phase rows and the transposed GEMMs' tap columns (as the
         # forward's stream counts its phase rows only: weight loads and stores are not gathers)
         scratch = W.Stream("activation scratch", rows * per_row, "scratch", gather=True,

@@ -179,15 +179,19 @@ class TTGIR:
         return out
 
 
-def stage_dots(dots: list[Dot], function: str, occurrence: int) -> list[Dot]:
+def stage_dots(dots: list[Dot], function: str, occurrence: int, named: frozenset[str] = frozenset()) -> list[Dot]:
     """The dots a work-model stage names: those under ``function`` reached from its ``occurrence``-th
-    call site (call sites ordered by source line; a kernel-level function has one)."""
+    call site (call sites ordered by source line; a kernel-level function has one). A dot under
+    another of the stages' functions (``named``) nested inside ``function`` belongs to that stage, the
+    innermost one: lite's conv1 helper runs conv2's parts GEMM (``_one_channel_parts``) inside it."""
     groups: dict[int, list[Dot]] = {}
     for dot in dots:
         for depth, site in enumerate(dot.chain):
             if site.function == function:
                 caller = dot.chain[depth + 1].line if depth + 1 < len(dot.chain) else 0
                 groups.setdefault(caller, []).append(dot)
+                break
+            if site.function in named:
                 break
     ordered = [groups[line] for line in sorted(groups)]
     return ordered[occurrence] if occurrence < len(ordered) else []

@@ -43,12 +43,13 @@ def _dots(record: dict) -> list[Dot]:
 def stage_units(case, record: dict) -> dict[str, dict]:
     """{stage: {"unit": "wgmma"|"mma"|"fma"|"alu", "mma_instructions": n}} for the case's work model."""
     dots = _dots(record)
+    named = frozenset(stage.dot for stage in case.work.stages if stage.dot is not None)
     out = {}
     for stage in case.work.stages:
         if stage.dot is None:
             out[stage.name] = {"unit": stage.unit, "mma_instructions": 0}
             continue
-        found = stage_dots(dots, stage.dot, stage.occurrence)
+        found = stage_dots(dots, stage.dot, stage.occurrence, named - {stage.dot})
         units = {d.unit for d in found}
         unit = "wgmma" if "wgmma" in units else "mma" if "mma" in units else "fma"
         out[stage.name] = {"unit": unit, "mma_instructions": sum(d.mma_instructions() for d in found),
