@@ -19,9 +19,9 @@ mlp: relu(z W1^T + b1) -> scratch h [BM, hidden] -> sigmoid(h W2^T + b2) -> x_ha
 
 Scratch, per program (sized by the grid, not by B): ``decoder_tiles.conv_scratch_size``, lite
 BM=16, TS=2: 18.6K floats (73 KB; 52 KB with half maps: h0 and conv2's parts, a1 stays in registers),
-medium BM=16, TS=1: 86.7K floats (339 KB; 169 KB with half maps); mlp BM*hidden floats.
-With 2 programs per SM on an H100 that is 19 MB (lite, inside the 50 MB L2) and 87 MB (medium; 44 MB,
-inside the L2, with half maps).
+medium BM=16, TS=1: 66.0K floats (258 KB; 145 KB with half maps: h0, a1 and conv3's parts); mlp
+BM*hidden floats. With 2 programs per SM on an H100 that is 19 MB (lite, inside the 50 MB L2) and 66 MB
+(medium; 37 MB, inside the L2, with half maps).
 
 Launches: two for grouping (kernels/grouping.py), one for the tile scan and one decoder kernel,
 whatever E and the routing. Indices are range-checked by ``smoe_fast.ops`` before the launch
