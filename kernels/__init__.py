@@ -6,6 +6,7 @@ The triton backend: the same four functions, with the same signatures, as smoe_f
 |-----------------|-------------------|------------------------------------------------------------------|
 | grouping.py     | group_by_expert   | counting sort of [B] / [B,K] assignments by expert               |
 | experts_hard.py | experts_hard      | top-1 inference: one fused decoder kernel per call (every kind)  |
+| lite_folded.py  | (hard lite)       | lite's fc folded into conv1 (an [L, 14x128] GEMM per row) and conv2 as banded GEMMs, on tensor cores in TF32/half modes |
 | experts_soft.py | experts_soft      | soft-gated training: fused forward over (token block, expert group) items, recomputing backward; nothing of size B x E kept but the gates |
 | experts_topk.py | experts_topk      | top-k training over the grouped [B,K] assignments                |
 | experts_medium.py, grouped_layers.py | (medium) | soft/top-k training of "medium" experts layer by layer |

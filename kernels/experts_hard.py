@@ -54,6 +54,7 @@ from .decoder_tiles import (CONV_CHANNELS, _conv_decoder_tile, _linear_rows_to_s
 from .grouping import group_by_expert_fwd
 from .launch import (autocast_input, device_guard, dot_mode, find_tile, log2_ceil, max_programs, mm, register_cap,
                      tile_bound, tile_offsets)
+from .lite_folded import experts_hard_lite_folded_fwd, fold_pays
 from .tuning import experts_hard_config
 
 __all__ = ["experts_hard", "experts_hard_fwd"]
@@ -191,6 +192,10 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
                 num_warps=config["num_warps"],
             )
             return
+        if config.get("FOLD"):
+            experts_hard_lite_folded_fwd(z, out, layers, (sorted_token_idx, expert_offsets, tiles, max_tiles, programs),
+                                         config, precision)
+            return
         c0, c1, c2 = CONV_CHANNELS[kind]
         ts = config["TS"]
         maps = map_dtype(precision)
@@ -236,8 +241,13 @@ def experts_hard_fwd(z: torch.Tensor, expert_idx: torch.Tensor, kind: str, layer
             maxnreg=register_cap(config["num_warps"]) if kind == "lite" else None,
         )
 
+    fold = kind == "lite" and fold_pays(precision, B, E, L, z.element_size())
+    if not fold and z.dtype != layers[0].dtype and z.dtype in (torch.float16, torch.bfloat16):
+        # half inputs (inference only): the weights go half too (half the weight bytes read per tile);
+        # the folded kernel folds the weights as given into z's dtype
+        layers = [w.to(z.dtype) for w in layers]
     with device_guard(z):
-        run(experts_hard_config(kind, z.dtype, device, B, run=run, dot=precision))
+        run(experts_hard_config(kind, z.dtype, device, B, run=run, dot=precision, fold=fold))
     return out
 
 
@@ -299,8 +309,4 @@ def experts_hard(z: torch.Tensor, expert_idx: torch.Tensor, weights: dict[str, t
     if kind not in _OPS:
         raise ValueError(f"unknown decoder kind {kind!r}; expected one of {tuple(_OPS)}")
     layers = [weights[f"{layer}.{part}"] for layer in _LAYER_NAMES[kind] for part in ("weight", "bias")]
-    z = autocast_input(z)
-    if z.dtype != layers[0].dtype and z.dtype in (torch.float16, torch.bfloat16):
-        # inference only: the weights go half too (half the weight bytes read per tile)
-        layers = [w.to(z.dtype) for w in layers]
-    return _OPS[kind](z, expert_idx, *layers)
+    return _OPS[kind](autocast_input(z), expert_idx, *layers)

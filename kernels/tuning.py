@@ -105,12 +105,30 @@ _HARD_MLP_SMALL = {"BM": 32, "num_warps": 4}
 # memory, so they keep it. The small tile in TF32 spilled 8-16 B on sm_90 at BH = 32; BH = 16: 122
 # registers, none spilled, the same predicted time.
 _HARD_MLP_IEEE = {"BN": 32, "BH": 16}
+# lite with fc folded into conv1 (kernels/lite_folded.py; TF32 / bf16 / fp16 with enough tokens per
+# expert): no scratch, BM tokens per tile. Audit, sm_90, triton 3.9, 2026-12-04: bf16 BM = 128 at 16
+# warps takes 100 registers, spills nothing, 53 KB of shared memory (BM = 64: 115 registers, predicted
+# twice the latency-bound time). TF32's a1 tile is the second GEMM's register operand at 4 bytes an
+# element: at 16 warps (the 128-register cap) BM = 64 spills 120 B and BM = 128 80 B, so TF32 runs 8
+# warps at BM = 64: 156 registers, nothing spilled, one CTA per SM (predicted 2x the compute time for
+# want of resident warps; 8 warps at BM = 128 take 255 registers and spill 268 B). Without wgmma
+# (sm_80 / sm_86 / sm_89, mma.sync) every 16-warp tile spills (8-356 B) in every mode and BM = 64 at 8
+# warps does not (153-190 registers), so there every mode runs that.
+_HARD_LITE_FOLDED = {"FOLD": 1, "BM": 64, "num_warps": 8}
+_HARD_LITE_FOLDED_HALF_SM90 = {"FOLD": 1, "BM": 128, "num_warps": 16}
+_HARD_LITE_FOLDED_CANDIDATES = [{"FOLD": 1, "BM": 64, "num_warps": 8}]   # the one tile that spills on no arch
+_HARD_LITE_FOLDED_INTERPRETER = {"FOLD": 1, "BM": 16, "num_warps": 4}
 _tuned: dict[tuple, dict[str, int]] = {}
 _forced: dict[str, dict[str, int]] = {}
 
 
-def experts_hard_default(kind: str, arch: int, bucket: int, dot: str = "ieee") -> dict[str, int]:
-    """The heuristic config for ``arch`` and GEMM mode ``dot`` (no timing)."""
+def experts_hard_default(kind: str, arch: int, bucket: int, dot: str = "ieee", fold: bool = False) -> dict[str, int]:
+    """The heuristic config for ``arch`` and GEMM mode ``dot`` (no timing); ``fold``: lite's folded kernel
+    (kernels/lite_folded.py)."""
+    if fold:
+        if arch == 0:
+            return dict(_HARD_LITE_FOLDED_INTERPRETER)
+        return dict(_HARD_LITE_FOLDED_HALF_SM90 if dot in ("bf16", "fp16") and arch >= 90 else _HARD_LITE_FOLDED)
     if arch == 0:
         return dict(_HARD_INTERPRETER[kind])
     config = dict(_HARD_DEFAULTS[kind])
@@ -125,13 +143,15 @@ def experts_hard_default(kind: str, arch: int, bucket: int, dot: str = "ieee") -
     return config
 
 
-def experts_hard_candidates(kind: str) -> list[dict[str, int]]:
-    return [dict(c) for c in _HARD_CANDIDATES[kind]]
+def experts_hard_candidates(kind: str, fold: bool = False) -> list[dict[str, int]]:
+    return [dict(c) for c in (_HARD_LITE_FOLDED_CANDIDATES if fold else _HARD_CANDIDATES[kind])]
 
 
 def experts_hard_config(kind: str, dtype: torch.dtype, device: torch.device, num_tokens: int, run=None,
-                        dot: str = "ieee") -> dict[str, int]:
-    """Config for the hard-gated experts kernel of ``kind`` whose GEMMs run in mode ``dot``.
+                        dot: str = "ieee", fold: bool = False) -> dict[str, int]:
+    """Config for the hard-gated experts kernel of ``kind`` whose GEMMs run in mode ``dot``; ``fold``:
+    lite's folded kernel (the launcher's choice, ``lite_folded.fold_pays``). A forced config (tests)
+    wins over both, and picks the kernel by its ``FOLD`` key.
 
     ``run(config)`` launches the kernel once with a config; with ``SMOE_FAST_AUTOTUNE=1`` on a GPU it
     is timed for each candidate on the first call per (kind, dtype, GEMM mode, arch, bucket) key.
@@ -140,16 +160,16 @@ def experts_hard_config(kind: str, dtype: torch.dtype, device: torch.device, num
         return dict(_forced[kind])
     bucket = bucket_tokens(num_tokens)
     arch = device_arch(device)
-    key = (kind, dtype, dot, arch, bucket)
+    key = (kind, dtype, dot, arch, bucket, fold)
     if key in _tuned:
         return _tuned[key]
-    config = experts_hard_default(kind, arch, bucket, dot)
+    config = experts_hard_default(kind, arch, bucket, dot, fold)
     if (run is not None and device.type == "cuda" and not interpreting() and os.environ.get(AUTOTUNE_ENV) == "1"
             and not torch.cuda.is_current_stream_capturing()):
         import triton.testing
 
         timings = [(triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20), i, c)
-                   for i, c in enumerate(experts_hard_candidates(kind))]
+                   for i, c in enumerate(experts_hard_candidates(kind, fold))]
         config = min(timings)[2]
     _tuned[key] = config
     return config

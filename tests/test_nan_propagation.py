@@ -18,6 +18,7 @@ kernels/activations.py and every min/max without ``propagate_nan=ALL`` off the d
 from __future__ import annotations
 
 import ast
+import contextlib
 import pathlib
 
 import pytest
@@ -34,6 +35,7 @@ from smoe_fast.kernels import activations  # noqa: E402
 from smoe_fast.kernels.experts_hard import experts_hard  # noqa: E402
 from smoe_fast.kernels.experts_soft import experts_soft  # noqa: E402
 from smoe_fast.kernels.experts_topk import experts_topk  # noqa: E402
+from smoe_fast.kernels.tuning import forced_experts_hard_config  # noqa: E402
 
 KERNELS_DIR = pathlib.Path(activations.__file__).parent
 POISONED = [1, 2, 3]      # z: NaN entry, +inf row, -inf row
@@ -70,16 +72,20 @@ HARD_CASES = [
     pytest.param("lite", 10, id="lite-B10-E2"),
     pytest.param("mlp", 10, id="mlp-B10-E2"),
     pytest.param("medium", 6, id="medium-B6-E2"),
+    pytest.param("lite folded", 10, id="lite-folded-B10-E2"),   # kernels/lite_folded.py (TF32 / half modes)
 ]
 
 
 @pytest.mark.parametrize("kind,batch", HARD_CASES)
 def test_hard_nan_and_inf_stay_in_their_tokens(kind, batch):
+    folded = kind == "lite folded"
+    kind = "lite" if folded else kind
     weights = random_weights(kind, 2, seed=3)
     z = _poisoned_z(batch, 32, seed=4)
     expert_idx = torch.arange(batch) % 2
     expert_idx[POISONED] = 0
-    got = experts_hard(z, expert_idx, weights, kind)
+    with forced_experts_hard_config("lite", FOLD=1, BM=16, num_warps=4) if folded else contextlib.nullcontext():
+        got = experts_hard(z, expert_idx, weights, kind)
     expected = reference.experts_hard(z, expert_idx, weights, kind)
     _assert_same_nonfinite_pattern(got, expected, f"{kind} hard x_hat")
     assert torch.isnan(got[POISONED]).all(), "a non-finite latent gave a finite image"

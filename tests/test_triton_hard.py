@@ -248,3 +248,78 @@ def test_experts_hard_under_autocast(kind, dtype):
         ref = reference.experts_hard(z, idx, weights, kind)
     assert got.dtype == dtype
     assert_within_half_tolerance(got, exact, ref, name=f"{kind} {dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# lite with fc folded into conv1 (kernels/lite_folded.py): the launcher runs it in TF32 / half modes
+# with >= 64 tokens per expert; here it is forced, and its GEMMs run in IEEE fp32
+# ----------------------------------------------------------------------------------------------------
+
+FOLDED = {"FOLD": 1, "BM": 16, "num_warps": 4}
+
+
+@pytest.mark.parametrize("batch,num_experts,routing", ROUTINGS)
+def test_folded_lite_matches_reference(batch, num_experts, routing):
+    with forced_experts_hard_config("lite", **FOLDED):
+        _run_case("lite", batch, num_experts, routing)
+
+
+@pytest.mark.parametrize("latent_dim,config", [
+    pytest.param(20, FOLDED, id="latent20-fold-pads-K-to-32"),
+    pytest.param(32, {"FOLD": 1, "BM": 64, "num_warps": 8}, id="gpu-tile-BM64-partial-tiles"),
+])
+def test_folded_lite_odd_latent_and_gpu_tile(latent_dim, config):
+    with forced_experts_hard_config("lite", **config):
+        _run_case("lite", 70, 3, "skewed", latent_dim=latent_dim, seed=5)
+
+
+def test_folded_lite_non_contiguous_z_and_int32_indices():
+    weights = random_weights("lite", 5)
+    z = torch.randn(32, 11).t()
+    idx = routing_case("skewed", 11, 5).int()
+    with forced_experts_hard_config("lite", **FOLDED):
+        got = experts_hard(z, idx, weights, "lite")
+    assert_close(got, reference.experts_hard(z, idx.long(), weights, "lite"))
+
+
+def test_fold_pays_only_on_tensor_cores_with_enough_tokens_per_expert():
+    from smoe_fast.kernels.lite_folded import FOLD_MIN_TOKENS_PER_EXPERT as MIN, fold_pays
+
+    assert not fold_pays("ieee", 65_536, 64, 32, 4)            # FMA dots: the 2.1x FLOPs cost more
+    assert fold_pays("tf32", 65_536, 64, 32, 4) and fold_pays("bf16", MIN * 64, 64, 32, 2)
+    assert not fold_pays("tf32", MIN * 64 - 1, 64, 32, 4)       # too few tokens per expert
+    assert fold_pays("tf32", 100, 1_000, 32, 4) is False        # E > B: each token its own expert
+    assert not fold_pays("bf16", 1 << 30, 8_192, 32, 2)         # fold weights over FOLD_MAX_BYTES
+
+
+def test_launcher_folds_in_tf32_with_enough_tokens_per_expert(monkeypatch):
+    calls = []
+    real = experts_hard_module.experts_hard_lite_folded_fwd
+    monkeypatch.setattr(experts_hard_module, "experts_hard_lite_folded_fwd",
+                        lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):     # conftest restores torch's precision flags
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    weights = random_weights("lite", 2)
+    z, idx = torch.randn(128, 32), routing_case("uniform", 128, 2)
+    got = experts_hard(z, idx, weights, "lite")       # the interpreter runs the dots in fp32
+    assert calls and calls[0]["FOLD"] == 1
+    assert_close(got, reference.experts_hard(z, idx, weights, "lite"))
+    experts_hard(z[:100], idx[:100], weights, "lite")  # 50 tokens per expert: the scratch kernel
+    assert len(calls) == 1
+
+
+def test_fold_is_cached_per_weight_version():
+    from smoe_fast.kernels.lite_folded import folded_lite_weights
+
+    weights = random_weights("lite", 3)
+    layers = [weights[f"{n}.{p}"] for n in ("fc", "conv1", "conv2") for p in ("weight", "bias")]
+    first = folded_lite_weights(layers, torch.float32)
+    assert folded_lite_weights(layers, torch.float32) is first
+    z, idx = torch.randn(9, 32), routing_case("uniform", 9, 3)
+    layers[2].mul_(0.5)                                # an in-place update (an optimizer step) refolds
+    assert folded_lite_weights(layers, torch.float32) is not first
+    with forced_experts_hard_config("lite", **FOLDED):
+        assert_close(experts_hard(z, idx, weights, "lite"), reference.experts_hard(z, idx, weights, "lite"))

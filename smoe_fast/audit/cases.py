@@ -202,6 +202,56 @@ def _hard_work(kind: str, config: dict, dtype: str, arch: int, hidden: int) -> W
                   compulsory_bytes=b * (W.LATENT * elem + 8 + per_token_out) + weight_bytes)
 
 
+def _hard_lite_folded_work(config: dict, dtype: str) -> W.Work:
+    """kernels/lite_folded.py at the target shape: no scratch; the fold weights once per tile."""
+    lite_folded = kernel_module("lite_folded")
+    from smoe_fast.kernels import launch
+
+    b, e = W.HARD_B, W.HARD_E
+    elem = 4 if dtype == "fp32" else 2
+    tiles = launch.tile_bound(b, e, config["BM"])
+    per_expert = lite_folded.fold_elements(W.LATENT)
+    rows = 2 * lite_folded.A1_ROWS   # (half, a1 row) steps per token
+    stages = (W.Stage("fc + conv1 (folded)", b * rows * 2 * W.LATENT * 128, dot="_folded_a1_row"),
+              W.Stage("conv2 (banded)", b * rows * 4 * 2 * 128 * 16, dot="_banded"))
+    weight_bytes = W.nonempty_experts(e, b) * per_expert * elem
+    streams = (W.Stream("z rows + indices", b * (W.LATENT * elem + 12), "hbm"),
+               W.Stream("x_hat rows", b * W.PIXELS * elem, "hbm"),
+               W.Stream("fold weights, first read", weight_bytes, "hbm"),
+               W.Stream("fold weights per tile", tiles * per_expert * elem, "l2"))
+    programs = min(tiles, 264)
+    return W.Work(shape=f"B={b} E={e}", programs=programs, stages=stages, streams=streams,
+                  # per tile: the tile lookup, token ids -> z rows, and per half its bands and first A
+                  # row (the row loop's loads do not wait on its GEMMs: the pipeliner issues them ahead)
+                  serial_steps=tiles / programs * 8,
+                  useful_flops=b * sum(W.lite_flops().values()),
+                  compulsory_bytes=b * (W.LATENT * elem + 8 + W.PIXELS * elem) + weight_bytes)
+
+
+def _hard_lite_folded_cases(arch: int, full: bool) -> list[Case]:
+    """The folded lite kernel in each tensor-core mode the launcher runs it in (lite_folded.fold_pays)."""
+    from smoe_fast.kernels import launch, tuning
+
+    cases = []
+    for dtype_label in (["fp32/tf32", "bf16", "fp16"] if full else ["fp32/tf32", "bf16"]):
+        dtype, precision = _HARD_DTYPES[dtype_label]
+        configs = [tuning.experts_hard_default("lite", arch, tuning.MAX_BUCKET, precision, fold=True)]
+        if full:
+            configs += [c for c in tuning.experts_hard_candidates("lite", fold=True) if c not in configs]
+        for config in configs:
+            bm = config["BM"]
+            ptrs = {n: "*" + dtype for n in ("z", "out", "fold_w", "fold_b", "band", "conv2_b")}
+            ptrs.update(sorted_token_idx="*i32", expert_offsets="*i32", tile_offsets="*i32")
+            scalars = dict(E=W.HARD_E, L=W.LATENT, stride_zb=W.LATENT, stride_zl=1,
+                           max_tiles=launch.tile_bound(W.HARD_B, W.HARD_E, bm))
+            consts = dict(LOG_E=launch.log2_ceil(W.HARD_E), BM=bm, BLOCK_L=32, INPUT_PRECISION=precision)
+            rate = "bf16" if dtype != "fp32" else precision
+            cases.append(Case("lite_folded:_experts_hard_lite_folded_fwd_kernel", "hard lite",
+                              f"{_fmt(config)},{dtype_label}", ptrs, scalars, consts, config["num_warps"],
+                              _hard_lite_folded_work(config, dtype), rate))
+    return cases
+
+
 def hard_cases(arch: int, full: bool) -> list[Case]:
     from smoe_fast.kernels import launch, tuning
 
@@ -255,6 +305,8 @@ def hard_cases(arch: int, full: bool) -> list[Case]:
             cases.append(Case("experts_hard:_experts_hard_conv_fwd_kernel", f"hard {kind}", label,
                               dict(ptrs, **index_ptrs), scalars, consts, config["num_warps"], work, rate,
                               maxnreg=launch.register_cap(config["num_warps"]) if kind == "lite" else None))
+        if kind == "lite":
+            cases += _hard_lite_folded_cases(arch, full)
     return cases
 
 
