@@ -111,7 +111,8 @@ _HARD_MLP_IEEE = {"BN": 32, "BH": 16}
 # twice the latency-bound time). TF32's a1 tile is the second GEMM's register operand at 4 bytes an
 # element: at 16 warps (the 128-register cap) BM = 64 spills 120 B and BM = 128 80 B, so TF32 runs 8
 # warps at BM = 64: 156 registers, nothing spilled, one CTA per SM (predicted 2x the compute time for
-# want of resident warps; 8 warps at BM = 128 take 255 registers and spill 268 B). Without wgmma
+# want of resident warps; two CTAs need maxnreg = 128, which spills 72-100 B; 8 warps at BM = 128 take
+# 255 registers and spill 268 B; benchmarks/README.md lists the other shapes tried). Without wgmma
 # (sm_80 / sm_86 / sm_89, mma.sync) every 16-warp tile spills (8-356 B) in every mode and BM = 64 at 8
 # warps does not (153-190 registers), so there every mode runs that.
 _HARD_LITE_FOLDED = {"FOLD": 1, "BM": 64, "num_warps": 8}

@@ -140,14 +140,24 @@ def test_model_rows_add_the_encoder_to_the_experts(rows):
     # one whole-model row per (arch, hard kind, precision); the experts' share of it is in `bound`
     model = {(r.op, r.config.rsplit(",", 1)[1]): r for r in rows if r.kernel == audit.MODEL_KERNEL and r.arch == "sm_90"}
     hard = {}
-    for r in rows:
+    for r in rows:   # the launcher's choice at the target shape: its default, or the folded lite kernel
         if r.op.startswith("hard ") and r.arch == "sm_90":
-            hard.setdefault((r.op, r.config.rsplit(",", 1)[1]), r)
+            key = (r.op, r.config.rsplit(",", 1)[1])
+            if key not in hard or r.config.startswith("FOLD=1"):
+                hard[key] = r
+    # lite folds in the tensor-core modes at B = 65,536, E = 64 (lite_folded.fold_pays)
+    assert all(hard[("hard lite", p)].config.startswith("FOLD=1") for p in ("fp32/tf32", "bf16"))
     assert {("model eval lite", p) for p in ("fp32/ieee", "fp32/tf32", "bf16")} <= set(model)
+    grouping = {}   # the first count and scatter rows at the target shape
+    for g in rows:
+        if g.arch == "sm_90" and g.op.startswith("grouping") and g.shape == "N=65536 E=64":
+            grouping.setdefault(g.op, g.predicted_us)
     for (op, precision), r in model.items():
         experts = hard[("hard " + op.split()[-1], precision)]
         assert r.predicted_us > experts.predicted_us and r.ideal_us > experts.ideal_us
         share = int(r.bound.split("%")[0].split()[-1])
+        expected = 100 * (experts.predicted_us + sum(grouping.values())) / r.predicted_us
+        assert abs(share - expected) < 1, (r.bound, experts.config)
         assert 0 < share < 100, r.bound
     # the medium encoder's 15.7 MFLOP per token at the FMA peak (IEEE) bounds the fp32 row from below
     floor_us = 65_536 * 15_717_376 / 67e12 * 1e6

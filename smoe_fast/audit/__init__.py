@@ -156,13 +156,16 @@ def _model_rows(rows: list[AuditRow], gpu_name: str, encoder: str = "medium") ->
         for r in rows:
             if r.arch == arch and r.shape == grouping_shape and r.op.startswith("grouping") and not r.error:
                 grouping.setdefault(r.op, r.predicted_us)
-        seen = set()
+        chosen = {}
         for r in rows:
             label = r.config.rsplit(",", 1)[-1]
-            if (r.arch != arch or not r.op.startswith("hard ") or r.error or label not in _MODEL_PRECISIONS
-                    or (r.op, label) in seen):
+            if r.arch != arch or not r.op.startswith("hard ") or r.error or label not in _MODEL_PRECISIONS:
                 continue
-            seen.add((r.op, label))   # the first row of an op is its default config at the target bucket
+            # the first row of an op is its default config at the target bucket, unless a folded lite
+            # row follows: at the target shape the launcher folds (kernels/lite_folded.fold_pays)
+            if (r.op, label) not in chosen or r.config.startswith("FOLD=1"):
+                chosen[r.op, label] = r
+        for (_, label), r in chosen.items():
             unit, elem = _MODEL_PRECISIONS[label]
             rate = {None: gpu.fma_tflops, "tf32": gpu.tf32_tflops, "bf16": gpu.bf16_tflops}[unit]
             compute_us = 1e6 * enc_flops / (rate * 1e12)
